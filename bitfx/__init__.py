@@ -1,0 +1,13 @@
+"""bitfx: a compiler for binary (1-bit) transformers.
+
+    fast = torch.compile(model, backend="bitfx")
+    qat  = bitfx.binarize(model, example_inputs, "bipft")
+"""
+from bitfx import ops as _ops  # noqa: F401  (registers torch.ops.bitfx.*)
+from bitfx.api import binarize
+from bitfx.calibrate import calibrate
+from bitfx.config import BinarizeConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["BinarizeConfig", "binarize", "calibrate", "__version__"]

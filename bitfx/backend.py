@@ -1,0 +1,66 @@
+"""The ``torch.compile`` backend: ``torch.compile(model, backend="bitfx", options={...})``.
+
+Registered through the ``torch_dynamo_backends`` entry point, so no ``import bitfx`` is needed.
+Options: ``config`` (a BinarizeConfig, preset name or dict) and ``kernels`` (``"tvm"`` or
+``"reference"``).
+
+Flow: the dynamo graph is re-traced to pre-dispatch ATen (``capture_dynamo``), the pipeline
+rewrites it (a graph that already holds bitfx ops, e.g. from ``bitfx.binarize``, is lowered as
+it is), scales are initialised on the first batch, and AOTAutograd produces the forward (and,
+when training, backward) graphs; the forward is lowered to kernels. Parameters added by the
+passes are calibrated once per model and reused when dynamo recompiles for new shapes.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+from bitfx.calibrate import calibrate
+from bitfx.config import CompileOptions
+from bitfx.passes import LOWERING, PIPELINE, PassContext, run_passes
+from bitfx.passes.capture import _has_bitfx_ops, capture_dynamo
+
+log = logging.getLogger(__name__)
+
+#: Calibrated values of added parameters, per model (keyed by its first parameter), so that a
+#: recompilation (new shapes) reuses the values of the first compile instead of refitting.
+_CALIBRATED: "weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
+    opts = CompileOptions.from_dict(options)
+    traced, weights = capture_dynamo(gm, example_inputs)
+    ctx = PassContext(opts.config, weights, example_inputs=tuple(example_inputs))
+    if not _has_bitfx_ops(traced):
+        before = {name for name, _ in traced.named_parameters()}
+        traced = run_passes(traced, ctx, PIPELINE)
+        _initialise(traced, before, example_inputs)
+    log.info("bitfx: %s", ctx.report.summary())
+    traced.bitfx_report = ctx.report
+
+    def fw_compiler(fw: fx.GraphModule, inputs):
+        return make_boxed_func(run_passes(fw, ctx, LOWERING))
+
+    return aot_module_simplified(traced, example_inputs, fw_compiler=fw_compiler)
+
+
+def _initialise(traced: fx.GraphModule, before: set[str], example_inputs) -> None:
+    added = {n: p for n, p in traced.named_parameters() if n not in before}
+    added.update({n: b for n, b in traced.named_buffers() if n.startswith("bitfx_")})
+    if not added:
+        return
+    key = next((x for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
+    cached = _CALIBRATED.get(key) if key is not None else None
+    if cached is not None and set(cached) >= set(added):
+        with torch.no_grad():
+            for name, p in added.items():
+                p.copy_(cached[name])
+        return
+    calibrate(traced, [tuple(example_inputs)])
+    if key is not None:
+        _CALIBRATED[key] = {n: p.detach().clone() for n, p in added.items()}

@@ -1,0 +1,153 @@
+"""``bitfx.calibrate``: data-driven initial values for the parameters the binarize passes added.
+
+One pass over each batch, in graph order; each bitfx op's parameters are set from the inputs it
+actually receives (upstream layers already calibrated), then the op runs:
+
+* ``bit_linear``: ``α = 2·mean|x + move|`` (BiT), learnable per-channel weight scale = row mean|W|.
+* ``bit_attention``: ``α_q, α_k, α_v = mean|·|``; elastic ``α_P = 4·mean(P)`` (BiT);
+  BiViT ``β`` by the paper's coordinate descent on each row of P
+  (``v = (a·b)/(b·b)``, ``T = v/2``, ``b = 1[a >= T]``, β = mean T/rowmax);
+  BiPFT estimators by least squares on the binarization residual (a few Adam steps: the score
+  residual is bilinear in the two estimator weights, the value residual is linear).
+
+Statistics are averaged over batches.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from bitfx.ops import BIT_ATTENTION, BIT_LINEAR
+from bitfx.ops import attention as A
+from bitfx.ops import quantizers as q
+from bitfx.passes.graph import getattr_path
+
+
+def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, estimator_steps: int = 60) -> fx.GraphModule:
+    """Initialise the binarized model's scales, thresholds and estimators from ``batches``.
+
+    Args:
+        gm: a GraphModule returned by :func:`bitfx.binarize`.
+        batches: an iterable of example-input tuples (as given to the model).
+        estimator_steps: optimisation steps of the BiPFT estimator least-squares fit per batch.
+
+    Returns:
+        ``gm``, with its parameters updated in place.
+
+    Example: ``examples/qat.py``.
+    """
+    calibrator = _Calibrator(gm, estimator_steps)
+    count = 0
+    with torch.no_grad():
+        for batch in batches:
+            args = batch if isinstance(batch, (tuple, list)) else (batch,)
+            calibrator.count = count
+            calibrator.run(*pytree.tree_leaves(list(args)))
+            count += 1
+    if count == 0:
+        raise ValueError("calibrate: batches is empty (accepted: an iterable of example-input tuples)")
+    return gm
+
+
+def _running(param: torch.Tensor, value: torch.Tensor, count: int) -> None:
+    value = value.to(param.dtype).reshape(param.shape)
+    param.copy_(value if count == 0 else (param * count + value) / (count + 1))
+
+
+class _Calibrator(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, estimator_steps: int):
+        super().__init__(gm)
+        self.estimator_steps = estimator_steps
+        self.count = 0
+
+    def param(self, node: Any) -> torch.Tensor | None:
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            return getattr_path(self.module, node.target)
+        return None
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and n.target in (BIT_LINEAR, BIT_ATTENTION):
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            if n.target == BIT_LINEAR:
+                self.linear(n, args)
+            else:
+                self.attention(n, args)
+        return super().run_node(n)
+
+    def linear(self, n: fx.Node, args) -> None:
+        x, weight, _, _, move, _ = args[:6]
+        ws, alpha = self.param(n.args[3]), self.param(n.args[5])
+        if ws is not None:
+            ws.copy_(weight.detach().float().abs().mean(dim=1))
+        if alpha is not None:
+            u = x.float() if move is None else x.float() + move
+            _running(alpha, 2.0 * u.abs().mean(), self.count)
+
+    def attention(self, n: fx.Node, args) -> None:
+        qt, k, v, mask, _, _, _, _, eq, ek, ev, scale, causal, mode = args
+        for t, node in ((qt, n.args[4]), (k, n.args[5]), (v, n.args[6])):
+            p = self.param(node)
+            if p is not None:
+                _running(p, t.float().abs().mean(), self.count)
+        alpha_q, alpha_k, alpha_v = (self.param(n.args[i]) for i in (4, 5, 6))
+        w_eq, w_ek, w_ev = (self.param(e.args[1]) if isinstance(e, fx.Node) else None
+                            for e in (n.args[8], n.args[9], n.args[10]))
+        if w_eq is not None and w_ek is not None:
+            self.fit_score_estimators(qt.float(), k.float(), alpha_q, alpha_k, w_eq, w_ek)
+            eq, ek = qt.float() @ w_eq.t(), k.float() @ w_ek.t()
+        s = A.bit_attention_scores(qt, k, alpha_q, alpha_k, eq, ek, mask, scale, causal)
+        prob = self.param(n.args[7])
+        if prob is not None and mode == "elastic":
+            _running(prob, 4.0 * torch.softmax(s, -1).mean(), self.count)
+        elif prob is not None and mode == "bivit":
+            _running(prob, bivit_beta(torch.softmax(s, -1)), self.count)
+        if w_ev is not None:
+            p_codes, p_scale, _ = A._probs(s, prob, mode)
+            pb = p_codes if p_scale is None else p_codes * p_scale
+            self.fit_value_estimator(pb, v.float(), alpha_v, w_ev)
+
+    def fit_score_estimators(self, qt, k, alpha_q, alpha_k, w_eq, w_ek) -> None:
+        _, _, qb = q.act_sign(qt, None, alpha_q)
+        _, _, kb = q.act_sign(k, None, alpha_k)
+        target = qt @ k.transpose(-2, -1) - qb @ kb.transpose(-2, -1)
+        self._fit([w_eq, w_ek], lambda a, b: A._score_residual(qt @ a.t(), k @ b.t()), target)
+
+    def fit_value_estimator(self, pb, v, alpha_v, w_ev) -> None:
+        _, _, vb = A._value_codes(v, alpha_v)
+        target = pb @ (v - vb)
+        self._fit([w_ev], lambda w: pb @ (v @ w.t()), target)
+
+    def _fit(self, weights, predict, target) -> None:
+        leaves = [w.detach().clone().requires_grad_(True) for w in weights]
+        if all(float(w.abs().sum()) == 0.0 for w in leaves):  # break the symmetry of a zero start
+            g = torch.Generator().manual_seed(0)
+            for w in leaves:
+                w.data.normal_(0.0, 1e-2 / max(1, w.shape[-1]) ** 0.5, generator=g)
+        opt = torch.optim.Adam(leaves, lr=1e-2)
+        norm = target.pow(2).mean().clamp(min=1e-12)
+        with torch.enable_grad():
+            for _ in range(self.estimator_steps):
+                opt.zero_grad()
+                loss = (predict(*leaves) - target).pow(2).mean() / norm
+                loss.backward()
+                opt.step()
+            final = (predict(*leaves) - target).pow(2).mean() / norm
+        if final < 1.0:  # only keep a fit that explains part of the residual
+            for w, leaf in zip(weights, leaves):
+                w.copy_(leaf.detach())
+
+
+def bivit_beta(p: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """BiViT's coordinate descent per row of ``p``; returns the mean threshold / rowmax (β)."""
+    a = p.reshape(-1, p.shape[-1]).float()
+    rowmax = a.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    b = (a >= 0.25 * rowmax).float()
+    for _ in range(iters):
+        v = (a * b).sum(-1, keepdim=True) / b.sum(-1, keepdim=True).clamp(min=1.0)
+        t = v / 2
+        b = (a >= t).float()
+    beta = (t / rowmax).clamp(1e-3, 1.0)
+    return beta.mean()

@@ -1,0 +1,193 @@
+"""``bitfx::attention`` (canonical float attention) and ``bitfx::bit_attention`` (binary attention).
+
+Shapes follow ``F.scaled_dot_product_attention``: q ``[..., Lq, D]``, k ``[..., Lk, D]``,
+v ``[..., Lk, Dv]``, mask broadcastable to ``[..., Lq, Lk]`` — boolean (True = attend) or additive.
+
+``bit_attention`` (DESIGN.md §2)::
+
+    S   = (α_q sign(q)) · (α_k sign(k))ᵀ            # integer popcount scores times α_q[i]·α_k[j]
+        + u_q r_kᵀ + r_q u_kᵀ + r_q r_kᵀ             # BiPFT score residual estimators (optional)
+    S   = S * scale + mask                           # causal / boolean masks become -inf
+    P_b = binarize_probs(softmax(S) or S)            # bivit | elastic | bool
+    out = P_b · (α_v sign(v)) + P_b · (r_v 1ᵀ)      # BiPFT value residual (optional)
+
+α_q, α_k default to the per-token mean |·| (outer product, so Q·Kᵀ stays one integer GEMM);
+α_v defaults to mean |v| per head (so P·V stays one integer GEMM). ``est_q = [r_q | u_q]``,
+``est_k = [r_k | u_k]`` (each ``[..., L, 2r]``) and ``est_v = r_v`` (``[..., Lk, 1]``) are the
+outputs of plain linear nodes of the block input, so any target runs them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bitfx.ops import quantizers as q
+from bitfx.ops._autograd import register_ste
+
+PROB_MODES = ("bivit", "elastic", "bool")
+
+
+def _default_scale(qt: Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(qt.shape[-1]) if scale is None else scale
+
+
+def apply_mask(s: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    """Additive masks are added; boolean masks (True = attend) and causality become -inf."""
+    if is_causal:
+        lq, lk = s.shape[-2], s.shape[-1]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask
+    return s
+
+
+# -- canonical float attention ----------------------------------------------------------------
+def attention_reference(qt, k, v, attn_mask, scale, is_causal, dropout_p):
+    s = (qt @ k.transpose(-2, -1)) * _default_scale(qt, scale)
+    p = torch.softmax(apply_mask(s, attn_mask, is_causal), dim=-1)
+    if dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, dropout_p, training=True)
+    return p @ v
+
+
+@torch.library.custom_op("bitfx::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    scale: Optional[float],
+    is_causal: bool,
+    dropout_p: float,
+) -> Tensor:
+    """Float attention, the one spelling canonicalize gives every attention subgraph."""
+    return attention_reference(q, k, v, attn_mask, scale, is_causal, dropout_p)
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, scale, is_causal, dropout_p):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+register_ste(attention, attention_reference, ["q", "k", "v", "attn_mask"])
+
+
+# -- binary attention -------------------------------------------------------------------------
+def _value_codes(v: Tensor, alpha_v: Optional[Tensor]):
+    codes = q.sign(v).detach()
+    if alpha_v is None:
+        scale = v.abs().mean(dim=(-2, -1), keepdim=True).detach()
+        return codes, scale, scale * q._ste(codes, v.clamp(-1.0, 1.0))
+    scale = alpha_v.reshape(())
+    return codes, scale, scale * q._ste(codes, torch.clamp(v / scale, -1.0, 1.0))
+
+
+def _score_residual(est_q: Optional[Tensor], est_k: Optional[Tensor]) -> Optional[Tensor]:
+    if est_q is None or est_k is None:
+        return None
+    r = est_q.shape[-1] // 2
+    rq, uq = est_q[..., :r], est_q[..., r:]
+    rk, uk = est_k[..., :r], est_k[..., r:]
+    # u_q r_kᵀ + r_q u_kᵀ + r_q r_kᵀ = (u_q + r_q) r_kᵀ + r_q u_kᵀ
+    return (uq + rq) @ rk.transpose(-2, -1) + rq @ uk.transpose(-2, -1)
+
+
+def _probs(s: Tensor, prob_param: Optional[Tensor], prob_mode: str):
+    if prob_mode == "bool":
+        return q.prob_bool(s)
+    p = torch.softmax(s, dim=-1)
+    if prob_mode == "bivit":
+        return q.prob_bivit(p, 0.25 if prob_param is None else prob_param)
+    return q.prob_elastic(p, prob_param)
+
+
+def check_prob_mode(prob_mode: str) -> None:
+    if prob_mode not in PROB_MODES:
+        raise ValueError(f"bit_attention: prob_mode={prob_mode!r} (accepted: {', '.join(map(repr, PROB_MODES))})")
+
+
+def bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale, is_causal):
+    """Masked, scaled scores S (float) from exact integer sign(q)·sign(k)ᵀ."""
+    qc, qs, _ = q.act_sign(qt.float(), None, alpha_q)
+    kc, ks, _ = q.act_sign(k.float(), None, alpha_k)
+    s_int = qc @ kc.transpose(-2, -1)  # exact integers in [-D, D]
+    s = s_int * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
+    res = _score_residual(est_q, est_k)
+    if res is not None:
+        s = s + res
+    return apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
+
+
+def bit_attention_reference(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
+                            est_q, est_k, est_v, scale, is_causal, prob_mode):
+    check_prob_mode(prob_mode)
+    dtype = qt.dtype
+    s = bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale, is_causal)
+    p_codes, p_scale, _ = _probs(s, prob_param, prob_mode)
+    v_codes, v_scale, _ = _value_codes(v.float(), alpha_v)
+    out = p_codes @ v_codes  # exact integers: Σ_j P_b[i,j]·sign(v[j,d])
+    if p_scale is not None:
+        out = out * p_scale
+    out = out * v_scale
+    if est_v is not None:
+        pb = p_codes if p_scale is None else p_codes * p_scale
+        out = out + pb @ est_v
+    return out.to(dtype)
+
+
+def bit_attention_surrogate(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
+                            est_q, est_k, est_v, scale, is_causal, prob_mode):
+    _, _, qv = q.act_sign(qt.float(), None, alpha_q)
+    _, _, kv = q.act_sign(k.float(), None, alpha_k)
+    s = qv @ kv.transpose(-2, -1)
+    res = _score_residual(est_q, est_k)
+    if res is not None:
+        s = s + res
+    s = apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
+    _, _, pv = _probs(s, prob_param, prob_mode)
+    _, _, vv = _value_codes(v.float(), alpha_v)
+    out = pv @ vv
+    if est_v is not None:
+        out = out + pv @ est_v
+    return out.to(qt.dtype)
+
+
+@torch.library.custom_op("bitfx::bit_attention", mutates_args=())
+def bit_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    alpha_q: Optional[Tensor],
+    alpha_k: Optional[Tensor],
+    alpha_v: Optional[Tensor],
+    prob_param: Optional[Tensor],
+    est_q: Optional[Tensor],
+    est_k: Optional[Tensor],
+    est_v: Optional[Tensor],
+    scale: Optional[float],
+    is_causal: bool,
+    prob_mode: str,
+) -> Tensor:
+    """Binary attention (see the module docstring)."""
+    return bit_attention_reference(q, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
+                                   est_q, est_k, est_v, scale, is_causal, prob_mode)
+
+
+@bit_attention.register_fake
+def _(q, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v, scale, is_causal, prob_mode):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+register_ste(
+    bit_attention,
+    bit_attention_surrogate,
+    ["q", "k", "v", "attn_mask", "alpha_q", "alpha_k", "alpha_v", "prob_param", "est_q", "est_k", "est_v"],
+)

@@ -1,0 +1,148 @@
+"""Binarizers: the forward formula of each, its straight-through gradient, and its paper.
+
+Every quantizer returns ``(codes, scale, value)``: integer ``codes`` (as float tensors holding
+exact small integers — what the kernels compute with), the float ``scale`` that multiplies them,
+and ``value`` = the differentiable quantized tensor whose *forward value* equals
+``codes * scale`` and whose *gradient* is the straight-through estimator documented below.
+Kernels implement ``codes``/``scale``; training differentiates ``value``.
+
+``sign(u) = +1 if u >= 0 else -1``: sign(0) = +1, and NaN binarizes as +1 (``not (u < 0)``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS = 1e-5
+
+
+def sign(u: Tensor) -> Tensor:
+    """±1 with sign(0) = +1 and sign(NaN) = +1, in ``u``'s dtype."""
+    return torch.where(u < 0, -1.0, 1.0).to(u.dtype)
+
+
+def _ste(value: Tensor, surrogate: Tensor) -> Tensor:
+    """Forward ``value``, backward the gradient of ``surrogate``."""
+    return surrogate + (value - surrogate).detach()
+
+
+# -- weights --------------------------------------------------------------------------------
+def weight_sign_channel(w: Tensor, scale: Tensor | None = None):
+    """1-bit weights, per output channel (BiBERT, BinaryViT; BiViT with a learnable ``scale``).
+
+    Forward: ``Qw = s ⊙ sign(W - mean_row(W))`` with ``s[n] = mean_k |W[n, k]|`` (or the
+    learnable ``scale``). Backward (STE): ``∂Qw/∂W = 1`` (identity), ``∂Qw/∂s = sign(W - mean)``.
+    """
+    codes = sign(w - w.mean(dim=1, keepdim=True)).detach()
+    s = w.abs().mean(dim=1).detach() if scale is None else scale.reshape(-1)
+    value = (w - w.detach()) + s[:, None] * codes
+    return codes, s, value
+
+
+def weight_sign_tensor(w: Tensor, scale: Tensor | None = None):
+    """1-bit weights, one scale per tensor (BiT/BiPFT "BWN" quantizer; BitNet's W1).
+
+    Forward: ``Qw = s · sign(W - mean(W))`` with ``s = mean |W|`` over the whole tensor.
+    Backward (STE): identity to ``W``; ``∂Qw/∂s = sign(W - mean)`` if ``scale`` is learnable.
+    """
+    codes = sign(w - w.mean()).detach()
+    s = w.abs().mean().reshape(1).detach() if scale is None else scale.reshape(-1)
+    value = (w - w.detach()) + s.reshape(-1, 1) * codes
+    return codes, s, value
+
+
+def weight_ternary(w: Tensor, scale: Tensor | None = None):
+    """Ternary weights {-1, 0, +1}, BitNet b1.58 (arXiv 2402.17764).
+
+    Forward: ``γ = max(mean |W|, 1e-5)``, ``Qw = γ · clamp(round(W / γ), -1, 1)``.
+    Backward (STE): identity to ``W``.
+    """
+    gamma = w.abs().mean().clamp(min=EPS).reshape(1).detach() if scale is None else scale.reshape(-1)
+    codes = torch.clamp(torch.round(w / gamma.detach()), -1, 1).detach()
+    value = (w - w.detach()) + gamma.reshape(-1, 1) * codes
+    return codes, gamma, value
+
+
+WEIGHT_QUANTIZERS = {
+    "sign_channel": weight_sign_channel,
+    "sign_tensor": weight_sign_tensor,
+    "ternary": weight_ternary,
+}
+
+
+# -- activations ----------------------------------------------------------------------------
+def act_sign(x: Tensor, move: Tensor | None = None, alpha: Tensor | None = None):
+    """1-bit activations: BiT elastic binarization (arXiv 2205.13016), XNOR-Net scale if untrained.
+
+    Forward: ``u = x + move``; ``Qa = α · sign(u)`` with a learnable per-tensor ``α``, or, when
+    ``alpha`` is None, ``α = mean_k |u|`` per token (XNOR-Net, not trained).
+    Backward (STE), learnable α (BiT): ``∂Qa/∂u = 1[|u| <= α]``,
+    ``∂Qa/∂α = sign(u) - (u/α)·1[|u| <= α]``; per-token α: ``∂Qa/∂u = α·1[|u| <= 1]``.
+    ``∂Qa/∂move = ∂Qa/∂u``.
+    """
+    u = x if move is None else x + move
+    codes = sign(u).detach()
+    if alpha is None:
+        scale = u.abs().mean(dim=-1).detach()
+        clipped = u.clamp(-1.0, 1.0)
+        value = scale[..., None] * _ste(codes, clipped)
+    else:
+        scale = alpha.reshape(())
+        clipped = torch.clamp(u / scale, -1.0, 1.0)
+        value = scale * _ste(codes, clipped)
+    return codes, scale, value
+
+
+def act_absmax(x: Tensor, bits: int = 8):
+    """k-bit activations, absmax per token (BitNet, arXiv 2310.11453; 8 bits by default).
+
+    Forward: ``Qp = 2^(k-1) - 1``, ``γ = max(max_k |x|, 1e-5)``, ``inv = Qp / γ``,
+    ``codes = clamp(round(x · inv), -Qp - 1, Qp)`` (round half to even), ``Qa = codes · (1 / inv)``.
+    Backward (STE): identity.
+    """
+    qp = float(2 ** (bits - 1) - 1)
+    gamma = x.detach().abs().amax(dim=-1).clamp(min=EPS)
+    inv = qp / gamma
+    codes = torch.clamp(torch.round(x.detach() * inv[..., None]), -qp - 1, qp)
+    scale = 1.0 / inv
+    value = _ste(codes * scale[..., None], x)
+    return codes, scale, value
+
+
+# -- attention probabilities ------------------------------------------------------------------
+def prob_bivit(p: Tensor, beta: Tensor | float = 0.25):
+    """BiViT softmax-aware binarization (arXiv 2211.07091 §3.2).
+
+    Forward: ``P_b = 1[P >= β · rowmax(P)]``. Backward: ``P_b.detach() - P.detach() + P``
+    (straight through, into the softmax).
+    """
+    if isinstance(beta, Tensor):
+        beta = beta.reshape(())
+    rowmax = p.detach().amax(dim=-1, keepdim=True)
+    codes = (p.detach() >= beta * rowmax).to(p.dtype)
+    return codes, None, _ste(codes, p)
+
+
+def prob_elastic(p: Tensor, alpha: Tensor | None = None):
+    """BiT / BiPFT elastic probabilities {0, α_P} (arXiv 2205.13016).
+
+    Forward: ``P_b = α_P · clamp(round(P / α_P), 0, 1)``; ``α_P`` learnable (init ``4·mean(P)``),
+    or ``4·mean(P)`` of the batch when ``alpha`` is None. Backward (STE, as LSQ):
+    ``∂P_b/∂P = 1[0 <= P/α_P <= 1]``, ``∂P_b/∂α_P = round(P/α_P) - P/α_P`` inside, 1 above.
+    """
+    if alpha is None:
+        alpha = 4.0 * p.detach().mean()
+    alpha = alpha.reshape(()).clamp(min=EPS) if isinstance(alpha, Tensor) else alpha
+    ratio = p / alpha
+    codes = torch.clamp(torch.round(ratio.detach()), 0, 1)
+    value = alpha * _ste(codes, torch.clamp(ratio, 0.0, 1.0))
+    return codes, alpha, value
+
+
+def prob_bool(s: Tensor):
+    """BiBERT Bi-Attention (arXiv 2203.06390): ``P_b = 1[S > 0]`` on the masked scores, no softmax.
+
+    Backward (STE): ``∂P_b/∂S = 1[|S| <= 1]`` (clipped identity).
+    """
+    codes = (s.detach() > 0).to(s.dtype)
+    return codes, None, _ste(codes, torch.clamp(s, -1.0, 1.0))
