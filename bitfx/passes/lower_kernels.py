@@ -1,13 +1,121 @@
 """bitfx ops -> calls of TVM-generated kernels (``config.kernels == "tvm"``).
 
+Before (AOTAutograd's inference graph; parameters are inputs)::
+
+    y = bit_linear(x, W, b, s, move, α, "sign_tensor", "sign", 1)
+
+After::
+
+    y = bitfx_kernel_0(x, W, b, s, move, α)     # BitLinearKernel: packs W once, calls TVM
+
+``BitLinearKernel`` binarizes and packs its weight ahead of the first call and keeps it until the
+parameter changes: the cache key is the tensor's storage pointer and its ``_version`` (bumped by
+every in-place update, e.g. ``optimizer.step()``), so packed weights are never stale.
+``bit_attention`` becomes ``tvm_bit_attention``: the two integer products (sign(q)·sign(k)ᵀ and
+P_b·sign(v)) run as kernels, the float parts (scales, estimators, mask, softmax) in PyTorch.
 With ``kernels="reference"`` the graph is left as it is and the ops run their PyTorch reference.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
+from bitfx.ops import BIT_ATTENTION, BIT_LINEAR
+from bitfx.ops import attention as A
+from bitfx.ops.linear import quantize_weight
 from bitfx.passes.context import PassContext
+from bitfx.passes.graph import copy_meta
+
+
+class BitLinearKernel(torch.nn.Module):
+    """A ``bit_linear`` call on the generated kernel, with its packed weight cached."""
+
+    def __init__(self, weight_mode: str, act_mode: str, act_bits: int):
+        super().__init__()
+        self.weight_mode, self.act_mode, self.act_bits = weight_mode, act_mode, act_bits
+        self._key = None
+        self._packed = None
+        self._col_scale = None
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_mode}, {self.act_mode}, bits={self.act_bits}"
+
+    def packed(self, weight: torch.Tensor, weight_scale: torch.Tensor | None):
+        from bitfx.codegen import runtime
+
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
+        if key != self._key:
+            with torch.no_grad():
+                codes, col_scale, _ = quantize_weight(weight.detach().float(), None, self.weight_mode)
+                self._packed = runtime.pack_weight(codes.to(torch.int8), ternary=self.weight_mode == "ternary")
+                self._col_scale = col_scale.float().contiguous()
+            self._key = key
+        col = self._col_scale if weight_scale is None else weight_scale.detach().float().reshape(-1)
+        return self._packed, col
+
+    def forward(self, x, weight, bias, weight_scale, move, alpha):
+        from bitfx.codegen import runtime
+
+        packed, col = self.packed(weight, weight_scale)
+        return runtime.bit_linear(
+            x, packed, act=self.act_mode, bits=self.act_bits,
+            move=None if move is None else move.detach(),
+            alpha=None if alpha is None else alpha.detach(),
+            col_scale=col, bias=None if bias is None else bias.detach(),
+        )
+
+
+def tvm_bit_attention(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
+                      est_q, est_k, est_v, scale, is_causal, prob_mode):
+    """``bit_attention`` with its integer products on the kernels (same formula as the reference)."""
+    from bitfx.codegen import runtime
+
+    dtype = qt.dtype
+    qt, k, v = qt.float(), k.float(), v.float()
+    s_int = runtime.sign_scores(qt, k).float()
+    qs = qt.abs().mean(-1) if alpha_q is None else alpha_q.reshape(())
+    ks = k.abs().mean(-1) if alpha_k is None else alpha_k.reshape(())
+    s = s_int * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
+    res = A._score_residual(est_q, est_k)
+    if res is not None:
+        s = s + res
+    s = A.apply_mask(s * A._default_scale(qt, scale), attn_mask, is_causal)
+    p_codes, p_scale, _ = A._probs(s, prob_param, prob_mode)
+    out = runtime.binary_pv(p_codes, v).float()
+    if p_scale is not None:
+        out = out * p_scale
+    v_scale = v.abs().mean(dim=(-2, -1), keepdim=True) if alpha_v is None else alpha_v.reshape(())
+    out = out * v_scale
+    if est_v is not None:
+        pb = p_codes if p_scale is None else p_codes * p_scale
+        out = out + pb @ est_v
+    return out.to(dtype)
 
 
 def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    if ctx.config.kernels != "tvm":
+        return gm
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == BIT_LINEAR:
+            name = f"bitfx_kernel_{count}"
+            count += 1
+            gm.add_submodule(name, BitLinearKernel(*node.args[6:9]))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, tuple(node.args[:6]))
+        elif node.target == BIT_ATTENTION:
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(tvm_bit_attention, tuple(node.args))
+        else:
+            continue
+        copy_meta(node, new)
+        if "val" in node.meta:
+            new.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
     return gm
+
+
+__all__ = ["lower_kernels", "BitLinearKernel", "tvm_bit_attention"]
