@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 #: Calibrated values of added parameters, per model (keyed by its first parameter), so that a
 #: recompilation (new shapes) reuses the values of the first compile instead of refitting.
+#: Reports of the most recent compilations (newest last), for tools such as ``bitfx demo``.
+REPORTS: list = []
+
 _CALIBRATED: "weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
@@ -40,8 +43,10 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         before = {name for name, _ in traced.named_parameters()}
         traced = run_passes(traced, ctx, PIPELINE)
         _initialise(traced, before, example_inputs)
-    log.info("bitfx: %s", ctx.report.summary())
+    log.info("bitfx: %d rewrites, %d left in float", len(ctx.report.rewrites), len(ctx.report.skips))
     traced.bitfx_report = ctx.report
+    REPORTS.append(ctx.report)
+    del REPORTS[:-64]
 
     def fw_compiler(fw: fx.GraphModule, inputs):
         return make_boxed_func(run_passes(fw, ctx, LOWERING))
