@@ -1,0 +1,138 @@
+"""Compile bitfx kernels, once per machine: an in-process memo in front of a disk cache shared by processes.
+
+    fn = kernel("gemm", mode="xnor", K=768, N=3072)      # a tvm_ffi.Function; call it with torch tensors
+
+Cache directory: `$BITFX_CACHE_DIR`, else `$XDG_CACHE_HOME/bitfx`, else `~/.cache/bitfx`. An entry is
+`<key>.json` (a manifest naming the library, its size and sha256) beside a content-addressed
+`<key>-<sha>.so`. The key hashes the op, its parameters, the implementation ("host" tiled loop nests or
+the "reference" `te.compute`), the target string, the schedule version and the TVM version.
+
+Writes are atomic (temporary file + `os.replace`), so processes compiling the same kernel at once each
+publish a complete library and the last manifest wins. A manifest that does not parse, or a library whose
+size or sha256 differs from its manifest, or that fails to load, is rebuilt and replaced, never used.
+`STATS` counts what happened ("compiled", "loaded", "rebuilt") for tests and logs.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import tvm
+
+log = logging.getLogger(__name__)
+
+STATS: collections.Counter = collections.Counter()
+CACHE_FORMAT = 1
+IMPLS = {"host": "bitfx.targets.host", "reference": "bitfx.codegen.compute"}
+_MEMO: dict = {}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live (created on first write)."""
+    if os.environ.get("BITFX_CACHE_DIR"):
+        return Path(os.environ["BITFX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bitfx"
+
+
+def kernel(op: str, *, impl: str = "host", target: tvm.target.Target | None = None, **params):
+    """The compiled `main` of kernel `op` (a generator name in `IMPLS[impl]`) for `params`.
+
+    Memoised per process (cheap tuple key: this is on the dispatch path), then looked up on disk.
+    """
+    memo_key = (op, impl, None if target is None else str(target), tuple(sorted(params.items())))
+    fn = _MEMO.get(memo_key)
+    if fn is None:
+        fn = _MEMO[memo_key] = _load_or_build(op, impl, target, params)
+    return fn
+
+
+def _generators(impl: str):
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kernel implementation {impl!r}; expected one of {sorted(IMPLS)}")
+    return importlib.import_module(IMPLS[impl])
+
+
+def _target(target):
+    from bitfx.targets.host import host_target
+
+    return target or host_target()
+
+
+def cache_key(op: str, impl: str, target, params: dict) -> str:
+    from bitfx.targets.host import SCHEDULE_VERSION
+
+    desc = {
+        "op": op, "impl": impl, "params": {k: repr(v) for k, v in sorted(params.items())},
+        "target": str(_target(target)), "schedule": SCHEDULE_VERSION if impl == "host" else 0,
+        "tvm": tvm.__version__, "format": CACHE_FORMAT,
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _load_or_build(op: str, impl: str, target, params: dict):
+    key = cache_key(op, impl, target, params)
+    root = cache_dir()
+    manifest = root / f"{key}.json"
+    if manifest.exists():
+        mod = _load(manifest, root)
+        if mod is not None:
+            STATS["loaded"] += 1
+            log.debug("kernel %s %s loaded from %s", op, params, manifest)
+            return mod["main"]
+        STATS["rebuilt"] += 1
+    return _compile_and_store(op, impl, target, params, root, key)
+
+
+def _load(manifest: Path, root: Path):
+    """The cached module, or None (with a warning) if the entry is damaged in any way."""
+    try:
+        entry = json.loads(manifest.read_text())
+        lib = root / entry["lib"]
+        data = lib.read_bytes()
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ValueError(f"{lib.name}: size or sha256 differs from its manifest")
+        return tvm.runtime.load_module(str(lib))
+    except Exception as err:  # noqa: BLE001 - any damage means "rebuild"
+        log.warning("bitfx kernel cache entry %s is damaged (%s); rebuilding it", manifest.name, err)
+        return None
+
+
+def _compile_and_store(op: str, impl: str, target, params: dict, root: Path, key: str):
+    func = getattr(_generators(impl), op)(**params).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=_target(target))
+    STATS["compiled"] += 1
+    log.debug("kernel %s %s compiled", op, params)
+    try:
+        _store(lib, root, key, op, params)
+    except Exception as err:  # noqa: BLE001 - no compiler/linker or read-only disk: run uncached
+        log.warning("bitfx could not cache kernel %s (%s); it will be compiled again next run", op, err)
+    return lib.mod["main"]
+
+
+def _store(lib, root: Path, key: str, op: str, params: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".so", dir=root)
+    os.close(fd)
+    try:
+        lib.export_library(tmp)
+        data = Path(tmp).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        name = f"{key}-{sha[:16]}.so"
+        os.replace(tmp, root / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    entry = {"lib": name, "size": len(data), "sha256": sha, "op": op,
+             "params": {k: repr(v) for k, v in params.items()}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=root)
+    with os.fdopen(fd, "w") as f:
+        json.dump(entry, f)
+    os.replace(tmp, root / f"{key}.json")

@@ -1,0 +1,239 @@
+"""Torch-facing calls of the bitfx kernels (zero copy through DLPack; outputs allocated by torch).
+
+    packed = pack_weight(w_int, ternary=False)            # once, ahead of the first call
+    y = bit_linear(x, packed, act="sign", col_scale=s, bias=b)
+
+Public functions (the lowering pass `bitfx.passes.lower_kernels` calls exactly these):
+
+- `pack_weight(w_int, ternary) -> PackedWeight`
+- `bit_linear(x, packed, *, act="sign", bits=1, move=None, alpha=None, col_scale, bias=None, threads=None)`
+- `bit_linear_int(x, packed, *, act="sign", bits=1, move=None) -> (acc int32 [M, N], row_scale [M])`
+- `sign_scores(q, k) -> int32`, `binary_pv(p, v) -> int32`
+
+Inputs may be non-contiguous (made contiguous), have any leading batch dims (flattened to M and
+restored), and be float16/bfloat16 (computed in float32, the float output cast back). One compiled kernel
+serves every M (token count); K and N are fixed per kernel, by the weight. Kernels come from
+`bitfx.codegen.build` (compiled once per machine, then loaded from the disk cache).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from bitfx.codegen.build import kernel
+
+__all__ = ["PackedWeight", "pack_weight", "bit_linear", "bit_linear_int", "sign_scores", "binary_pv"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+WORD = 64
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """Weight codes packed along K into uint64 words, K-major: `planes[P, ceil(K/64), N]`.
+
+    Binary: P = 1, bit = 1 for +1. Ternary: P = 2 (plane 0 = "is +1", plane 1 = "is -1") and `nnz[n]`,
+    the number of nonzero codes of output channel n. Tail bits (K not a multiple of 64) are zero.
+    """
+
+    planes: torch.Tensor
+    N: int
+    K: int
+    ternary: bool
+    nnz: torch.Tensor | None = None
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The argument the GEMM takes: `[KW, N]` (binary) or `[2, KW, N]` (ternary)."""
+        return self.planes if self.ternary else self.planes[0]
+
+
+def pack_weight(w_int: torch.Tensor, ternary: bool) -> PackedWeight:
+    """Pack integer weight codes `w_int[N, K]` (values in {-1, +1}, or {-1, 0, +1} when `ternary`).
+
+    Raises ValueError naming any other value. Runs the `pack_rows` kernel, so it costs one pass over W.
+    """
+    if w_int.dim() != 2:
+        raise ValueError(f"w_int must be [N, K], got shape {tuple(w_int.shape)}")
+    codes = w_int.detach().to("cpu", torch.int8).contiguous()
+    allowed = (-1, 0, 1) if ternary else (-1, 1)
+    bad = torch.unique(codes[~torch.isin(codes, torch.tensor(allowed, dtype=torch.int8))])
+    if bad.numel() or not torch.equal(codes.to(w_int.dtype), w_int.detach().cpu()):
+        values = bad.tolist() if bad.numel() else "non-integer values"
+        raise ValueError(f"{'ternary' if ternary else 'binary'} weight codes must be in {allowed}; got {values}")
+    N, K = codes.shape
+    planes = torch.stack([_pack_int8(codes, m) for m in (("pos", "neg") if ternary else ("pos",))])
+    nnz = (codes != 0).sum(1, dtype=torch.int32) if ternary else None
+    return PackedWeight(planes.contiguous(), N, K, ternary, nnz)
+
+
+def _pack_int8(codes: torch.Tensor, mode: str) -> torch.Tensor:
+    N, K = codes.shape
+    out = torch.empty(N, _words(K), dtype=torch.uint64)
+    kernel("pack_rows", mode=mode, K=K, dtype="int8")(codes, out)
+    return out.t().contiguous()
+
+
+def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
+               move: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
+               col_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               threads: int | None = None) -> torch.Tensor:
+    """`y[..., n] = (acc * row_scale[m]) * col_scale[n] + bias[n]`, `acc = Qa(x) . W^T` (bit-exact int).
+
+    act="sign" (bits=1): codes sign(x + move); row_scale = `alpha` (1 element) or mean_k |x + move|.
+    act="absmax" (bits 2..8): BitNet per-token absmax codes in two's-complement planes; row_scale = 1/inv.
+    `move` and `alpha` apply to act="sign" only (ignored otherwise, as in the reference op).
+    `col_scale` is `[N]` or one element. `threads` sets the kernel thread count (default: $TVM_NUM_THREADS
+    if set, else torch.get_num_threads()). Returns float32, or x's dtype when x is float16/bfloat16.
+    """
+    x2, lead, dtype = _rows(x, packed.K, "x")
+    _set_threads(threads)
+    M, N = x2.shape[0], packed.N
+    if act == "sign" and alpha is not None:
+        _check_bits(act, bits)
+        a = _pack_sign(x2, packed.K, move, mean=False)
+        row_scale = _vector(alpha, 1, "alpha").expand(M).contiguous()
+    else:
+        a, row_scale = _quantize(x2, packed.K, act, bits, move)
+    cs = _vector(col_scale, N, "col_scale")
+    if cs.numel() == 1:
+        cs = cs.expand(N).contiguous()
+    args = [a, packed.w, *_nnz(packed, act), row_scale, cs]
+    if bias is not None:
+        args.append(_vector(bias, N, "bias"))
+    y = torch.empty(M, N, dtype=torch.float32)
+    _gemm(packed, act, bits, epilogue="float", bias=bias is not None)(*args, y)
+    y = y.view(*lead, N)
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
+def bit_linear_int(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
+                   move: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer contract: `(acc int32 [M, N], row_scale float32 [M])`, M = all leading dims of x."""
+    x2, _, _ = _rows(x, packed.K, "x")
+    a, row_scale = _quantize(x2, packed.K, act, bits, move)
+    acc = torch.empty(x2.shape[0], packed.N, dtype=torch.int32)
+    _gemm(packed, act, bits, epilogue="int", bias=False)(a, packed.w, *_nnz(packed, act), acc)
+    return acc, row_scale
+
+
+def sign_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`S[..., i, j] = sum_d sign(q[..., i, d]) * sign(k[..., j, d])` as int32 (leading dims kept)."""
+    if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"sign_scores needs q [..., Lq, D] and k [..., Lk, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    lead, (Lq, D), Lk = q.shape[:-2], q.shape[-2:], k.shape[-2]
+    q2, _, _ = _rows(q, D, "q")
+    k2, _, _ = _rows(k, D, "k")
+    G = q2.shape[0] // Lq if Lq else 0
+    qp = _pack_sign(q2, D, None, mean=False).view(G, Lq, -1)
+    kp = _pack_sign(k2, D, None, mean=False).view(G, Lk, -1).transpose(1, 2).contiguous()
+    out = torch.empty(G, Lq, Lk, dtype=torch.int32)
+    kernel("gemm", mode="xnor", K=D, N=None, batched=True)(qp, kp, out)
+    return out.view(*lead, Lq, Lk)
+
+
+def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`O[..., i, d] = sum_j p[..., i, j] * sign(v[..., j, d])` as int32, for p in {0, 1}.
+
+    p may be float32/16, uint8 or bool; any nonzero entry counts as 1.
+    """
+    if p.shape[:-2] != v.shape[:-2] or p.shape[-1] != v.shape[-2]:
+        raise ValueError(f"binary_pv needs p [..., Lq, Lk] and v [..., Lk, Dv]; got {tuple(p.shape)}, {tuple(v.shape)}")
+    lead, (Lq, Lk), Dv = p.shape[:-2], p.shape[-2:], v.shape[-1]
+    if p.dtype == torch.bool:
+        p = p.view(torch.uint8)
+    dt = {torch.uint8: "uint8"}.get(p.dtype, "float32")
+    p2 = p.reshape(-1, Lk)
+    p2 = (p2 if p.dtype == torch.uint8 else p2.float()).contiguous()
+    v3, _, _ = _rows(v, Dv, "v")
+    G = v3.shape[0] // Lk if Lk else p2.shape[0] // max(Lq, 1)
+    pp = torch.empty(p2.shape[0], _words(Lk), dtype=torch.uint64)
+    kernel("pack_rows", mode="nonzero", K=None, dtype=dt)(p2, pp)
+    vp = torch.empty(G, _words(Lk), Dv, dtype=torch.uint64)
+    kernel("pack_cols", K=None, N=Dv)(v3.view(G, Lk, Dv), vp)
+    out = torch.empty(G, Lq, Dv, dtype=torch.int32)
+    kernel("gemm", mode="and", K=None, N=Dv, signed=False, batched=True)(pp.view(G, Lq, -1), vp, out)
+    return out.view(*lead, Lq, Dv)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _words(k: int) -> int:
+    return (k + WORD - 1) // WORD
+
+
+def _rows(x: torch.Tensor, K: int, name: str):
+    """x[..., K] -> (contiguous float32 [M, K], leading shape, original dtype)."""
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16; got {x.dtype}")
+    if x.shape[-1] != K:
+        raise ValueError(f"{name} has {x.shape[-1]} features in its last dim; the kernel expects K={K}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} is on {x.device}; the host kernels run on CPU tensors")
+    return x.reshape(-1, K).to(torch.float32).contiguous(), x.shape[:-1], x.dtype
+
+
+def _vector(t: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    t = t.detach().reshape(-1).to(torch.float32).contiguous()
+    if t.numel() not in (1, n):
+        raise ValueError(f"{name} must have 1 or {n} elements, got {t.numel()}")
+    return t
+
+
+def _check_bits(act: str, bits: int) -> None:
+    if act == "sign" and bits != 1:
+        raise ValueError(f"act='sign' is 1-bit; got bits={bits} (use act='absmax' for 2..8 bits)")
+    if act == "absmax" and not 2 <= bits <= 8:
+        raise ValueError(f"act='absmax' takes bits in 2..8; got bits={bits}")
+    if act not in ("sign", "absmax"):
+        raise ValueError(f"unknown activation quantizer act={act!r}; expected 'sign' or 'absmax'")
+
+
+def _pack_sign(x2: torch.Tensor, K: int, move, mean: bool):
+    out = torch.empty(x2.shape[0], _words(K), dtype=torch.uint64)
+    args = [x2] + ([_vector(move, K, "move")] if move is not None else []) + [out]
+    if mean:
+        rs = torch.empty(x2.shape[0], dtype=torch.float32)
+        kernel("pack_rows", mode="sign", K=K, move=move is not None, mean=True)(*args, rs)
+        return out, rs
+    kernel("pack_rows", mode="sign", K=K, move=move is not None)(*args)
+    return out
+
+
+def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move):
+    """Activation codes, packed, and the per-row scale (`move` is used by act="sign" only)."""
+    _check_bits(act, bits)
+    if act == "sign":
+        return _pack_sign(x2, K, move, mean=True)
+    planes = torch.empty(x2.shape[0], bits, _words(K), dtype=torch.uint64)
+    rs = torch.empty(x2.shape[0], dtype=torch.float32)
+    kernel("absmax_planes", K=K, bits=bits)(x2, planes, rs)
+    return planes, rs
+
+
+def _gemm(packed: PackedWeight, act: str, bits: int, *, epilogue: str, bias: bool):
+    mode = ("xnor" if act == "sign" else "and") + ("_ternary" if packed.ternary else "")
+    return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias)
+
+
+def _nnz(packed: PackedWeight, act: str) -> list:
+    return [packed.nnz] if packed.ternary and act == "sign" else []
+
+
+_threads_now: int | None = None
+
+
+def _set_threads(threads: int | None) -> None:
+    """Size TVM's thread pool: `threads`, else $TVM_NUM_THREADS, else torch's count (only on change)."""
+    global _threads_now
+    if threads is None:
+        if os.environ.get("TVM_NUM_THREADS"):
+            return
+        threads = torch.get_num_threads()
+    if threads != _threads_now:
+        import tvm
+
+        tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+        _threads_now = threads

@@ -1,0 +1,1 @@
+"""Per-target schedules and compilers: one module per target (`host`, ...)."""
