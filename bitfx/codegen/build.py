@@ -5,7 +5,8 @@
 Cache directory: `$BITFX_CACHE_DIR`, else `$XDG_CACHE_HOME/bitfx`, else `~/.cache/bitfx`. An entry is
 `<key>.json` (a manifest naming the library, its size and sha256) beside a content-addressed
 `<key>-<sha>.so`. The key hashes the op, its parameters, the implementation ("host" tiled loop nests or
-the "reference" `te.compute`), the target string, the schedule version and the TVM version.
+the "reference" `te.compute`), the target string, the schedule version, a hash of the generator's
+source file (so an edited generator is never served a stale kernel) and the TVM version.
 
 Writes are atomic (temporary file + `os.replace`), so processes compiling the same kernel at once each
 publish a complete library and the last manifest wins. A manifest that does not parse, or a library whose
@@ -16,6 +17,7 @@ size or sha256 differs from its manifest, or that fails to load, is rebuilt and 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import importlib
 import json
@@ -66,12 +68,18 @@ def _target(target):
     return target or host_target()
 
 
+@functools.cache
+def _source_digest(impl: str) -> str:
+    """Hash of the generator module's source: an edited generator never meets its old kernels."""
+    return hashlib.sha256(Path(_generators(impl).__file__).read_bytes()).hexdigest()[:16]
+
+
 def cache_key(op: str, impl: str, target, params: dict) -> str:
     from bitfx.targets.host import SCHEDULE_VERSION
 
     desc = {
         "op": op, "impl": impl, "params": {k: repr(v) for k, v in sorted(params.items())},
-        "target": str(_target(target)), "schedule": SCHEDULE_VERSION if impl == "host" else 0,
+        "target": str(_target(target)), "schedule": SCHEDULE_VERSION, "source": _source_digest(impl),
         "tvm": tvm.__version__, "format": CACHE_FORMAT,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]

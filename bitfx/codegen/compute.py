@@ -94,7 +94,8 @@ def absmax_planes(*, K: int, bits: int) -> tirx.PrimFunc:
     r = te.reduce_axis((0, K), "r")
     amax = te.compute((M,), lambda m: te.max(tirx.abs(X[m, r]), axis=r), name="amax")
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
-    inv = te.compute((M,), lambda m: f32(qp) / tirx.max(amax[m], f32(1e-5)), name="inv")
+    # torch evaluates the reference's `qp / gamma` (int / tensor) as `reciprocal(gamma) * qp`.
+    inv = te.compute((M,), lambda m: (f32(1.0) / tirx.max(amax[m], f32(1e-5))) * f32(qp), name="inv")
     q = te.compute((M, K), lambda m, k: tirx.max(tirx.min(tirx.nearbyint(X[m, k] * inv[m]), f32(qp)),
                                                  f32(-qp - 1)).astype("int32"), name="q")
     planes = _pack((M, bits), K, lambda m, b, k: ((q[m, k] >> b.astype("int32")) & 1).astype("uint64"))

@@ -239,6 +239,7 @@ def absmax_planes(*, K: int, bits: int) -> tirx.PrimFunc:
 
     gamma = max(max_k |x|, 1e-5); inv = Qp / gamma; q = clamp(nearbyint(x * inv), -Qp-1, Qp);
     plane b holds bit b of q; row_scale = 1 / inv.  (Qp = 2^(bits-1) - 1; nearbyint is half-to-even.)
+    `Qp / gamma` is evaluated as torch evaluates `int / tensor`: `(1 / gamma) * Qp`, so codes match.
     """
     qp = float(2 ** (bits - 1) - 1)
     kw = (K + WORD - 1) // WORD
@@ -266,7 +267,7 @@ def absmax_planes(*, K: int, bits: int) -> tirx.PrimFunc:
             gamma = mx[0]
             for i in range(1, 16):
                 gamma = T.max(gamma, mx[i])
-            inv = T.bind(f32(qp) / T.max(gamma, f32(1e-5)))
+            inv = T.bind((f32(1.0) / T.max(gamma, f32(1e-5))) * f32(qp))  # as torch's `qp / gamma`
             T.buffer_store(RS, f32(1.0) / inv, [m])
             with T.serial(0, K // WORD) as w:
                 q = quant(_vec_load(X, [m], WORD, w * WORD), inv, WORD)
