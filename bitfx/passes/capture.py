@@ -7,6 +7,8 @@
   it with ``make_fx(pre_dispatch=True)`` under dynamo's fake mode (symbolic shapes stay symbolic),
   so both entry points see the same ops (``aten.linear``, ``aten.scaled_dot_product_attention``,
   ``aten.matmul``...), and composite ops keep their autograd meaning for the binarized graph.
+  Fused module fast paths that dynamo records (``aten._transformer_encoder_layer_fwd``, taken by
+  ``nn.TransformerEncoderLayer`` under ``no_grad``) are decomposed back into those ops.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]):
                 fx.Interpreter(gm).run,
                 pre_dispatch=True,
                 tracing_mode="fake" if fake_mode is not None else "symbolic",
+                decomposition_table=FUSED_DECOMPOSITIONS,
             )(*fakes)
     finally:
         if fake_mode is not None:
@@ -60,6 +63,41 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]):
         if isinstance(real, torch.nn.Parameter)
     }
     return traced, weights
+
+
+def _encoder_layer_fwd(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu,
+                       norm_first, eps, ln1_weight, ln1_bias, ln2_weight, ln2_bias,
+                       ffn1_weight, ffn1_bias, ffn2_weight, ffn2_bias, mask=None, mask_type=None):
+    """``aten._transformer_encoder_layer_fwd`` (the no_grad fast path of a batch-first
+    ``nn.TransformerEncoderLayer``, which dynamo traces as one op) in the ops of its Python path,
+    so that its linears and attention can be rewritten; masked calls stay fused (and are reported)."""
+    if mask is not None or src.is_nested or src.dim() != 3:
+        return NotImplemented
+    F = torch.nn.functional
+
+    def norm(x, w, b):
+        return F.layer_norm(x, (embed_dim,), w, b, eps)
+
+    def attention(x):
+        b, n, _ = x.shape
+        qkv = F.linear(x, qkv_weight, qkv_bias).view(b, n, 3, num_heads, embed_dim // num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return F.linear(y.transpose(1, 2).reshape(b, n, embed_dim), proj_weight, proj_bias)
+
+    def ffn(x):
+        h = F.linear(x, ffn1_weight, ffn1_bias)
+        return F.linear(F.gelu(h) if use_gelu else F.relu(h), ffn2_weight, ffn2_bias)
+
+    if norm_first:
+        x = src + attention(norm(src, ln1_weight, ln1_bias))
+        return x + ffn(norm(x, ln2_weight, ln2_bias))
+    x = norm(src + attention(src), ln1_weight, ln1_bias)
+    return norm(x + ffn(x), ln2_weight, ln2_bias)
+
+
+#: Fused ops that dynamo may record (module fast paths) -> their decomposed Python path.
+FUSED_DECOMPOSITIONS = {torch.ops.aten._transformer_encoder_layer_fwd.default: _encoder_layer_fwd}
 
 
 def _has_bitfx_ops(gm: fx.GraphModule) -> bool:
