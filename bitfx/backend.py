@@ -13,12 +13,12 @@ passes are calibrated once per model and reused when dynamo recompiles for new s
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bitfx.calibrate import calibrate
 from bitfx.config import CompileOptions
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 #: Reports of the most recent compilations (newest last), for tools such as ``bitfx demo``.
 REPORTS: list = []
 
-_CALIBRATED: "weakref.WeakKeyDictionary[torch.Tensor, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+#: (Keyed by identity: a WeakKeyDictionary compares tensor keys with ``==``, which is elementwise.)
+_CALIBRATED: "WeakIdKeyDictionary[torch.Tensor, dict[str, torch.Tensor]]" = WeakIdKeyDictionary()
 
 
 def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
