@@ -34,8 +34,8 @@ P·V other than the above (``softmax(s) * 2 @ v``), softmax over another dim or 
 probabilities or scores used elsewhere (returned attention weights), a scale that is a tensor,
 a ``masked_fill`` value other than -inf (e.g. ``finfo.min``: its meaning differs on fully masked
 rows), two masks, ``enable_gqa=True``, and the fused ``nn.MultiheadAttention`` /
-``TransformerEncoderLayer`` fast-path ops (they hold the projections too; they appear only when
-the module runs under ``no_grad``/``inference_mode`` in eager-like tracing).
+``TransformerEncoderLayer`` fast-path ops, which hold the projections too (dynamo records them
+under ``no_grad``; capture decomposes an unmasked ``_transformer_encoder_layer_fwd``).
 
 Known difference: for a row whose keys are *all* masked, ``bitfx.attention`` (like an explicit
 softmax) gives NaN, whereas ``aten.scaled_dot_product_attention`` gives zeros.
@@ -115,7 +115,8 @@ def canonicalize_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModu
             ctx.report.skips.append(Skip(
                 PASS, "attention", module_of(node), "unrecognised",
                 f"fused {node.target} ({FUSED[node.target]}: it holds the projections too); "
-                "trace the module with gradients enabled to get its decomposed attention",
+                "run it with gradients enabled or torch.backends.mha.set_fastpath_enabled(False) "
+                "so that its Python path is traced",
                 [node.name]))
     return gm
 
