@@ -1,6 +1,7 @@
 """What the bitfx kernels compute, written once in `te.compute`.
 
-Each function returns a `PrimFunc` with exactly the arguments (names, order, shapes, dtypes) of the tiled
+Each function returns a `PrimFunc` (unscheduled: `parallel` and `tile` are accepted and unused) with
+exactly the arguments (names, order, shapes, dtypes) of the tiled
 generator of the same name in `bitfx/targets/host.py`, so the two are interchangeable: this one is the
 definition the fast kernels are tested against, and the fallback for a target without a schedule.
 
@@ -47,7 +48,7 @@ def _pack(shape, K, bit_of):
 
 
 def pack_rows(*, mode: str, K: int | None, dtype: str = "float32", move: bool = False,
-              mean: bool = False) -> tirx.PrimFunc:
+              mean: bool = False, parallel: bool = True) -> tirx.PrimFunc:
     """`bits[m, w]` = pack_k bit(x[m, k] + move[k]); with `mean`, `row_scale[m] = mean_k |x + move|`."""
     if mode not in BIT_MODES:
         raise ValueError(f"unknown bit mode {mode!r}; expected one of {BIT_MODES}")
@@ -65,7 +66,7 @@ def pack_rows(*, mode: str, K: int | None, dtype: str = "float32", move: bool = 
     return te.create_prim_func(args)
 
 
-def pack_cols(*, K: int | None, N: int, batched: bool = True) -> tirx.PrimFunc:
+def pack_cols(*, K: int | None, N: int, batched: bool = True, parallel: bool = True) -> tirx.PrimFunc:
     """`bits[g, w, n]` = pack_k sign(x[g, k, n]): values packed down their columns, K-major."""
     G, k = te.var("G", "int64"), _dim("K", K)
     X = te.placeholder((G, k, N) if batched else (k, N), "float32", name="x")
@@ -82,7 +83,7 @@ def pack_cols(*, K: int | None, N: int, batched: bool = True) -> tirx.PrimFunc:
     return te.create_prim_func([X, out])
 
 
-def absmax_planes(*, K: int, bits: int) -> tirx.PrimFunc:
+def absmax_planes(*, K: int, bits: int, parallel: bool = True) -> tirx.PrimFunc:
     """BitNet absmax, per row: gamma = max(max|x|, 1e-5); inv = Qp/gamma; q = clamp(rint(x*inv), -Qp-1, Qp).
 
     Returns planes `[M, bits, KW]` (plane b = bit b of q, two's complement) and `row_scale = 1/inv`.
@@ -104,7 +105,8 @@ def absmax_planes(*, K: int, bits: int) -> tirx.PrimFunc:
 
 
 def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
-         batched: bool = False, epilogue: str = "int", bias: bool = False, tile=None) -> tirx.PrimFunc:
+         batched: bool = False, epilogue: str = "int", bias: bool = False, tile=None,
+         parallel: bool = True) -> tirx.PrimFunc:
     """`acc[m, n] = sum_k a[m, k] * w[n, k]` from packed words; see `bitfx.targets.host.gemm` for modes.
 
     `epilogue="float"`: `y = (float32(acc) * row_scale[m]) * col_scale[n] (+ bias[n])`.

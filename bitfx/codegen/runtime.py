@@ -18,12 +18,15 @@ serves every M (token count); K and N are fixed per kernel, by the weight. Kerne
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
 from bitfx.codegen.build import kernel
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PackedWeight", "pack_weight", "bit_linear", "bit_linear_int", "sign_scores", "binary_pv"]
 
@@ -73,7 +76,7 @@ def pack_weight(w_int: torch.Tensor, ternary: bool) -> PackedWeight:
 def _pack_int8(codes: torch.Tensor, mode: str) -> torch.Tensor:
     N, K = codes.shape
     out = torch.empty(N, _words(K), dtype=torch.uint64)
-    kernel("pack_rows", mode=mode, K=K, dtype="int8")(codes, out)
+    kernel("pack_rows", mode=mode, K=K, dtype="int8", parallel=_parallel())(codes, out)
     return out.t().contiguous()
 
 
@@ -86,18 +89,18 @@ def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits
     act="sign" (bits=1): codes sign(x + move); row_scale = `alpha` (1 element) or mean_k |x + move|.
     act="absmax" (bits 2..8): BitNet per-token absmax codes in two's-complement planes; row_scale = 1/inv.
     `move` and `alpha` apply to act="sign" only (ignored otherwise, as in the reference op).
-    `col_scale` is `[N]` or one element. `threads` sets the kernel thread count (default: $TVM_NUM_THREADS
-    if set, else torch.get_num_threads()). Returns float32, or x's dtype when x is float16/bfloat16.
+    `col_scale` is `[N]` or one element. `threads=1` runs single-threaded kernels; otherwise TVM's pool
+    is used, sized once (see `_parallel`: `threads`, else $TVM_NUM_THREADS, else torch.get_num_threads()). Returns float32, or x's dtype when x is float16/bfloat16.
     """
     x2, lead, dtype = _rows(x, packed.K, "x")
-    _set_threads(threads)
+    par = _parallel(threads)
     M, N = x2.shape[0], packed.N
     if act == "sign" and alpha is not None:
         _check_bits(act, bits)
-        a = _pack_sign(x2, packed.K, move, mean=False)
+        a = _pack_sign(x2, packed.K, move, mean=False, par=par)
         row_scale = _vector(alpha, 1, "alpha").expand(M).contiguous()
     else:
-        a, row_scale = _quantize(x2, packed.K, act, bits, move)
+        a, row_scale = _quantize(x2, packed.K, act, bits, move, par)
     cs = _vector(col_scale, N, "col_scale")
     if cs.numel() == 1:
         cs = cs.expand(N).contiguous()
@@ -105,7 +108,7 @@ def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits
     if bias is not None:
         args.append(_vector(bias, N, "bias"))
     y = torch.empty(M, N, dtype=torch.float32)
-    _gemm(packed, act, bits, epilogue="float", bias=bias is not None)(*args, y)
+    _gemm(packed, act, bits, par, epilogue="float", bias=bias is not None)(*args, y)
     y = y.view(*lead, N)
     return y if dtype == torch.float32 else y.to(dtype)
 
@@ -114,9 +117,10 @@ def bit_linear_int(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", 
                    move: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer contract: `(acc int32 [M, N], row_scale float32 [M])`, M = all leading dims of x."""
     x2, _, _ = _rows(x, packed.K, "x")
-    a, row_scale = _quantize(x2, packed.K, act, bits, move)
+    par = _parallel()
+    a, row_scale = _quantize(x2, packed.K, act, bits, move, par)
     acc = torch.empty(x2.shape[0], packed.N, dtype=torch.int32)
-    _gemm(packed, act, bits, epilogue="int", bias=False)(a, packed.w, *_nnz(packed, act), acc)
+    _gemm(packed, act, bits, par, epilogue="int", bias=False)(a, packed.w, *_nnz(packed, act), acc)
     return acc, row_scale
 
 
@@ -128,10 +132,11 @@ def sign_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     q2, _, _ = _rows(q, D, "q")
     k2, _, _ = _rows(k, D, "k")
     G = q2.shape[0] // Lq if Lq else 0
-    qp = _pack_sign(q2, D, None, mean=False).view(G, Lq, -1)
-    kp = _pack_sign(k2, D, None, mean=False).view(G, Lk, -1).transpose(1, 2).contiguous()
+    par = _parallel()
+    qp = _pack_sign(q2, D, None, mean=False, par=par).view(G, Lq, -1)
+    kp = _pack_sign(k2, D, None, mean=False, par=par).view(G, Lk, -1).transpose(1, 2).contiguous()
     out = torch.empty(G, Lq, Lk, dtype=torch.int32)
-    kernel("gemm", mode="xnor", K=D, N=None, batched=True)(qp, kp, out)
+    kernel("gemm", mode="xnor", K=D, N=None, batched=True, parallel=par)(qp, kp, out)
     return out.view(*lead, Lq, Lk)
 
 
@@ -150,12 +155,13 @@ def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     p2 = (p2 if p.dtype == torch.uint8 else p2.float()).contiguous()
     v3, _, _ = _rows(v, Dv, "v")
     G = v3.shape[0] // Lk if Lk else p2.shape[0] // max(Lq, 1)
+    par = _parallel()
     pp = torch.empty(p2.shape[0], _words(Lk), dtype=torch.uint64)
-    kernel("pack_rows", mode="nonzero", K=None, dtype=dt)(p2, pp)
+    kernel("pack_rows", mode="nonzero", K=None, dtype=dt, parallel=par)(p2, pp)
     vp = torch.empty(G, _words(Lk), Dv, dtype=torch.uint64)
-    kernel("pack_cols", K=None, N=Dv)(v3.view(G, Lk, Dv), vp)
+    kernel("pack_cols", K=None, N=Dv, parallel=par)(v3.view(G, Lk, Dv), vp)
     out = torch.empty(G, Lq, Dv, dtype=torch.int32)
-    kernel("gemm", mode="and", K=None, N=Dv, signed=False, batched=True)(pp.view(G, Lq, -1), vp, out)
+    kernel("gemm", mode="and", K=None, N=Dv, signed=False, batched=True, parallel=par)(pp.view(G, Lq, -1), vp, out)
     return out.view(*lead, Lq, Dv)
 
 
@@ -191,49 +197,57 @@ def _check_bits(act: str, bits: int) -> None:
         raise ValueError(f"unknown activation quantizer act={act!r}; expected 'sign' or 'absmax'")
 
 
-def _pack_sign(x2: torch.Tensor, K: int, move, mean: bool):
+def _pack_sign(x2: torch.Tensor, K: int, move, mean: bool, par: bool):
     out = torch.empty(x2.shape[0], _words(K), dtype=torch.uint64)
     args = [x2] + ([_vector(move, K, "move")] if move is not None else []) + [out]
+    fn = kernel("pack_rows", mode="sign", K=K, move=move is not None, mean=mean, parallel=par)
     if mean:
         rs = torch.empty(x2.shape[0], dtype=torch.float32)
-        kernel("pack_rows", mode="sign", K=K, move=move is not None, mean=True)(*args, rs)
+        fn(*args, rs)
         return out, rs
-    kernel("pack_rows", mode="sign", K=K, move=move is not None)(*args)
+    fn(*args)
     return out
 
 
-def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move):
+def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move, par: bool):
     """Activation codes, packed, and the per-row scale (`move` is used by act="sign" only)."""
     _check_bits(act, bits)
     if act == "sign":
-        return _pack_sign(x2, K, move, mean=True)
+        return _pack_sign(x2, K, move, mean=True, par=par)
     planes = torch.empty(x2.shape[0], bits, _words(K), dtype=torch.uint64)
     rs = torch.empty(x2.shape[0], dtype=torch.float32)
-    kernel("absmax_planes", K=K, bits=bits)(x2, planes, rs)
+    kernel("absmax_planes", K=K, bits=bits, parallel=par)(x2, planes, rs)
     return planes, rs
 
 
-def _gemm(packed: PackedWeight, act: str, bits: int, *, epilogue: str, bias: bool):
+def _gemm(packed: PackedWeight, act: str, bits: int, par: bool, *, epilogue: str, bias: bool):
     mode = ("xnor" if act == "sign" else "and") + ("_ternary" if packed.ternary else "")
-    return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias)
+    return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias,
+                  parallel=par)
 
 
 def _nnz(packed: PackedWeight, act: str) -> list:
     return [packed.nnz] if packed.ternary and act == "sign" else []
 
 
-_threads_now: int | None = None
+_pool_size: int | None = None
 
 
-def _set_threads(threads: int | None) -> None:
-    """Size TVM's thread pool: `threads`, else $TVM_NUM_THREADS, else torch's count (only on change)."""
-    global _threads_now
-    if threads is None:
-        if os.environ.get("TVM_NUM_THREADS"):
-            return
-        threads = torch.get_num_threads()
-    if threads != _threads_now:
-        import tvm
+def _parallel(threads: int | None = None) -> bool:
+    """Whether to run the pooled (parallel) kernel variants; sizes TVM's pool once.
 
-        tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
-        _threads_now = threads
+    `threads=1` runs single-threaded kernel variants and never touches the pool. Otherwise the pool size
+    is fixed at first use: `threads`, else $TVM_NUM_THREADS, else torch.get_num_threads(). TVM reads
+    TVM_NUM_THREADS when its pool starts; resizing it later (`runtime.config_threadpool`) also pins the
+    calling thread's CPU affinity, which slows torch down, so a later different count is only logged.
+    """
+    global _pool_size
+    if threads == 1:
+        return False
+    if _pool_size is None:
+        n = threads or int(os.environ.get("TVM_NUM_THREADS") or torch.get_num_threads())
+        os.environ.setdefault("TVM_NUM_THREADS", str(n))
+        _pool_size = int(os.environ["TVM_NUM_THREADS"])
+    elif threads is not None and threads != _pool_size:
+        log.warning("bitfx kernels keep their %d-thread pool; threads=%d is honoured only as 1", _pool_size, threads)
+    return _pool_size > 1

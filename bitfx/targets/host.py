@@ -22,7 +22,7 @@ from tvm.script.ir_builder import tirx as T
 from tvm.target import codegen
 
 # Bump when a generator below changes the code it emits: it is part of every kernel-cache key.
-SCHEDULE_VERSION = 1
+SCHEDULE_VERSION = 2
 
 WORD = 64  # bits per packed word
 _GEMM_MODES = ("xnor", "xnor_ternary", "and", "and_ternary")
@@ -119,6 +119,11 @@ def _match(handle, shape, dtype: str):
     return T.match_buffer(handle, shape, dtype, align=tvm.DataType(dtype).bits // 8)
 
 
+def _outer(parallel: bool, extent):
+    """The outermost loop: TVM's thread pool, or serial (`threads=1` callers skip the pool entirely)."""
+    return T.parallel(0, extent) if parallel else T.serial(0, extent)
+
+
 def _when(cond, emit) -> None:
     """Emit `emit()` under `cond`: statically when `cond` is a Python bool, else as a TIR `if`."""
     if isinstance(cond, bool):
@@ -141,7 +146,7 @@ def _build(body, name: str) -> tirx.PrimFunc:
 
 # --------------------------------------------------------------------------------------------- packing
 def pack_rows(*, mode: str, K: int | None, dtype: str = "float32", move: bool = False,
-              mean: bool = False) -> tirx.PrimFunc:
+              mean: bool = False, parallel: bool = True) -> tirx.PrimFunc:
     """`x[M, K] -> bits[M, ceil(K/64)]` uint64, bit j of word w = predicate(x[m, 64w + j] (+ move)).
 
     With `mean`, also `row_scale[M] = mean_k |x + move|` from the same pass over x. `K=None` makes K
@@ -167,7 +172,7 @@ def pack_rows(*, mode: str, K: int | None, dtype: str = "float32", move: bool = 
                 v = v + (_vec_load(MV, [], lanes, start) if lanes > 1 else MV[start])
             return v
 
-        with T.parallel(0, M) as m:
+        with _outer(parallel, M) as m:
             if mean:
                 acc = T.alloc_buffer((16,), "float32")
                 _vec_store(acc, _zero("float32", 16), [], 16, 0)
@@ -201,7 +206,7 @@ def pack_rows(*, mode: str, K: int | None, dtype: str = "float32", move: bool = 
     return _build(body, "pack_rows")
 
 
-def pack_cols(*, K: int | None, N: int, batched: bool = True) -> tirx.PrimFunc:
+def pack_cols(*, K: int | None, N: int, batched: bool = True, parallel: bool = True) -> tirx.PrimFunc:
     """`x[G, K, N] -> bits[G, ceil(K/64), N]`, sign packed *down* the columns (K-major, for P.V's values).
 
     Bit j of word `[g, w, n]` is `NOT(x[g, 64w + j, n] < 0)`; tail bits are zero.
@@ -216,7 +221,7 @@ def pack_cols(*, K: int | None, N: int, batched: bool = True) -> tirx.PrimFunc:
         kw = (k + WORD - 1) // WORD
         X = _match(x_h, (G, k, N) if batched else (k, N), "float32")
         A = _match(out_h, (G, kw, N) if batched else (kw, N), "uint64")
-        with T.parallel(0, G * kw) as t:
+        with _outer(parallel, G * kw) as t:
             g, w = t // kw, t % kw
             pre = [g] if batched else []
             rows = T.bind(tirx.Min(k - w * WORD, tirx.const(WORD, "int64")))
@@ -234,7 +239,7 @@ def pack_cols(*, K: int | None, N: int, batched: bool = True) -> tirx.PrimFunc:
     return _build(body, "pack_cols")
 
 
-def absmax_planes(*, K: int, bits: int) -> tirx.PrimFunc:
+def absmax_planes(*, K: int, bits: int, parallel: bool = True) -> tirx.PrimFunc:
     """BitNet absmax quantizer, per row, into `bits` two's-complement bit planes `[M, bits, KW]`.
 
     gamma = max(max_k |x|, 1e-5); inv = Qp / gamma; q = clamp(nearbyint(x * inv), -Qp-1, Qp);
@@ -257,7 +262,7 @@ def absmax_planes(*, K: int, bits: int) -> tirx.PrimFunc:
             q = T.nearbyint(v * (T.broadcast(inv, lanes) if lanes > 1 else inv))
             return T.max(T.min(q, bc(qp)), bc(-qp - 1)).astype("int32" if lanes == 1 else f"int32x{lanes}")
 
-        with T.parallel(0, M) as m:
+        with _outer(parallel, M) as m:
             mx = T.alloc_buffer((16,), "float32")
             _vec_store(mx, _zero("float32", 16), [], 16, 0)
             with T.serial(0, K // 16) as c:
@@ -292,7 +297,7 @@ def absmax_planes(*, K: int, bits: int) -> tirx.PrimFunc:
 # --------------------------------------------------------------------------------------------- GEMM
 def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
          batched: bool = False, epilogue: str = "int", bias: bool = False,
-         tile: Tile | None = None) -> tirx.PrimFunc:
+         tile: Tile | None = None, parallel: bool = True) -> tirx.PrimFunc:
     """Bit-serial GEMM `acc[m, n] = sum_k a[m, k] * w[n, k]` on packed words, tiled for registers.
 
     Modes (a = activation bits, w0/w1 = weight planes, K-major `[KW, N]`):
@@ -411,13 +416,13 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         n_blocks = n_full + (1 if N is not None and N % C else 0)
         m_full, m_rem = M // R, M % R
         # Full row blocks; column-block major so a weight block stays in L1 across row blocks.
-        with T.parallel(0, g_count * n_blocks * m_full) as t:
+        with _outer(parallel, g_count * n_blocks * m_full) as t:
             g, r = t // (n_blocks * m_full), t % (n_blocks * m_full)
             nb, mb = r // m_full, r % m_full
             emit_cols(g, [mb * R + i for i in range(R)], nb, n_full)
         # Ragged rows (M % R), parallel over column blocks: this is all of the work when M < R (decode).
         if R > 1:
-            with T.parallel(0, g_count * n_blocks) as t:
+            with _outer(parallel, g_count * n_blocks) as t:
                 g, nb = t // n_blocks, t % n_blocks
                 for rem in range(1, R):
                     with T.If(m_rem == rem):
@@ -425,7 +430,7 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                             emit_cols(g, [M - rem + i for i in range(rem)], nb, n_full)
         # Ragged columns of a symbolic N, one column at a time.
         if N is None:
-            with T.parallel(0, g_count * M) as t:
+            with _outer(parallel, g_count * M) as t:
                 g, m = t // M, t % M
                 with T.serial(0, n % C) as c:
                     emit_tile(g, [m], n_full * C + c, 1)

@@ -96,3 +96,11 @@ def test_bad_arguments_are_named():
         runtime.bit_linear(x.long(), packed, col_scale=torch.ones(8))
     with pytest.raises(ValueError, match="col_scale must have 1 or 8"):
         runtime.bit_linear(x, packed, col_scale=torch.ones(3))
+
+
+def test_single_thread_variant_agrees():
+    w = weights(45, 130, True, 4)
+    packed = runtime.pack_weight(w, True)
+    x, cs = torch.randn(9, 130), torch.rand(45)
+    assert torch.equal(runtime.bit_linear(x, packed, col_scale=cs, threads=1),
+                       runtime.bit_linear(x, packed, col_scale=cs))
