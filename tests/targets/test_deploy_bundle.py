@@ -1,0 +1,62 @@
+"""Device bundles: contents, manifest, README, and the bundled loader running under qemu by itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from bitfx.deploy import render_readme, write_bundle
+from bitfx.targets import emulate
+from target_tools import needs_clang, needs_gnu, needs_qemu
+
+
+@needs_gnu
+@needs_qemu
+def test_linux_arm64_bundle_runs_from_its_own_directory(toy, toy_libs, arm64_runtime, tmp_path):
+    _, x, expected = toy
+    bundle = write_bundle(toy_libs["linux-arm64"], "linux-arm64", tmp_path / "bundle")
+    names = {p.name for p in bundle.iterdir()}
+    assert {"linux-arm64.so", "libtvm_runtime.so", "libtvm_ffi.so", "bitfx_loader", "loader.cc",
+            "README.md", "manifest.json"} <= names
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["triple"] == "aarch64-linux-gnu"
+    assert manifest["versions"] == emulate.runtime_versions()
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == entry["sha256"]
+
+    # No LD_LIBRARY_PATH: the loader finds the bundled runtime through its $ORIGIN rpath.
+    np.save(tmp_path / "input_0.npy", x)
+    proc = subprocess.run(emulate.qemu_command() + [str(bundle / "bitfx_loader"),
+                          str(bundle / "linux-arm64.so"), str(tmp_path), str(tmp_path / "input_0.npy")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "output_0.npy"), expected, rtol=1e-5, atol=1e-5)
+
+    readme = (bundle / "README.md").read_text()
+    assert "qemu-aarch64 -L /usr/aarch64-linux-gnu" in readme
+    assert "rpc_tracker" in readme and "adb" not in readme
+
+
+@needs_clang
+def test_android_bundle_ships_no_glibc_runtime(toy_libs, tmp_path):
+    bundle = write_bundle(toy_libs["android-arm64"], "android-arm64", tmp_path / "bundle")
+    names = {p.name for p in bundle.iterdir()}
+    assert "libtvm_runtime.so" not in names and "bitfx_loader" not in names
+    readme = (bundle / "README.md").read_text()
+    assert "adb push" in readme and "aarch64-linux-android24-clang++" in readme
+    assert "arm64-v8a" in readme and "<!--" not in readme
+
+
+def test_readme_fields_must_all_be_filled():
+    with pytest.raises(KeyError, match="README template fields without a value"):
+        render_readme({"model": "m.so"}, android=False)
+
+
+def test_missing_model_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        write_bundle(tmp_path / "absent.so", "linux-arm64")
