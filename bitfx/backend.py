@@ -67,6 +67,8 @@ def _initialise(traced: fx.GraphModule, before: set[str], example_inputs) -> Non
             for name, p in added.items():
                 p.copy_(cached[name])
         return
-    calibrate(traced, [tuple(example_inputs)])
+    # dynamo passes SymInts for dynamic sizes: calibrate on their concrete values (hints)
+    concrete = tuple(x.node.hint if isinstance(x, torch.SymInt) else x for x in example_inputs)
+    calibrate(traced, [concrete])
     if key is not None:
         _CALIBRATED[key] = {n: p.detach().clone() for n, p in added.items()}

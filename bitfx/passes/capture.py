@@ -42,13 +42,14 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]):
         fake_mode = detect_fake_mode(fakes)
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     allow = getattr(fake_mode, "allow_scalar_outputs", None)
+    interpreter = _ScalarFolding(gm, example_inputs)  # reads real values: outside the fake mode
     try:
         if fake_mode is not None:
             # dynamo turns Python floats (e.g. dropout p) into 0-d tensors read with .item()
             fake_mode.allow_scalar_outputs = True
         with ctx, fx.traceback.preserve_node_meta():
             traced = make_fx(
-                fx.Interpreter(gm).run,
+                interpreter.run,
                 pre_dispatch=True,
                 tracing_mode="fake" if fake_mode is not None else "symbolic",
                 decomposition_table=FUSED_DECOMPOSITIONS,
@@ -98,6 +99,32 @@ def _encoder_layer_fwd(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_wei
 
 #: Fused ops that dynamo may record (module fast paths) -> their decomposed Python path.
 FUSED_DECOMPOSITIONS = {torch.ops.aten._transformer_encoder_layer_fwd.default: _encoder_layer_fwd}
+
+
+class _ScalarFolding(fx.Interpreter):
+    """Reads ``.item()`` of 0-d tensor inputs as the example's Python number.
+
+    Dynamo turns float attributes (LayerNorm eps, dropout p) into 0-d tensor inputs read with
+    ``.item()``; traced symbolically they become data-dependent and any branch on them fails. They
+    are module constants, so the compiled graph specialises on their value (dynamo installs no guard
+    for them: change such an attribute and call ``torch._dynamo.reset()``).
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        super().__init__(gm)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.constants = {
+            n: real.item()
+            for n, real in zip(placeholders, example_inputs)
+            if isinstance(real, torch.Tensor) and not isinstance(real, torch.nn.Parameter)
+            and real.dim() == 0 and real.is_floating_point()
+            and n.users and all(u.op == "call_method" and u.target == "item" for u in n.users)
+        }
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_method" and n.target == "item" and n.args[0] in self.constants:
+            return self.constants[n.args[0]]
+        return super().run_node(n)
 
 
 def _has_bitfx_ops(gm: fx.GraphModule) -> bool:

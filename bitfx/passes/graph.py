@@ -41,7 +41,7 @@ def propagate_val(gm: fx.GraphModule, node: fx.Node) -> None:
         if isinstance(a, fx.Node):
             v = fake_value(a)
             if v is None and a.op == "get_attr":
-                v = mode.from_tensor(getattr_path(gm, a.target))
+                v = mode.from_tensor(getattr_path(gm, a.target), static_shapes=True)
                 a.meta["val"] = v
             return v
         return a
