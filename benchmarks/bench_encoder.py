@@ -1,0 +1,123 @@
+"""One BERT-base encoder layer and a 12-layer model: bitfx vs fp32 eager vs inductor, in one run.
+
+    python benchmarks/bench_encoder.py            # (b) layer speed, (c) compile time, (d) bytes
+    python benchmarks/bench_encoder.py --skip-compile-time
+
+(b) one encoder layer (hidden 768, 12 heads, FFN 3072, seq 128, batch 1): median wall time of
+    fp32 eager, torch.compile(inductor) fp32, bitfx (TVM kernels) and bitfx (reference ops), with the
+    time of the float parts (softmax, LayerNorm, GELU, residual adds) measured separately.
+(c) compile time of the 12-layer BERT-base-shaped model with bitfx: cold (empty kernel cache, fresh
+    process) and warm (cached kernels, fresh process).
+(d) bytes of linear-layer parameters before (fp32) and after (1 bit per weight + fp32 scales, bias).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bitfx  # noqa: F401  (registers the ops; the backend is found by entry point)
+from bitfx.models import BertConfig, Layer, bert_encoder
+
+
+def median_ms(fn, repeat=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    t = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        t.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(t)
+
+
+def layer_speed(seq: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    layer = Layer(BertConfig()).eval()
+    x = torch.randn(1, seq, 768)
+    mask = torch.zeros(1, 1, 1, seq)
+    rows = []
+    with torch.no_grad():
+        eager = median_ms(lambda: layer(x, mask))
+        rows.append(("fp32 eager", eager))
+        torch._dynamo.reset()
+        inductor = torch.compile(layer)
+        inductor(x, mask)
+        rows.append(("inductor fp32", median_ms(lambda: inductor(x, mask))))
+        for kernels in ("tvm", "reference"):
+            torch._dynamo.reset()
+            fast = torch.compile(layer, backend="bitfx", options={"kernels": kernels})
+            fast(x, mask)
+            rows.append((f"bitfx ({kernels})", median_ms(lambda: fast(x, mask))))
+        # the float parts that stay in PyTorch in the binarized layer
+        h = torch.randn(1, seq, 768)
+        s = torch.randn(1, 12, seq, seq)
+        ln = layer.attention_norm
+        f = torch.randn(1, seq, 3072)
+        float_parts = median_ms(lambda: (torch.softmax(s, -1), ln(h + h), F.gelu(f), layer.output_norm(h + h)))
+    print(f"\n(b) BERT-base encoder layer, seq {seq}, batch 1, {threads} thread(s)")
+    print(f"{'':22s} {'ms':>9s} {'vs eager':>9s} {'vs inductor':>12s}")
+    for name, ms in rows:
+        print(f"{name:22s} {ms:9.3f} {eager / ms:8.2f}x {rows[1][1] / ms:11.2f}x")
+    print(f"{'float parts alone':22s} {float_parts:9.3f}   (softmax + 2 LayerNorm + GELU + residuals)")
+
+
+def compile_time(layers: int) -> None:
+    code = (
+        "import time, torch; from bitfx.models import bert_encoder\n"
+        f"m, inp = bert_encoder(layers={layers})\n"
+        "t = time.perf_counter()\n"
+        "with torch.no_grad(): torch.compile(m, backend='bitfx')(*inp)\n"
+        "print(f'{time.perf_counter() - t:.2f}')\n"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "BITFX_CACHE_DIR": cache}
+        times = []
+        for _ in ("cold", "warm"):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            times.append(float(out.stdout.strip().splitlines()[-1]))
+    print(f"\n(c) compile + first call of the {layers}-layer BERT-base-shaped model (fresh process each)")
+    print(f"cold kernel cache {times[0]:7.2f} s    warm kernel cache {times[1]:7.2f} s")
+
+
+def linear_bytes(layers: int) -> None:
+    model, inputs = bert_encoder(layers=layers, seq=16)
+    gm = bitfx.binarize(model, inputs)
+    before = after = 0
+    params = dict(model.named_parameters())
+    for r in gm.bitfx_report.rewrites:
+        if r.kind != "linear":
+            continue
+        w, b = params[f"{r.module}.weight"], params.get(f"{r.module}.bias")
+        before += w.numel() * 4 + (0 if b is None else b.numel() * 4)
+        # 1 bit per weight; fp32: one weight scale, bias, move [K], α
+        after += (w.numel() + 7) // 8 + 4 + (0 if b is None else b.numel() * 4) + w.shape[1] * 4 + 4
+    print(f"\n(d) linear-layer parameters of the {layers}-layer model: fp32 {before / 2**20:.2f} MiB, "
+          f"bitfx {after / 2**20:.2f} MiB ({before / after:.1f}x smaller)")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--skip-compile-time", action="store_true")
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
+    for t in args.threads:
+        layer_speed(args.seq, t)
+    if not args.skip_compile_time:
+        compile_time(args.layers)
+    linear_bytes(args.layers)
+
+
+if __name__ == "__main__":
+    main()
