@@ -7,7 +7,8 @@ from bitfx import ops as _ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.api import binarize
 from bitfx.calibrate import calibrate
 from bitfx.config import BinarizeConfig
+from bitfx.export import export
 
 __version__ = "0.1.0"
 
-__all__ = ["BinarizeConfig", "binarize", "calibrate", "__version__"]
+__all__ = ["BinarizeConfig", "binarize", "calibrate", "export", "__version__"]

@@ -1,0 +1,402 @@
+"""``bitfx.export``: a binarized model as one shared library for a device (DESIGN §1, stage 4).
+
+    path = bitfx.export(model, (x,), target="linux-arm64", path="model.so", verify=True)
+
+The pipeline: ``bitfx.binarize`` (unless given an already binarized GraphModule) → ``torch.export`` →
+``tvm.relax.frontend.torch.from_exported_program`` with converters for the bitfx ops →
+``relax.build`` for the target → ``export_library`` with the target's cross linker (→ a deploy bundle).
+
+How the bitfx ops lower:
+
+- ``bit_linear`` becomes ``call_tir`` of the TIR kernels of ``bitfx/codegen/compute.py``: the weight is
+  binarized (or ternarized) and packed ahead, in NumPy, into the K-major ``[KW, N]`` uint64 layout
+  and embedded as a Relax constant (the export freezes weights); the activation is sign-packed
+  (``pack_rows``, with ``move`` and the per-token mean |x| scale) or absmax-quantized into bit planes
+  (``absmax_planes``), then one popcount ``gemm`` with the fused float epilogue
+  ``(acc * row_scale) * col_scale + bias``. The token count M stays symbolic.
+- ``bit_attention`` runs as **float Relax ops** on the device: it is decomposed into its reference
+  formula (``bitfx.ops.attention.bit_attention_reference``: sign via ``where``, matmul, softmax, the
+  probability binarizer) before the import. Its integer popcount pieces are not lowered to TIR yet.
+
+Shapes: batch and sequence dims stay symbolic where the importer keeps them (``to_relax(dynamic=True)``);
+if the symbolic import fails the library is built for the example shapes (a warning says so).
+The bit_linear kernels themselves take any M.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+log = logging.getLogger(__name__)
+
+__all__ = ["export", "verify", "to_relax", "ExportError", "cli_main"]
+
+WORD = 64
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported for a device; the message names the op and the layer."""
+
+
+# ------------------------------------------------------------------------------------ public API
+def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any],
+           target: str = "linux-arm64", path: str | Path = "model.so", config=None, *,
+           verify: bool = False, bundle: bool = True) -> Path:
+    """Binarize ``model`` (unless it already is), compile it for ``target`` and write ``path``.
+
+    Args:
+        model_or_binarized_gm: a float ``nn.Module`` (binarized here with ``config``) or the output
+            of ``bitfx.binarize``.
+        example_inputs: one batch of inputs; the library is built for their shapes.
+        target: a device target of ``bitfx.targets.cross`` (``linux-arm64``, ``android-arm64``, ...).
+        path: the shared library to write.
+        verify: run the library under qemu (aarch64 targets) and compare with the host model.
+        bundle: also write the deploy bundle (loader, README, manifest) next to ``path``.
+
+    Returns:
+        The library path.
+
+    Raises:
+        ValueError: unknown target (listing the known ones).
+        ExportError: an op the Relax importer cannot take, naming the op and its layer.
+        AssertionError: with ``verify``, when the device output differs (max difference given).
+    """
+    from bitfx.targets import cross
+
+    dt = cross.get_target(target)  # raises on an unknown target, before any work
+    inputs = _as_tuple(example_inputs)
+    gm = _binarized(model_or_binarized_gm, inputs, config)
+    mod = to_relax(gm, inputs)
+    exe = cross.build_relax(mod, dt)
+    path = cross.export_library(exe, path, dt)
+    if bundle:
+        from bitfx.deploy import write_bundle
+
+        write_bundle(path, dt.name if hasattr(dt, "name") else target)
+    if verify:
+        with torch.no_grad():
+            expected = gm(*inputs)
+        globals()["verify"](path, inputs, expected, target)
+    return path
+
+
+def verify(path: str | Path, example_inputs: Sequence[Any], expected, target: str = "linux-arm64",
+           *, rtol: float = 1e-4, atol: float = 1e-4) -> float:
+    """Run ``path`` under qemu on ``example_inputs`` and compare with ``expected`` (tensor(s)).
+
+    The tolerance is scaled by the largest |expected|. Returns the max absolute difference;
+    raises AssertionError naming it when the outputs differ.
+    """
+    from bitfx.targets import emulate
+
+    inputs = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+              for t in _as_tuple(example_inputs)]
+    outs = emulate.run_emulated(path, inputs, target)
+    exp = [e.detach().float().cpu().numpy() for e in _flatten(expected)]
+    if len(outs) != len(exp):
+        raise AssertionError(f"{Path(path).name}: {len(outs)} outputs on the device, {len(exp)} expected")
+    worst = 0.0
+    for i, (o, e) in enumerate(zip(outs, exp)):
+        if o.shape != e.shape:
+            raise AssertionError(f"output {i}: shape {o.shape} on the device, {e.shape} expected")
+        diff = float(np.max(np.abs(o.astype(np.float64) - e))) if e.size else 0.0
+        scale = max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
+        worst = max(worst, diff)
+        if not diff <= atol * scale + rtol * scale:
+            raise AssertionError(f"output {i} of {Path(path).name} on {target} differs from the host model: "
+                                 f"max |difference| = {diff:.3g} (tolerance {atol * scale + rtol * scale:.3g})")
+    return worst
+
+
+def to_relax(gm: torch.nn.Module, example_inputs: Sequence[Any], *, dynamic: bool = True):
+    """The binarized GraphModule as a Relax IRModule (bit_linear → call_tir; bit_attention → float ops).
+
+    With ``dynamic`` the export keeps the batch and sequence dims symbolic where the model allows
+    (``torch.export.Dim.AUTO``); if that import fails (some graphs lose static shape information in
+    the importer, e.g. ``nn.TransformerEncoderLayer``), it falls back to the example shapes and
+    logs a warning. ``to_relax.last_dynamic`` says which one the last call produced.
+    """
+    inputs = _as_tuple(example_inputs)
+    if dynamic:
+        from bitfx.api import _auto_dynamic_shapes
+
+        try:
+            mod = _import(gm, inputs, _auto_dynamic_shapes(inputs))
+            to_relax.last_dynamic = True
+            return mod
+        except ExportError:
+            raise
+        except Exception as e:  # noqa: BLE001 — retried with static shapes below
+            log.warning("bitfx.export: symbolic shapes failed (%s: %s); exporting at the example shapes",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    mod = _import(gm, inputs, None)
+    to_relax.last_dynamic = False
+    return mod
+
+
+to_relax.last_dynamic = None
+
+
+def _import(gm, inputs: tuple, dynamic_shapes):
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep = torch.export.export(gm, inputs, dynamic_shapes=dynamic_shapes)
+    ep = _decompose_attention(ep)
+    values = _constant_values(ep)
+    convert = {"bit_linear.default": lambda node, importer: _convert_bit_linear(node, importer, values)}
+    _check_supported(ep, gm)
+    try:
+        return from_exported_program(ep, custom_convert_map=convert, keep_params_as_input=False)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 — re-raised with the op and the layer when one is named
+        op = _op_in_message(str(e), ep)
+        if op is None:
+            raise
+        node, name = op
+        raise ExportError(f"cannot export {_layer(node, gm)}: op {name} is not supported by TVM's Relax "
+                          f"torch importer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _flatten(x) -> list:
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _flatten(v)]
+    return [x]
+
+
+def _has_bitfx(gm) -> bool:
+    return isinstance(gm, fx.GraphModule) and any(
+        n.op == "call_function" and str(n.target).startswith("bitfx.") for n in gm.graph.nodes)
+
+
+def _binarized(model, inputs, config):
+    if _has_bitfx(model):
+        return model
+    import bitfx
+
+    return bitfx.binarize(model.eval() if hasattr(model, "eval") else model, inputs, config)
+
+
+def _decompose_attention(ep):
+    """bit_attention → its reference formula in ATen ops (float ops on the device)."""
+    from bitfx.ops.attention import bit_attention_reference
+
+    op = torch.ops.bitfx.bit_attention.default
+    if not any(n.target is op for n in ep.graph.nodes):
+        return ep
+
+    def decomp(*args, **kwargs):
+        with torch.no_grad():
+            return bit_attention_reference(*args, **kwargs)
+
+    return ep.run_decompositions({op: decomp})
+
+
+def _constant_values(ep) -> dict[str, torch.Tensor]:
+    """placeholder name -> tensor, for the parameters, buffers and constants of ``ep``."""
+    sig, out = ep.graph_signature, {}
+    for name, target in sig.inputs_to_parameters.items():
+        out[name] = ep.state_dict[target]
+    for name, target in sig.inputs_to_buffers.items():
+        out[name] = ep.state_dict[target] if target in ep.state_dict else ep.constants[target]
+    for name, target in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
+        out[name] = ep.constants[target]
+    return out
+
+
+# Ops the importer takes that are not listed in its convert map by this name (none known).
+def _importer_ops() -> set[str] | None:
+    try:
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+        imp = ExportedProgramImporter()
+        return set(imp.create_convert_map().keys())
+    except Exception:  # noqa: BLE001 — the check is best effort; the import itself still runs
+        return None
+
+
+def _check_supported(ep, gm) -> None:
+    """Name the first op (and its layer) the importer has no converter for, before importing."""
+    known = _importer_ops()
+    if known is None:
+        return
+    known |= {"bit_linear.default"}
+    decomposed = ep.run_decompositions()  # what the importer sees (run_ep_decomposition=True)
+    for node in decomposed.graph.nodes:
+        if node.op != "call_function" or not hasattr(node.target, "_schema"):
+            continue
+        name = node.target.__name__
+        if name not in known:
+            raise ExportError(f"cannot export {_layer(node, gm)}: op {node.target} ({name}) is not supported by "
+                              f"TVM's Relax torch importer")
+
+
+def _op_in_message(msg: str, ep):
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and hasattr(node.target, "__name__") and node.target.__name__ in msg:
+            return node, str(node.target)
+    return None
+
+
+def _layer(node, gm) -> str:
+    """'layer fc1 (torch.nn.Linear)' from the node's nn_module_stack, or from the same-named gm node."""
+    from bitfx.passes.context import module_of, module_type_of
+
+    path, kind = module_of(node), module_type_of(node)
+    if not path and isinstance(gm, fx.GraphModule):
+        for n in gm.graph.nodes:
+            if n.name == node.name:
+                path, kind = module_of(n), module_type_of(n)
+                break
+    if not path:
+        stack = node.meta.get("stack_trace") or ""
+        return f"node {node.name} (no module path recorded{'; ' + stack.strip().splitlines()[-1] if stack else ''})"
+    return f"layer {path!r} ({kind}), node {node.name}"
+
+
+# ------------------------------------------------------------------------------------ bit_linear
+def _pack_k_major(bits: np.ndarray) -> np.ndarray:
+    """bool [N, K] -> uint64 [ceil(K/64), N]: bit j of word w = element 64w + j; tail bits zero."""
+    n, k = bits.shape
+    kw = (k + WORD - 1) // WORD
+    padded = np.zeros((n, kw * WORD), dtype=np.uint64)
+    padded[:, :k] = bits
+    words = (padded.reshape(n, kw, WORD) << np.arange(WORD, dtype=np.uint64)).sum(-1, dtype=np.uint64)
+    return np.ascontiguousarray(words.T)
+
+
+def _add_prim(bb, func, name: str):
+    """Add a PrimFunc under ``name`` (te.create_prim_func names every function "main")."""
+    return bb.add_func(func.with_attr("global_symbol", name), name)
+
+
+def _tensor_arg(arg, values):
+    if arg is None:
+        return None
+    if isinstance(arg, fx.Node) and arg.name in values:
+        return values[arg.name].detach().float()
+    return None
+
+
+def _convert_bit_linear(node: fx.Node, importer, values: dict[str, torch.Tensor]):
+    from tvm import relax
+
+    from bitfx.codegen import compute
+    from bitfx.ops import linear as L
+
+    x_node, w_node, b_node, ws_node, mv_node, al_node, weight_mode, act_mode, act_bits = node.args
+    L.check_modes(weight_mode, act_mode, act_bits)
+    weight = _tensor_arg(w_node, values)
+    if weight is None:
+        raise ExportError(f"bit_linear {node.name}: the weight is computed in the graph, not a parameter; "
+                          "the device export freezes weights and needs it constant")
+    for what, n in (("bias", b_node), ("weight_scale", ws_node), ("move", mv_node), ("alpha", al_node)):
+        if n is not None and _tensor_arg(n, values) is None:
+            raise ExportError(f"bit_linear {node.name}: {what} is computed in the graph, not a parameter")
+    bias, wscale = _tensor_arg(b_node, values), _tensor_arg(ws_node, values)
+    move, alpha = _tensor_arg(mv_node, values), _tensor_arg(al_node, values)
+
+    with torch.no_grad():
+        codes, col_scale, _ = L.quantize_weight(weight, wscale, weight_mode)
+    codes = codes.numpy()
+    N, K = codes.shape
+    ternary = weight_mode == "ternary"
+    w_packed = (np.stack([_pack_k_major(codes > 0), _pack_k_major(codes < 0)]) if ternary
+                else _pack_k_major(codes > 0))
+    cs = np.ascontiguousarray(np.broadcast_to(col_scale.reshape(-1).numpy().astype(np.float32), (N,)))
+
+    bb = importer.block_builder
+    x = importer.env[x_node]
+    shape = list(x.ty.shape)
+    lead = shape[:-1]
+    M = math.prod(lead[1:], start=lead[0]) if lead else 1
+    x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, [M, K]))
+    if x.ty.dtype != "float32":
+        x2 = bb.emit(relax.op.astype(x2, "float32"))
+    M = x2.ty.shape[0]
+    KW = (K + WORD - 1) // WORD
+    tag = f"{act_mode}{act_bits}_k{K}_n{N}"
+
+    if act_mode == "sign":
+        mv = [relax.const(move.reshape(-1).expand(K).contiguous().numpy().astype(np.float32))] if move is not None else []
+        mean = alpha is None
+        f = compute.pack_rows(mode="sign", K=K, move=move is not None, mean=mean)
+        gv = _add_prim(bb, f, f"bitfx_pack_sign_{tag}")
+        packed_si = relax.TensorType([M, KW], "uint64")
+        if mean:
+            res = bb.emit(relax.call_tir(gv, [x2, *mv], [packed_si, relax.TensorType([M], "float32")]))
+            a, row_scale = bb.emit(relax.TupleGetItem(res, 0)), bb.emit(relax.TupleGetItem(res, 1))
+        else:
+            a = bb.emit(relax.call_tir(gv, [x2, *mv], packed_si))
+            al = relax.const(alpha.reshape(1).numpy().astype(np.float32))
+            row_scale = bb.emit(relax.op.broadcast_to(al, [M]))
+        mode, planes = ("xnor_ternary" if ternary else "xnor"), 1
+    else:
+        f = compute.absmax_planes(K=K, bits=act_bits)
+        gv = _add_prim(bb, f, f"bitfx_absmax_{tag}")
+        res = bb.emit(relax.call_tir(gv, [x2], [relax.TensorType([M, act_bits, KW], "uint64"),
+                                                relax.TensorType([M], "float32")]))
+        a, row_scale = bb.emit(relax.TupleGetItem(res, 0)), bb.emit(relax.TupleGetItem(res, 1))
+        mode, planes = ("and_ternary" if ternary else "and"), act_bits
+
+    extra = []
+    if mode == "xnor_ternary":
+        extra = [relax.const((codes != 0).sum(1).astype(np.int32))]
+    args = [a, relax.const(w_packed), *extra, row_scale, relax.const(cs)]
+    if bias is not None:
+        args.append(relax.const(bias.reshape(-1).numpy().astype(np.float32)))
+    g = compute.gemm(mode=mode, K=K, N=N, planes=planes, epilogue="float", bias=bias is not None)
+    ggv = _add_prim(bb, g, f"bitfx_gemm_{mode}_{tag}{'_bias' if bias is not None else ''}")
+    y = bb.emit(relax.call_tir(ggv, args, relax.TensorType([M, N], "float32")))
+    if len(shape) != 2:
+        y = bb.emit(relax.op.reshape(y, [*lead, N]))
+    if x.ty.dtype != "float32":
+        y = bb.emit(relax.op.astype(y, x.ty.dtype))
+    return y
+
+
+# ------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitfx export", description="Binarize a model and export it as one shared "
+                                "library for a device (TVM Relax, cross compiled).")
+    p.add_argument("factory", metavar="MODULE:FACTORY",
+                   help="module (dotted name or .py path) and a function in it returning (model, example_inputs)")
+    p.add_argument("--target", default="linux-arm64", help="device target (default linux-arm64)")
+    p.add_argument("-o", "--output", default="model.so", help="the library to write (default model.so)")
+    p.add_argument("--config", metavar="PRESET", help="preset name or a JSON object of BinarizeConfig fields")
+    p.add_argument("--verify", action="store_true", help="run the library under qemu and compare with the host")
+    p.add_argument("--no-bundle", action="store_true", help="write only the library, no deploy bundle")
+    return p
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    from bitfx.cli import FactoryError, _config, load_model
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        config = _config(args.config)
+        model, inputs = load_model(args.factory)
+    except (FactoryError, ValueError, TypeError) as e:
+        print(f"bitfx export: {e}", file=sys.stderr)
+        return 2
+    try:
+        path = export(model, inputs, args.target, args.output, config, verify=args.verify,
+                      bundle=not args.no_bundle)
+    except (ValueError, ExportError, AssertionError) as e:
+        print(f"bitfx export: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}" + (" (verified under qemu)" if args.verify else ""))
+    return 0
