@@ -14,9 +14,12 @@ How the bitfx ops lower:
   (``pack_rows``, with ``move`` and the per-token mean |x| scale) or absmax-quantized into bit planes
   (``absmax_planes``), then one popcount ``gemm`` with the fused float epilogue
   ``(acc * row_scale) * col_scale + bias``. The token count M stays symbolic.
-- ``bit_attention`` runs as **float Relax ops** on the device: it is decomposed into its reference
-  formula (``bitfx.ops.attention.bit_attention_reference``: sign via ``where``, matmul, softmax, the
-  probability binarizer) before the import. Its integer popcount pieces are not lowered to TIR yet.
+- ``bit_attention`` is decomposed before the import into its reference formula with its two integer
+  matmuls kept as ops of their own: ``sign(q)·sign(k)ᵀ`` (``sign_scores``: ``pack_rows`` + batched xnor
+  ``gemm``) and ``P_b·sign(v)`` (``binary_pv``: ``pack_rows(nonzero)`` + ``pack_cols`` + batched
+  and-``gemm``) become ``call_tir`` of the kernels; everything else of it (the α scales, BiPFT
+  estimators, scale, masks, softmax, the probability binarizer, the value scale) runs as **float
+  Relax ops** on the device.
 
 Shapes: batch and sequence dims stay symbolic where the importer keeps them (``to_relax(dynamic=True)``);
 if the symbolic import fails the library is built for the example shapes (a warning says so).
@@ -117,7 +120,7 @@ def verify(path: str | Path, example_inputs: Sequence[Any], expected, target: st
 
 
 def to_relax(gm: torch.nn.Module, example_inputs: Sequence[Any], *, dynamic: bool = True):
-    """The binarized GraphModule as a Relax IRModule (bit_linear → call_tir; bit_attention → float ops).
+    """The binarized GraphModule as a Relax IRModule (see the module docstring for the lowering).
 
     With ``dynamic`` the export keeps the batch and sequence dims symbolic where the model allows
     (``torch.export.Dim.AUTO``); if that import fails (some graphs lose static shape information in
@@ -151,7 +154,8 @@ def _import(gm, inputs: tuple, dynamic_shapes):
     ep = torch.export.export(gm, inputs, dynamic_shapes=dynamic_shapes)
     ep = _decompose_attention(ep)
     values = _constant_values(ep)
-    convert = {"bit_linear.default": lambda node, importer: _convert_bit_linear(node, importer, values)}
+    convert = {"bit_linear.default": lambda node, importer: _convert_bit_linear(node, importer, values),
+               "sign_scores.default": _convert_sign_scores, "binary_pv.default": _convert_binary_pv}
     _check_supported(ep, gm)
     try:
         return from_exported_program(ep, custom_convert_map=convert, keep_params_as_input=False)
@@ -190,17 +194,76 @@ def _binarized(model, inputs, config):
     return bitfx.binarize(model.eval() if hasattr(model, "eval") else model, inputs, config)
 
 
-def _decompose_attention(ep):
-    """bit_attention → its reference formula in ATen ops (float ops on the device)."""
+# Two integer pieces of bit_attention as ops of their own, so that the rest of the op decomposes into
+# ATen (float Relax ops) while these become call_tir of the popcount kernels. Both return the exact
+# integers as float32 (what the reference's float matmul of ±1/{0,1} codes gives).
+@torch.library.custom_op("bitfx_export::sign_scores", mutates_args=())
+def sign_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``S[..., i, j] = sum_d sign(q[..., i, d]) * sign(k[..., j, d])`` (float32)."""
+    from bitfx.ops.quantizers import sign
+
+    return sign(q.float()) @ sign(k.float()).transpose(-2, -1)
+
+
+@sign_scores.register_fake
+def _(q, k):
+    return q.new_empty((*q.shape[:-1], k.shape[-2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("bitfx_export::binary_pv", mutates_args=())
+def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``O[..., i, d] = sum_j p[..., i, j] * sign(v[..., j, d])`` for p in {0, 1} (float32)."""
+    from bitfx.ops.quantizers import sign
+
+    return p.float() @ sign(v.float())
+
+
+@binary_pv.register_fake
+def _(p, v):
+    return p.new_empty((*p.shape[:-1], v.shape[-1]), dtype=torch.float32)
+
+
+def _bit_attention_decomposed(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
+                              est_q, est_k, est_v, scale, is_causal, prob_mode):
+    """``bit_attention_reference`` with its two integer matmuls as ``sign_scores`` / ``binary_pv``."""
+    from bitfx.ops.attention import _default_scale, _probs, _score_residual, apply_mask, check_prob_mode
+
+    check_prob_mode(prob_mode)
+    dtype = qt.dtype
+    qf, kf, vf = qt.float(), k.float(), v.float()
+    qs = qf.abs().mean(dim=-1) if alpha_q is None else alpha_q.reshape(())
+    ks = kf.abs().mean(dim=-1) if alpha_k is None else alpha_k.reshape(())
+    s = torch.ops.bitfx_export.sign_scores(qf, kf)
+    s = s * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
+    res = _score_residual(est_q, est_k)
+    if res is not None:
+        s = s + res
+    s = apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
+    p_codes, p_scale, _ = _probs(s, prob_param, prob_mode)
+    v_scale = vf.abs().mean(dim=(-2, -1), keepdim=True) if alpha_v is None else alpha_v.reshape(())
+    out = torch.ops.bitfx_export.binary_pv(p_codes, vf)
+    if p_scale is not None:
+        out = out * p_scale
+    out = out * v_scale
+    if est_v is not None:
+        pb = p_codes if p_scale is None else p_codes * p_scale
+        out = out + pb @ est_v
+    return out.to(dtype)
+
+
+def _decompose_attention(ep, integer_kernels: bool = True):
+    """bit_attention → ATen float ops, with its integer matmuls as ``sign_scores``/``binary_pv``
+    (``integer_kernels``, lowered to call_tir) or as plain float matmuls (its reference formula)."""
     from bitfx.ops.attention import bit_attention_reference
 
     op = torch.ops.bitfx.bit_attention.default
     if not any(n.target is op for n in ep.graph.nodes):
         return ep
+    ref = _bit_attention_decomposed if integer_kernels else bit_attention_reference
 
     def decomp(*args, **kwargs):
         with torch.no_grad():
-            return bit_attention_reference(*args, **kwargs)
+            return ref(*args, **kwargs)
 
     return ep.run_decompositions({op: decomp})
 
@@ -233,7 +296,7 @@ def _check_supported(ep, gm) -> None:
     known = _importer_ops()
     if known is None:
         return
-    known |= {"bit_linear.default"}
+    known |= {"bit_linear.default", "sign_scores.default", "binary_pv.default"}
     decomposed = ep.run_decompositions()  # what the importer sees (run_ep_decomposition=True)
     for node in decomposed.graph.nodes:
         if node.op != "call_function" or not hasattr(node.target, "_schema"):
@@ -366,6 +429,69 @@ def _convert_bit_linear(node: fx.Node, importer, values: dict[str, torch.Tensor]
     if x.ty.dtype != "float32":
         y = bb.emit(relax.op.astype(y, x.ty.dtype))
     return y
+
+
+# ------------------------------------------------------------------------------------ attention pieces
+def _batched(bb, x, rows_last: int):
+    """x [..., L, C] -> ([G*L, C] var, G, L, lead dims)."""
+    from tvm import relax
+
+    shape = list(x.ty.shape)
+    lead, L, C = shape[:-2], shape[-2], shape[-1]
+    G = math.prod(lead[1:], start=lead[0]) if lead else 1
+    x2 = bb.emit(relax.op.reshape(x, [G * L, C])) if len(shape) != 2 else x
+    if x.ty.dtype != "float32":
+        x2 = bb.emit(relax.op.astype(x2, "float32"))
+    return x2, G, L, lead
+
+
+def _convert_sign_scores(node: fx.Node, importer):
+    """sign_scores(q, k) -> call_tir: pack_rows(sign) of q and k, batched xnor gemm, int32 -> float32."""
+    from tvm import relax
+
+    from bitfx.codegen import compute
+
+    bb = importer.block_builder
+    q, k = importer.env[node.args[0]], importer.env[node.args[1]]
+    D = int(q.ty.shape[-1])
+    DW = (D + WORD - 1) // WORD
+    q2, G, Lq, lead = _batched(bb, q, D)
+    k2, _, Lk, _ = _batched(bb, k, D)
+    pack = _add_prim(bb, compute.pack_rows(mode="sign", K=D), f"bitfx_pack_sign_k{D}")
+    qp = bb.emit(relax.call_tir(pack, [q2], relax.TensorType([G * Lq, DW], "uint64")))
+    kp = bb.emit(relax.call_tir(pack, [k2], relax.TensorType([G * Lk, DW], "uint64")))
+    qp = bb.emit(relax.op.reshape(qp, [G, Lq, DW]))
+    kp = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(kp, [G, Lk, DW])), [0, 2, 1]))
+    gemm = _add_prim(bb, compute.gemm(mode="xnor", K=D, N=None, batched=True), f"bitfx_sign_scores_k{D}")
+    s = bb.emit(relax.call_tir(gemm, [qp, kp], relax.TensorType([G, Lq, Lk], "int32")))
+    s = bb.emit(relax.op.astype(s, "float32"))
+    return bb.emit(relax.op.reshape(s, [*lead, Lq, Lk]))
+
+
+def _convert_binary_pv(node: fx.Node, importer):
+    """binary_pv(p, v) -> call_tir: pack_rows(nonzero) of p, pack_cols(sign) of v, batched and-gemm."""
+    from tvm import relax
+
+    from bitfx.codegen import compute
+
+    bb = importer.block_builder
+    p, v = importer.env[node.args[0]], importer.env[node.args[1]]
+    Dv = int(v.ty.shape[-1])
+    p2, G, Lq, lead = _batched(bb, p, 0)
+    Lk = p.ty.shape[-1]
+    v2, _, _, _ = _batched(bb, v, Dv)
+    KW = (Lk + WORD - 1) // WORD
+    pack_p = _add_prim(bb, compute.pack_rows(mode="nonzero", K=None), "bitfx_pack_nonzero")
+    pp = bb.emit(relax.call_tir(pack_p, [p2], relax.TensorType([G * Lq, KW], "uint64")))
+    pp = bb.emit(relax.op.reshape(pp, [G, Lq, KW]))
+    v3 = bb.emit(relax.op.reshape(v2, [G, Lk, Dv]))
+    pack_v = _add_prim(bb, compute.pack_cols(K=None, N=Dv), f"bitfx_pack_cols_n{Dv}")
+    vp = bb.emit(relax.call_tir(pack_v, [v3], relax.TensorType([G, KW, Dv], "uint64")))
+    gemm = _add_prim(bb, compute.gemm(mode="and", K=None, N=Dv, signed=False, batched=True),
+                     f"bitfx_binary_pv_n{Dv}")
+    o = bb.emit(relax.call_tir(gemm, [pp, vp], relax.TensorType([G, Lq, Dv], "int32")))
+    o = bb.emit(relax.op.astype(o, "float32"))
+    return bb.emit(relax.op.reshape(o, [*lead, Lq, Dv]))
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -69,6 +69,13 @@ def test_bit_linear_lowers_to_call_tir_of_the_kernels():
     assert to_relax.last_dynamic is True
 
 
+def test_bit_attention_integer_pieces_lower_to_call_tir():
+    _, gm, inputs = _binarized("bert")
+    text = to_relax(gm, inputs).script()
+    assert "bitfx_sign_scores" in text and "bitfx_binary_pv" in text  # popcount kernels
+    assert "R.nn.softmax" in text  # the float parts stay Relax ops
+
+
 @needs_gnu
 @needs_qemu
 def test_export_binarizes_a_float_model_verifies_and_bundles(tmp_path, arm64_runtime):
