@@ -78,7 +78,14 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
     inputs = _as_tuple(example_inputs)
     gm = _binarized(model_or_binarized_gm, inputs, config)
     mod = to_relax(gm, inputs)
-    exe = cross.build_relax(mod, dt)
+    try:
+        exe = cross.build_relax(mod, dt)
+    except Exception as e:  # noqa: BLE001 — a symbolic-shape build failure is retried static
+        if not to_relax.last_dynamic:
+            raise
+        log.warning("bitfx.export: building with symbolic shapes failed (%s: %s); building at the example shapes",
+                    type(e).__name__, (str(e).strip().splitlines() or [""])[-1][:200])
+        exe = cross.build_relax(to_relax(gm, inputs, dynamic=False), dt)
     path = cross.export_library(exe, path, dt)
     if bundle:
         from bitfx.deploy import write_bundle
@@ -125,7 +132,8 @@ def to_relax(gm: torch.nn.Module, example_inputs: Sequence[Any], *, dynamic: boo
     With ``dynamic`` the export keeps the batch and sequence dims symbolic where the model allows
     (``torch.export.Dim.AUTO``); if that import fails (some graphs lose static shape information in
     the importer, e.g. ``nn.TransformerEncoderLayer``), it falls back to the example shapes and
-    logs a warning. ``to_relax.last_dynamic`` says which one the last call produced.
+    logs a warning (``export`` also falls back when the symbolic module fails to build).
+    ``to_relax.last_dynamic`` says which one the last call produced.
     """
     inputs = _as_tuple(example_inputs)
     if dynamic:
@@ -256,16 +264,35 @@ def _decompose_attention(ep, integer_kernels: bool = True):
     (``integer_kernels``, lowered to call_tir) or as plain float matmuls (its reference formula)."""
     from bitfx.ops.attention import bit_attention_reference
 
-    op = torch.ops.bitfx.bit_attention.default
-    if not any(n.target is op for n in ep.graph.nodes):
-        return ep
+    from bitfx.ops.attention import attention_reference
+
     ref = _bit_attention_decomposed if integer_kernels else bit_attention_reference
 
     def decomp(*args, **kwargs):
         with torch.no_grad():
             return ref(*args, **kwargs)
 
-    return ep.run_decompositions({op: decomp})
+    def float_attention(q, k, v, attn_mask, scale, is_causal, dropout_p):
+        # canonical float attention (layers the config keeps float); inference: no dropout
+        return attention_reference(q, k, v, attn_mask, scale, is_causal, 0.0)
+
+    def amax(x, dim=(), keepdim=False):
+        # The Relax importer has no amax, and its max.dim needs topk (absent from the runtime):
+        # argmax + gather instead (NaN aside, the same value).
+        dims = sorted({d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)} or range(x.dim()),
+                      reverse=True)
+        for d in dims:
+            x = torch.gather(x, d, torch.argmax(x, dim=d, keepdim=True))
+            if not keepdim:
+                x = x.squeeze(d)
+        return x
+
+    table = {torch.ops.bitfx.bit_attention.default: decomp,
+             torch.ops.bitfx.attention.default: float_attention,
+             torch.ops.aten.amax.default: amax}
+    if not any(n.target in table for n in ep.graph.nodes):
+        return ep
+    return ep.run_decompositions(table)
 
 
 def _constant_values(ep) -> dict[str, torch.Tensor]:
@@ -346,6 +373,21 @@ def _add_prim(bb, func, name: str):
     return bb.add_func(func.with_attr("global_symbol", name), name)
 
 
+def _with_shape(bb, x, fx_arg):
+    """``x`` with a known shape: the importer loses it after some ops under symbolic dims (e.g.
+    native_layer_norm), so match_cast to the fx value's shape, symbolic dims as fresh variables."""
+    from tvm import relax, tirx
+
+    if x.ty.shape is not None:
+        return x
+    val = fx_arg.meta.get("val") if isinstance(fx_arg, fx.Node) else None
+    if val is None:
+        raise ExportError(f"{getattr(fx_arg, 'name', fx_arg)}: the importer gives no shape and the graph records none")
+    dims = [int(d) if isinstance(d, int) else tirx.Var(f"{fx_arg.name}_d{i}", "int64")
+            for i, d in enumerate(val.shape)]
+    return bb.match_cast(x, relax.TensorType(dims, x.ty.dtype))
+
+
 def _tensor_arg(arg, values):
     if arg is None:
         return None
@@ -382,7 +424,7 @@ def _convert_bit_linear(node: fx.Node, importer, values: dict[str, torch.Tensor]
     cs = np.ascontiguousarray(np.broadcast_to(col_scale.reshape(-1).numpy().astype(np.float32), (N,)))
 
     bb = importer.block_builder
-    x = importer.env[x_node]
+    x = _with_shape(bb, importer.env[x_node], x_node)
     shape = list(x.ty.shape)
     lead = shape[:-1]
     M = math.prod(lead[1:], start=lead[0]) if lead else 1
@@ -452,7 +494,7 @@ def _convert_sign_scores(node: fx.Node, importer):
     from bitfx.codegen import compute
 
     bb = importer.block_builder
-    q, k = importer.env[node.args[0]], importer.env[node.args[1]]
+    q, k = (_with_shape(bb, importer.env[a], a) for a in node.args[:2])
     D = int(q.ty.shape[-1])
     DW = (D + WORD - 1) // WORD
     q2, G, Lq, lead = _batched(bb, q, D)
@@ -475,7 +517,7 @@ def _convert_binary_pv(node: fx.Node, importer):
     from bitfx.codegen import compute
 
     bb = importer.block_builder
-    p, v = importer.env[node.args[0]], importer.env[node.args[1]]
+    p, v = (_with_shape(bb, importer.env[a], a) for a in node.args[:2])
     Dv = int(v.ty.shape[-1])
     p2, G, Lq, lead = _batched(bb, p, 0)
     Lk = p.ty.shape[-1]

@@ -97,6 +97,21 @@ def test_android_arm64_library(tmp_path):
         assert verify(path, inputs, expected, "android-arm64") <= 1e-4 * max(1.0, float(expected.abs().max()))
 
 
+@needs_gnu
+@needs_qemu
+@pytest.mark.parametrize("config", ["bitnet158", "bivit", "bibert"])
+def test_presets_on_bert(config, tmp_path, arm64_runtime):
+    # bitnet158: ternary weights, absmax 8-bit activations, float attention; bivit: amax in the
+    # probability binarizer; bibert: boolean attention probabilities.
+    case = CASES["bert"]
+    inputs = case.inputs(2, 8)
+    gm = bitfx.binarize(case.model(), inputs, config)
+    path = export(gm, inputs, "linux-arm64", tmp_path / "bert.so", bundle=False)
+    with torch.no_grad():
+        expected = gm(*inputs)
+    assert verify(path, inputs, expected, "linux-arm64") <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+
 def test_unknown_target_lists_known_targets(tmp_path):
     with pytest.raises(ValueError, match="known targets: .*linux-arm64"):
         export(torch.nn.Linear(4, 4), (torch.randn(2, 4),), "risc-v-toaster", tmp_path / "x.so")
