@@ -8,7 +8,7 @@ actually receives (upstream layers already calibrated), then the op runs:
   BiViT ``β`` by the paper's coordinate descent on each row of P
   (``v = (a·b)/(b·b)``, ``T = v/2``, ``b = 1[a >= T]``, β = mean T/rowmax);
   BiPFT estimators by least squares on the binarization residual (a few Adam steps: the score
-  residual is bilinear in the two estimator weights, the value residual is linear).
+  residual is bilinear in the two estimator weights; the value residual is linear, solved in closed form).
 
 Statistics are averaged over batches.
 """
@@ -26,7 +26,7 @@ from bitfx.ops import quantizers as q
 from bitfx.passes.graph import getattr_path
 
 
-def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, estimator_steps: int = 60) -> fx.GraphModule:
+def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, estimator_steps: int = 30) -> fx.GraphModule:
     """Initialise the binarized model's scales, thresholds and estimators from ``batches``.
 
     Args:
@@ -110,34 +110,52 @@ class _Calibrator(fx.Interpreter):
             self.fit_value_estimator(pb, v.float(), alpha_v, w_ev)
 
     def fit_score_estimators(self, qt, k, alpha_q, alpha_k, w_eq, w_ek) -> None:
+        # the estimator weights are shared by heads and batch items: a sample of them fits as well
+        qt, k = _sample(qt), _sample(k)
         _, _, qb = q.act_sign(qt, None, alpha_q)
         _, _, kb = q.act_sign(k, None, alpha_k)
         target = qt @ k.transpose(-2, -1) - qb @ kb.transpose(-2, -1)
         self._fit([w_eq, w_ek], lambda a, b: A._score_residual(qt @ a.t(), k @ b.t()), target)
 
     def fit_value_estimator(self, pb, v, alpha_v, w_ev) -> None:
+        """Closed form: the value residual P_b·(v - α_v sign v) ≈ (P_b v) wᵀ 1ᵀ is linear in w."""
         _, _, vb = A._value_codes(v, alpha_v)
-        target = pb @ (v - vb)
-        self._fit([w_ev], lambda w: pb @ (v @ w.t()), target)
+        target = (pb @ (v - vb)).mean(-1).reshape(-1, 1)          # rows x 1 (mean over Dv)
+        features = (pb @ v).reshape(-1, v.shape[-1])               # rows x Dv
+        w = torch.linalg.lstsq(features.double(), target.double()).solution.float().t()
+        if torch.isfinite(w).all():
+            w_ev.copy_(w.reshape(w_ev.shape))
 
     def _fit(self, weights, predict, target) -> None:
+        """Least squares by Adam (plain tensor updates: no optimizer machinery inside a compile)."""
         leaves = [w.detach().clone().requires_grad_(True) for w in weights]
         if all(float(w.abs().sum()) == 0.0 for w in leaves):  # break the symmetry of a zero start
             g = torch.Generator().manual_seed(0)
             for w in leaves:
                 w.data.normal_(0.0, 1e-2 / max(1, w.shape[-1]) ** 0.5, generator=g)
-        opt = torch.optim.Adam(leaves, lr=1e-2)
+        m1 = [torch.zeros_like(w) for w in leaves]
+        m2 = [torch.zeros_like(w) for w in leaves]
         norm = target.pow(2).mean().clamp(min=1e-12)
+        lr, b1, b2 = 1e-2, 0.9, 0.999
         with torch.enable_grad():
-            for _ in range(self.estimator_steps):
-                opt.zero_grad()
+            for step in range(1, self.estimator_steps + 1):
                 loss = (predict(*leaves) - target).pow(2).mean() / norm
-                loss.backward()
-                opt.step()
+                grads = torch.autograd.grad(loss, leaves)
+                with torch.no_grad():
+                    for w, g, a, b in zip(leaves, grads, m1, m2):
+                        a.mul_(b1).add_(g, alpha=1 - b1)
+                        b.mul_(b2).addcmul_(g, g, value=1 - b2)
+                        w -= lr * (a / (1 - b1 ** step)) / ((b / (1 - b2 ** step)).sqrt() + 1e-8)
             final = (predict(*leaves) - target).pow(2).mean() / norm
         if final < 1.0:  # only keep a fit that explains part of the residual
             for w, leaf in zip(weights, leaves):
                 w.copy_(leaf.detach())
+
+
+def _sample(t: torch.Tensor, slices: int = 4, rows: int = 64) -> torch.Tensor:
+    """At most ``slices`` leading (batch, head) slices and ``rows`` tokens of ``t``."""
+    t = t.reshape(-1, *t.shape[-2:])
+    return t[:slices, :rows]
 
 
 def bivit_beta(p: torch.Tensor, iters: int = 10) -> torch.Tensor:
