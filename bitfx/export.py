@@ -231,32 +231,12 @@ def _(p, v):
     return p.new_empty((*p.shape[:-1], v.shape[-1]), dtype=torch.float32)
 
 
-def _bit_attention_decomposed(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
-                              est_q, est_k, est_v, scale, is_causal, prob_mode):
-    """``bit_attention_reference`` with its two integer matmuls as ``sign_scores`` / ``binary_pv``."""
-    from bitfx.ops.attention import _default_scale, _probs, _score_residual, apply_mask, check_prob_mode
+def _bit_attention_decomposed(*args):
+    """``bit_attention``'s formula with its two integer matmuls as ``sign_scores`` / ``binary_pv``."""
+    from bitfx.ops.attention import bit_attention_formula
 
-    check_prob_mode(prob_mode)
-    dtype = qt.dtype
-    qf, kf, vf = qt.float(), k.float(), v.float()
-    qs = qf.abs().mean(dim=-1) if alpha_q is None else alpha_q.reshape(())
-    ks = kf.abs().mean(dim=-1) if alpha_k is None else alpha_k.reshape(())
-    s = torch.ops.bitfx_export.sign_scores(qf, kf)
-    s = s * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
-    res = _score_residual(est_q, est_k)
-    if res is not None:
-        s = s + res
-    s = apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
-    p_codes, p_scale, _ = _probs(s, prob_param, prob_mode)
-    v_scale = vf.abs().mean(dim=(-2, -1), keepdim=True) if alpha_v is None else alpha_v.reshape(())
-    out = torch.ops.bitfx_export.binary_pv(p_codes, vf)
-    if p_scale is not None:
-        out = out * p_scale
-    out = out * v_scale
-    if est_v is not None:
-        pb = p_codes if p_scale is None else p_codes * p_scale
-        out = out + pb @ est_v
-    return out.to(dtype)
+    return bit_attention_formula(*args, sign_scores=torch.ops.bitfx_export.sign_scores,
+                                 binary_pv=torch.ops.bitfx_export.binary_pv)
 
 
 def _decompose_attention(ep, integer_kernels: bool = True):

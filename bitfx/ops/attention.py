@@ -125,21 +125,51 @@ def bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale
     return apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
 
 
-def bit_attention_reference(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
-                            est_q, est_k, est_v, scale, is_causal, prob_mode):
+def sign_scores_reference(qt: Tensor, k: Tensor) -> Tensor:
+    """Exact integer scores ``sign(q)·sign(k)ᵀ`` (as float)."""
+    return q.sign(qt) @ q.sign(k).transpose(-2, -1)
+
+
+def binary_pv_reference(p_codes: Tensor, v: Tensor) -> Tensor:
+    """Exact integer ``P_b·sign(v)`` for P_b in {0, 1} (as float)."""
+    return p_codes @ q.sign(v)
+
+
+def bit_attention_formula(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
+                          est_q, est_k, est_v, scale, is_causal, prob_mode, *,
+                          sign_scores=sign_scores_reference, binary_pv=binary_pv_reference):
+    """The definition of ``bit_attention``, with its two integer products as parameters.
+
+    The reference uses exact float matmuls of ±1/{0,1} codes; the host lowering passes the TVM
+    kernels and the export the ops that become ``call_tir`` — one formula for all three.
+    """
     check_prob_mode(prob_mode)
     dtype = qt.dtype
-    s = bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale, is_causal)
+    qf, kf, vf = qt.float(), k.float(), v.float()
+    qs = qf.abs().mean(dim=-1) if alpha_q is None else alpha_q.reshape(())
+    ks = kf.abs().mean(dim=-1) if alpha_k is None else alpha_k.reshape(())
+    s = sign_scores(qf, kf).float()  # exact integers in [-D, D]
+    s = s * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
+    res = _score_residual(est_q, est_k)
+    if res is not None:
+        s = s + res
+    s = apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
     p_codes, p_scale, _ = _probs(s, prob_param, prob_mode)
-    v_codes, v_scale, _ = _value_codes(v.float(), alpha_v)
-    out = p_codes @ v_codes  # exact integers: Σ_j P_b[i,j]·sign(v[j,d])
+    out = binary_pv(p_codes, vf).float()  # exact integers: Σ_j P_b[i,j]·sign(v[j,d])
     if p_scale is not None:
         out = out * p_scale
+    v_scale = vf.abs().mean(dim=(-2, -1), keepdim=True) if alpha_v is None else alpha_v.reshape(())
     out = out * v_scale
     if est_v is not None:
         pb = p_codes if p_scale is None else p_codes * p_scale
         out = out + pb @ est_v
     return out.to(dtype)
+
+
+def bit_attention_reference(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
+                            est_q, est_k, est_v, scale, is_causal, prob_mode):
+    return bit_attention_formula(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
+                                 est_q, est_k, est_v, scale, is_causal, prob_mode)
 
 
 def bit_attention_surrogate(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,

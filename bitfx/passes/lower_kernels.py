@@ -65,31 +65,11 @@ class BitLinearKernel(torch.nn.Module):
         )
 
 
-def tvm_bit_attention(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
-                      est_q, est_k, est_v, scale, is_causal, prob_mode):
-    """``bit_attention`` with its integer products on the kernels (same formula as the reference)."""
+def tvm_bit_attention(*args):
+    """``bit_attention`` with its integer products on the kernels (the reference's one formula)."""
     from bitfx.codegen import runtime
 
-    dtype = qt.dtype
-    qt, k, v = qt.float(), k.float(), v.float()
-    s_int = runtime.sign_scores(qt, k).float()
-    qs = qt.abs().mean(-1) if alpha_q is None else alpha_q.reshape(())
-    ks = k.abs().mean(-1) if alpha_k is None else alpha_k.reshape(())
-    s = s_int * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
-    res = A._score_residual(est_q, est_k)
-    if res is not None:
-        s = s + res
-    s = A.apply_mask(s * A._default_scale(qt, scale), attn_mask, is_causal)
-    p_codes, p_scale, _ = A._probs(s, prob_param, prob_mode)
-    out = runtime.binary_pv(p_codes, v).float()
-    if p_scale is not None:
-        out = out * p_scale
-    v_scale = v.abs().mean(dim=(-2, -1), keepdim=True) if alpha_v is None else alpha_v.reshape(())
-    out = out * v_scale
-    if est_v is not None:
-        pb = p_codes if p_scale is None else p_codes * p_scale
-        out = out + pb @ est_v
-    return out.to(dtype)
+    return A.bit_attention_formula(*args, sign_scores=runtime.sign_scores, binary_pv=runtime.binary_pv)
 
 
 def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
