@@ -15,15 +15,10 @@ import torch
 import bitfx
 from bitfx.export import ExportError, export, to_relax, verify
 from models import CASES
+from targets.target_tools import needs_clang, needs_gnu, needs_qemu
 
 ROOT = Path(__file__).resolve().parents[1]
 
-needs_gnu = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
-                               reason="aarch64-linux-gnu-g++ missing (Debian g++-aarch64-linux-gnu)")
-needs_qemu = pytest.mark.skipif(shutil.which("qemu-aarch64") is None,
-                                reason="qemu-aarch64 missing (Debian qemu-user)")
-needs_clang = pytest.mark.skipif(shutil.which("clang") is None or shutil.which("ld.lld") is None,
-                                 reason="clang/ld.lld missing (Debian clang, lld)")
 needs_cli = pytest.mark.skipif(importlib.util.find_spec("bitfx.cli") is None,
                                reason="the bitfx command (bitfx/cli.py) is not in this checkout")
 
