@@ -46,13 +46,15 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         _initialise(traced, before, example_inputs)
     log.info("bitfx: %d rewrites, %d left in float", len(ctx.report.rewrites), len(ctx.report.skips))
     traced.bitfx_report = ctx.report
-    REPORTS.append(ctx.report)
-    del REPORTS[:-64]
 
     def fw_compiler(fw: fx.GraphModule, inputs):
         return make_boxed_func(run_passes(fw, ctx, LOWERING))
 
-    return aot_module_simplified(traced, example_inputs, fw_compiler=fw_compiler)
+    # (dynamo may abort this attempt, e.g. TensorifyScalarRestartAnalysis, and call again)
+    compiled = aot_module_simplified(traced, example_inputs, fw_compiler=fw_compiler)
+    REPORTS.append(ctx.report)
+    del REPORTS[:-64]
+    return compiled
 
 
 def _initialise(traced: fx.GraphModule, before: set[str], example_inputs) -> None:

@@ -20,9 +20,8 @@ def test_dynamic_true_does_not_recompile_per_shape(name):
         for b, s in [(3, 12), (2, 5), (4, 8)]:
             y = compiled(*case.inputs(b, s))
             assert y.shape[0] == b
-    # one compile for all shapes (dynamo may hand the backend the same frame twice on its
-    # first analysis; never once per shape)
-    assert len(bitfx.backend.REPORTS) - compiles_before <= 2
+    # one compile for all shapes (an attempt that dynamo restarts is not counted)
+    assert len(bitfx.backend.REPORTS) - compiles_before == 1
     # the values added by the passes were calibrated on the first batch, like bitfx.binarize
     ref = bitfx.binarize(model, first)
     torch.testing.assert_close(y0, ref(*first), rtol=1e-4, atol=1e-4)
