@@ -97,7 +97,6 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         (x, weight, bias, weight_scale, move, alpha, cfg.weight, cfg.act, cfg.act_bits),
         before=node, like=node,
     )
-    new.meta["bitfx_uninitialized"] = [p.target for p in (weight_scale, move, alpha) if p is not None]
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     ctx.report.rewrites.append(Rewrite("binarize_linear", "linear", module, [node.name], new.name, "bit_linear"))
