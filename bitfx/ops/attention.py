@@ -113,18 +113,6 @@ def check_prob_mode(prob_mode: str) -> None:
         raise ValueError(f"bit_attention: prob_mode={prob_mode!r} (accepted: {', '.join(map(repr, PROB_MODES))})")
 
 
-def bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale, is_causal):
-    """Masked, scaled scores S (float) from exact integer sign(q)·sign(k)ᵀ."""
-    qc, qs, _ = q.act_sign(qt.float(), None, alpha_q)
-    kc, ks, _ = q.act_sign(k.float(), None, alpha_k)
-    s_int = qc @ kc.transpose(-2, -1)  # exact integers in [-D, D]
-    s = s_int * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
-    res = _score_residual(est_q, est_k)
-    if res is not None:
-        s = s + res
-    return apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
-
-
 def sign_scores_reference(qt: Tensor, k: Tensor) -> Tensor:
     """Exact integer scores ``sign(q)·sign(k)ᵀ`` (as float)."""
     return q.sign(qt) @ q.sign(k).transpose(-2, -1)
@@ -133,6 +121,20 @@ def sign_scores_reference(qt: Tensor, k: Tensor) -> Tensor:
 def binary_pv_reference(p_codes: Tensor, v: Tensor) -> Tensor:
     """Exact integer ``P_b·sign(v)`` for P_b in {0, 1} (as float)."""
     return p_codes @ q.sign(v)
+
+
+def bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale, is_causal,
+                         sign_scores=sign_scores_reference):
+    """Masked, scaled scores S (float) from exact integer sign(q)·sign(k)ᵀ (+ BiPFT residual)."""
+    qf, kf = qt.float(), k.float()
+    qs = qf.abs().mean(dim=-1) if alpha_q is None else alpha_q.reshape(())
+    ks = kf.abs().mean(dim=-1) if alpha_k is None else alpha_k.reshape(())
+    s = sign_scores(qf, kf).float()  # exact integers in [-D, D]
+    s = s * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
+    res = _score_residual(est_q, est_k)
+    if res is not None:
+        s = s + res
+    return apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
 
 
 def bit_attention_formula(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param,
@@ -145,15 +147,8 @@ def bit_attention_formula(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_p
     """
     check_prob_mode(prob_mode)
     dtype = qt.dtype
-    qf, kf, vf = qt.float(), k.float(), v.float()
-    qs = qf.abs().mean(dim=-1) if alpha_q is None else alpha_q.reshape(())
-    ks = kf.abs().mean(dim=-1) if alpha_k is None else alpha_k.reshape(())
-    s = sign_scores(qf, kf).float()  # exact integers in [-D, D]
-    s = s * (qs[..., :, None] if qs.dim() else qs) * (ks[..., None, :] if ks.dim() else ks)
-    res = _score_residual(est_q, est_k)
-    if res is not None:
-        s = s + res
-    s = apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
+    vf = v.float()
+    s = bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale, is_causal, sign_scores)
     p_codes, p_scale, _ = _probs(s, prob_param, prob_mode)
     out = binary_pv(p_codes, vf).float()  # exact integers: Σ_j P_b[i,j]·sign(v[j,d])
     if p_scale is not None:
