@@ -48,7 +48,8 @@ class BitLinearKernel(torch.nn.Module):
             with torch.no_grad():
                 codes, col_scale, _ = quantize_weight(weight.detach().float(), None, self.weight_mode)
                 self._packed = runtime.pack_weight(codes.to(torch.int8), ternary=self.weight_mode == "ternary")
-                self._col_scale = col_scale.float().contiguous()
+                # one per-tensor scale is expanded to [N] here, once, not by the runtime per call
+                self._col_scale = col_scale.float().expand(codes.shape[0]).contiguous()
             self._key = key
         col = self._col_scale if weight_scale is None else weight_scale.detach().float().reshape(-1)
         return self._packed, col
