@@ -89,17 +89,11 @@ def compile_time(layers: int) -> None:
 
 
 def linear_bytes(layers: int) -> None:
+    """Bytes of the binarized linears, counted by ``bitfx.diff`` (1 bit per weight + fp32 extras)."""
     model, inputs = bert_encoder(layers=layers, seq=16)
-    gm = bitfx.binarize(model, inputs)
-    before = after = 0
-    params = dict(model.named_parameters())
-    for r in gm.bitfx_report.rewrites:
-        if r.kind != "linear":
-            continue
-        w, b = params[f"{r.module}.weight"], params.get(f"{r.module}.bias")
-        before += w.numel() * 4 + (0 if b is None else b.numel() * 4)
-        # 1 bit per weight; fp32: one weight scale, bias, move [K], α
-        after += (w.numel() + 7) // 8 + 4 + (0 if b is None else b.numel() * 4) + w.shape[1] * 4 + 4
+    linears = [ly for ly in bitfx.diff(model, inputs).layers if ly.target == "bit_linear"]
+    before = sum(ly.bytes_before for ly in linears)
+    after = sum(ly.bytes_after for ly in linears)
     print(f"\n(d) linear-layer parameters of the {layers}-layer model: fp32 {before / 2**20:.2f} MiB, "
           f"bitfx {after / 2**20:.2f} MiB ({before / after:.1f}x smaller)")
 

@@ -25,20 +25,6 @@ def _median_ms(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def parameter_bytes(model: torch.nn.Module, report, config: BinarizeConfig) -> tuple[int, int]:
-    """(fp32 bytes of all parameters, bytes after binarization: 1 bit per binary weight, 2 ternary)."""
-    params = dict(model.named_parameters())
-    before = sum(p.numel() * 4 for p in params.values())
-    binary = 0
-    for r in report.rewrites:
-        if r.kind == "linear":
-            w = params.get(f"{r.module}.weight")
-            binary += 0 if w is None else w.numel()
-    bits = 2 if config.weight == "ternary" else 1
-    # per rewritten linear: a weight scale (per tensor or per channel) and, for "sign", move + α
-    return before, before - binary * 4 + (binary * bits + 7) // 8
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bitfx demo", description=__doc__)
     parser.add_argument("--layers", type=int, default=2)
@@ -67,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         # the reference: the same passes through bitfx.binarize, ops run by their PyTorch definitions
         # (a second torch.compile of the same model would share dynamo's cache entry)
         y_ref = bitfx.binarize(model, inputs, config)(*inputs)
-    before, after = parameter_bytes(model, report, config)
+    # bytes as `bitfx diff` counts them: 1 bit per binary weight (2 ternary) + fp32 scales, bias, move
+    totals = bitfx.diff(model, inputs, config).totals
+    before, after = totals["bytes_before"], totals["bytes_after"]
 
     table = Table(title="what bitfx did")
     table.add_column("")
