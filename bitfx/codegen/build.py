@@ -4,9 +4,10 @@
 
 Cache directory: `$BITFX_CACHE_DIR`, else `$XDG_CACHE_HOME/bitfx`, else `~/.cache/bitfx`. An entry is
 `<key>.json` (a manifest naming the library, its size and sha256) beside a content-addressed
-`<key>-<sha>.so`. The key hashes the op, its parameters, the implementation ("host" tiled loop nests or
-the "reference" `te.compute`), the target string, the schedule version, a hash of the generator's
-source file (so an edited generator is never served a stale kernel) and the TVM version.
+`<key>-<sha>.so`. The key hashes the op, its parameters, the kernel set that implements it (a name in
+`bitfx.targets.registry`: "host" tiled loop nests, the "reference" `te.compute`, ...), the target string,
+the schedule version, a hash of the generator's source file (so an edited generator is never served a
+stale kernel) and the TVM version.
 
 Writes are atomic (temporary file + `os.replace`), so processes compiling the same kernel at once each
 publish a complete library and the last manifest wins. A manifest that does not parse, or a library whose
@@ -19,7 +20,6 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 STATS: collections.Counter = collections.Counter()
 CACHE_FORMAT = 1
-IMPLS = {"host": "bitfx.targets.host", "reference": "bitfx.codegen.compute"}
 _MEMO: dict = {}
 
 
@@ -45,7 +44,7 @@ def cache_dir() -> Path:
 
 
 def kernel(op: str, *, impl: str = "host", target: tvm.target.Target | None = None, **params):
-    """The compiled `main` of kernel `op` (a generator name in `IMPLS[impl]`) for `params`.
+    """The compiled `main` of kernel `op` as kernel set `impl` implements it (`bitfx.targets.registry`).
 
     Memoised per process (cheap tuple key: this is on the dispatch path), then looked up on disk.
     """
@@ -56,10 +55,10 @@ def kernel(op: str, *, impl: str = "host", target: tvm.target.Target | None = No
     return fn
 
 
-def _generators(impl: str):
-    if impl not in IMPLS:
-        raise ValueError(f"unknown kernel implementation {impl!r}; expected one of {sorted(IMPLS)}")
-    return importlib.import_module(IMPLS[impl])
+def _generator(op: str, impl: str):
+    from bitfx.targets import registry
+
+    return registry.implementation(impl, op)
 
 
 def _target(target):
@@ -69,9 +68,11 @@ def _target(target):
 
 
 @functools.cache
-def _source_digest(impl: str) -> str:
-    """Hash of the generator module's source: an edited generator never meets its old kernels."""
-    return hashlib.sha256(Path(_generators(impl).__file__).read_bytes()).hexdigest()[:16]
+def _source_digest(op: str, impl: str) -> str:
+    """Hash of the generator's source file: an edited generator never meets its old kernels."""
+    from bitfx.targets import registry
+
+    return hashlib.sha256(Path(registry.source_file(_generator(op, impl))).read_bytes()).hexdigest()[:16]
 
 
 def cache_key(op: str, impl: str, target, params: dict) -> str:
@@ -79,7 +80,7 @@ def cache_key(op: str, impl: str, target, params: dict) -> str:
 
     desc = {
         "op": op, "impl": impl, "params": {k: repr(v) for k, v in sorted(params.items())},
-        "target": str(_target(target)), "schedule": SCHEDULE_VERSION, "source": _source_digest(impl),
+        "target": str(_target(target)), "schedule": SCHEDULE_VERSION, "source": _source_digest(op, impl),
         "tvm": tvm.__version__, "format": CACHE_FORMAT,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
@@ -114,7 +115,7 @@ def _load(manifest: Path, root: Path):
 
 
 def _compile_and_store(op: str, impl: str, target, params: dict, root: Path, key: str):
-    func = getattr(_generators(impl), op)(**params).with_attr("global_symbol", "main")
+    func = _generator(op, impl)(**params).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target=_target(target))
     STATS["compiled"] += 1
     log.debug("kernel %s %s compiled", op, params)

@@ -170,3 +170,13 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         args += [RS, CS, *([BI] if bias else [])]
         acc = te.compute((*bat, M, n), epi, name="y")
     return te.create_prim_func([*args, acc])
+
+
+def _register() -> None:
+    from bitfx.targets.registry import KERNEL_OPS, register_kernel
+
+    for op in KERNEL_OPS:
+        register_kernel("reference", op)(globals()[op])
+
+
+_register()

@@ -54,6 +54,8 @@ class DeviceTarget:
         target: the TVM target as a dict (``tvm_target`` turns it into ``tvm.target.Target``).
         compiler: how the target's library is linked (see ``fcompile``).
         machine: the ELF ``e_machine`` expected in its libraries.
+        kernels: the kernel set its bitfx ops run (``bitfx.targets.registry``); ops the set does
+            not implement fall back to the reference compute.
     """
 
     name: str
@@ -62,6 +64,7 @@ class DeviceTarget:
     compiler: str
     machine: int
     description: str = ""
+    kernels: str = "reference"
 
     @property
     def tvm_target(self):
@@ -343,16 +346,16 @@ class _HostTarget(DeviceTarget):
 
 _HOST_MACHINE = {"x86_64": _elf.EM_X86_64, "aarch64": _elf.EM_AARCH64}.get(platform.machine(), 0)
 register_target(_HostTarget("host", platform.machine(), {"kind": "llvm"}, "host", _HOST_MACHINE,
-                            "this machine"))
+                            "this machine", kernels="host"))
 register_target(DeviceTarget(
     "linux-arm64", "aarch64-linux-gnu",
     {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
-    "gnu", _elf.EM_AARCH64, "AArch64 Linux (glibc), NEON"))
+    "gnu", _elf.EM_AARCH64, "AArch64 Linux (glibc), NEON", kernels="arm64"))
 register_target(DeviceTarget(
     "android-arm64", "aarch64-linux-android",
     # dotprod (ARMv8.2-A, every arm64 phone core since Cortex-A55/A75) for int8 epilogues.
     {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+dotprod"]},
-    "android", _elf.EM_AARCH64, "Android API 24+, ARMv8.2-A (NEON, dotprod)"))
+    "android", _elf.EM_AARCH64, "Android API 24+, ARMv8.2-A (NEON, dotprod)", kernels="arm64"))
 register_target(DeviceTarget(
     "android-armv7", "armv7a-linux-androideabi",
     {"kind": "llvm", "mtriple": "armv7a-linux-androideabi", "mattr": ["+neon"]},

@@ -440,3 +440,14 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
 
 def _one64():
     return tirx.const(1, "int64")
+
+
+def _register() -> None:
+    from bitfx.targets.registry import register_kernel
+
+    for op, fn in (("pack_rows", pack_rows), ("pack_cols", pack_cols), ("absmax_planes", absmax_planes),
+                   ("gemm", gemm)):
+        register_kernel("host", op)(fn)
+
+
+_register()
