@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import bitfx  # noqa: F401  (registers the ops; the backend is found by entry point)
 from bitfx.models import BertConfig, Layer, bert_encoder
+from bitfx.perf import ceiling
 
 
 def median_ms(fn, repeat=20, warmup=3):
@@ -68,6 +69,14 @@ def layer_speed(seq: int, threads: int) -> None:
     for name, ms in rows:
         print(f"{name:22s} {ms:9.3f} {eager / ms:8.2f}x {rows[1][1] / ms:11.2f}x")
     print(f"{'float parts alone':22s} {float_parts:9.3f}   (softmax + 2 LayerNorm + GELU + residuals)")
+    # the limit on this machine: the linears' bit-MACs at the same-run ceiling, plus the float parts
+    c = ceiling.measure(128, 768, 3072)
+    bitmacs = seq * (4 * 768 * 768 + 2 * 768 * 3072)
+    limit = bitmacs / (c.gbit_per_s * 1e9 * threads) * 1e3 + float_parts
+    bit_ms = dict(rows)["bitfx (tvm)"]
+    print(f"{'limit (this CPU)':22s} {limit:9.3f} {eager / limit:8.2f}x {rows[1][1] / limit:11.2f}x   "
+          f"(linears {bitmacs / 1e6:.0f} M bit-MACs at {c.gbit_per_s:.0f} G/s/core ({c.isa}) x {threads}"
+          f" + float parts); bitfx reaches {100 * limit / bit_ms:.0f}% of it")
 
 
 def compile_time(layers: int) -> None:

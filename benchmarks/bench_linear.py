@@ -8,8 +8,10 @@ Columns (median wall time per call, microseconds):
   inductor   torch.compile(F.linear) (inductor, fp32, dynamic shapes)
   bitfx      bitfx.codegen.runtime.bit_linear: sign(x) packing + per-token scale + GEMM + fused epilogue
   pack       the activation packing kernel alone (sign bits + mean|x|)
-  gemm       the bit-serial GEMM alone on pre-packed activations, int32 out; G bit-MAC/s and % of the
-             2,350 G bit-MAC/s/core ceiling (DESIGN §5) x threads
+  gemm       the bit-serial GEMM alone on pre-packed activations, int32 out; G bit-MAC/s and `ceil%`, its
+             share of `threads` x the one-core ceiling measured in this run (`bitfx/perf/ceiling.c`,
+             clang -O3 -march=native, same K x N at M=128: DESIGN §5)
+  e2e%       the same share for `bitfx` (packing, GEMM, epilogue and dispatch): the figure that counts
   epi        GEMM with the fused float epilogue minus `gemm`
   disp       bitfx - (pack + GEMM with epilogue): Python dispatch, argument checks, allocations
 Nothing here is asserted; tests never assert on time.
@@ -30,8 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from bitfx.codegen import runtime  # noqa: E402
 from bitfx.codegen.build import kernel  # noqa: E402
+from bitfx.perf import ceiling  # noqa: E402
 
-CEILING = 2350.0  # G bit-MAC/s per core, DESIGN §5
 SHAPES_KN = [(768, 768), (768, 3072), (3072, 768)]
 
 
@@ -53,7 +55,7 @@ def bench(fn, min_time: float = 0.04, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
-def row(M: int, K: int, N: int, threads: int, compiled) -> dict:
+def row(M: int, K: int, N: int, threads: int, compiled, ceil: float) -> dict:
     torch.set_num_threads(threads)
     par = runtime._parallel(threads)  # threads=1: single-threaded kernel variants
     g = torch.Generator().manual_seed(0)
@@ -80,7 +82,8 @@ def row(M: int, K: int, N: int, threads: int, compiled) -> dict:
     return {
         "M": M, "K": K, "N": N, "thr": threads, "fp32": fp32, "inductor": ind, "bitfx": bit,
         "x_fp32": fp32 / bit, "x_ind": ind / bit, "pack": pack, "gemm": gemm, "Gbit/s": gbit,
-        "ceil%": 100 * gbit / (CEILING * threads), "epi": gemm_epi - gemm, "disp": bit - pack - gemm_epi,
+        "ceil%": 100 * gbit / (ceil * threads), "e2e%": 100 * M * N * K / bit / 1e9 / (ceil * threads),
+        "epi": gemm_epi - gemm, "disp": bit - pack - gemm_epi,
     }
 
 
@@ -90,23 +93,26 @@ def main() -> None:
     args = ap.parse_args()
     ms = [128] if args.quick else [1, 32, 128, 512]
     compiled = torch.compile(F.linear, dynamic=True)
+    ceilings = {(K, N): ceiling.measure(128, N, K) for K, N in SHAPES_KN}
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads available, "
           f"torch {torch.__version__}")
+    print("# same-run ceiling, 1 core: " + ", ".join(
+        f"K={K} N={N}: {c.gbit_per_s:.0f} G bit-MACs/s ({c.isa})" for (K, N), c in ceilings.items()))
     cols = ["M", "K", "N", "thr", "fp32", "inductor", "bitfx", "x_fp32", "x_ind", "pack", "gemm", "Gbit/s",
-            "ceil%", "epi", "disp"]
+            "ceil%", "e2e%", "epi", "disp"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for threads in (1, 2):
         for K, N in SHAPES_KN:
             for M in ms:
-                r = row(M, K, N, threads, compiled)
+                r = row(M, K, N, threads, compiled, ceilings[(K, N)].gbit_per_s)
                 cells = []
                 for c in cols:
                     v = r[c]
                     if c in ("fp32", "inductor", "bitfx", "pack", "gemm", "epi", "disp"):
                         cells.append(f"{v * 1e6:.1f}")
                     elif isinstance(v, float):
-                        cells.append(f"{v:.1f}" if c.startswith("x_") or c == "ceil%" else f"{v:.0f}")
+                        cells.append(f"{v:.1f}" if c.startswith("x_") or c.endswith("%") else f"{v:.0f}")
                     else:
                         cells.append(str(v))
                 print("| " + " | ".join(cells) + " |", flush=True)
