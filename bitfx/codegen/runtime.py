@@ -251,3 +251,61 @@ def _parallel(threads: int | None = None) -> bool:
     elif threads is not None and threads != _pool_size:
         log.warning("bitfx kernels keep their %d-thread pool; threads=%d is honoured only as 1", _pool_size, threads)
     return _pool_size > 1
+
+
+class LinearPlan:
+    """One ``bit_linear`` layer with everything but the activation resolved ahead: the compiled
+    kernels, the contiguous float32 scale/bias/move vectors and the pool choice.
+
+        plan = LinearPlan(packed, act="sign", bits=1, move=m, alpha=None, col_scale=s, bias=b)
+        y = plan(x)        # the same result as bit_linear(x, packed, ...), with less work per call
+
+    Calls then cost a reshape, the output allocations and two kernel calls (this is the decode path,
+    where M = 1 and the per-call overhead is the whole cost). Build a new plan when a parameter
+    changes (``bitfx.passes.lower_kernels`` keys it by the tensors' ``_version``).
+    """
+
+    def __init__(self, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
+                 move: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
+                 col_scale: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):
+        _check_bits(act, bits)
+        self.K, self.N, self.act, self.bits = packed.K, packed.N, act, bits
+        par = _parallel(threads)
+        cs = _vector(col_scale, packed.N, "col_scale")
+        self.col = cs.expand(packed.N).contiguous() if cs.numel() == 1 else cs
+        self.bias = None if bias is None else _vector(bias, packed.N, "bias")
+        self.alpha = None if (act != "sign" or alpha is None) else _vector(alpha, 1, "alpha")
+        self.move = None if (act != "sign" or move is None) else _vector(move, packed.K, "move")
+        self.weights = [packed.w, *_nnz(packed, act)]
+        self.words = _words(packed.K)
+        if act == "sign":
+            self.quant = kernel("pack_rows", mode="sign", K=packed.K, move=self.move is not None,
+                                mean=self.alpha is None, parallel=par)
+        else:
+            self.quant = kernel("absmax_planes", K=packed.K, bits=bits, parallel=par)
+        self.gemm = _gemm(packed, act, bits, par, epilogue="float", bias=self.bias is not None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead, dtype = _rows(x, self.K, "x")
+        M = x2.shape[0]
+        pre = [x2] if self.move is None else [x2, self.move]
+        if self.act == "sign":
+            a = torch.empty(M, self.words, dtype=torch.uint64)
+            if self.alpha is None:
+                rs = torch.empty(M, dtype=torch.float32)
+                self.quant(*pre, a, rs)
+            else:
+                self.quant(*pre, a)
+                rs = self.alpha.expand(M).contiguous()
+        else:
+            a = torch.empty(M, self.bits, self.words, dtype=torch.uint64)
+            rs = torch.empty(M, dtype=torch.float32)
+            self.quant(x2, a, rs)
+        y = torch.empty(M, self.N, dtype=torch.float32)
+        args = [a, *self.weights, rs, self.col] + ([self.bias] if self.bias is not None else [])
+        self.gemm(*args, y)
+        y = y.view(*lead, self.N)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+
+__all__.append("LinearPlan")

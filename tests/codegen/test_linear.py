@@ -104,3 +104,21 @@ def test_single_thread_variant_agrees():
     x, cs = torch.randn(9, 130), torch.rand(45)
     assert torch.equal(runtime.bit_linear(x, packed, col_scale=cs, threads=1),
                        runtime.bit_linear(x, packed, col_scale=cs))
+
+
+@pytest.mark.parametrize("act,bits,ternary,use_alpha", [("sign", 1, False, False), ("sign", 1, True, True),
+                                                        ("absmax", 8, False, False), ("absmax", 4, True, False)])
+@pytest.mark.parametrize("M", [1, 7])
+def test_linear_plan_equals_bit_linear(act, bits, ternary, use_alpha, M):
+    """The prepared per-layer plan computes exactly what the one-shot `bit_linear` computes."""
+    g = torch.Generator().manual_seed(M + bits)
+    K, N = 130, 45
+    x = torch.randn(2, M, K, generator=g)
+    w = torch.randint(-1 if ternary else 0, 2, (N, K), generator=g)
+    w = w if ternary else w * 2 - 1
+    packed = runtime.pack_weight(w.to(torch.int8), ternary=ternary)
+    kw = dict(act=act, bits=bits, move=torch.randn(K, generator=g) * 0.1,
+              alpha=torch.rand(1, generator=g) if use_alpha else None,
+              col_scale=torch.rand(N, generator=g), bias=torch.randn(N, generator=g))
+    plan = runtime.LinearPlan(packed, **kw)
+    assert torch.equal(plan(x), runtime.bit_linear(x, packed, **kw))
