@@ -28,6 +28,25 @@ from bitfx.passes.graph import add_parameter, call, last_dim
 aten = torch.ops.aten
 
 
+def head_dim(t: fx.Node, q: fx.Node) -> int | None:
+    """The last dim of q, k or v as an int.
+
+    Export cannot always prove a size static: an ``nn.MultiheadAttention`` cross attention views
+    memory-side k/v with ``E·B_mem // B`` (B_mem = B is not known to the shape env). Then the
+    size hint (the example's value) is used: for k it must equal q's static head dim (``q·kᵀ``),
+    and the model's own views fail loudly on inputs where the expression differs.
+    """
+    d = last_dim(t)
+    if d is not None:
+        return d
+    v = fake_value(t)
+    if t is not q and last_dim(q) is not None and isinstance(v, torch.Tensor) and v.dim():
+        hint = getattr(getattr(v.shape[-1], "node", None), "hint", None)
+        if isinstance(hint, int):
+            return hint
+    return None
+
+
 def _refusal(node: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
     q, k, v, mask, scale, is_causal, dropout_p = node.args
     cfg = ctx.config
@@ -39,7 +58,7 @@ def _refusal(node: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
         return "config", f"module {name!r} matches keep pattern {pattern!r}"
     if dropout_p:
         return "unsupported", f"attention dropout p={dropout_p} (binary attention has none: call model.eval())"
-    if any(last_dim(t) is None for t in (q, k, v)):
+    if any(head_dim(t, q) is None for t in (q, k, v)):
         return "unsupported", "head dimension is not static"
     qv = fake_value(q)
     if isinstance(qv, torch.Tensor) and not qv.is_floating_point():
@@ -82,9 +101,9 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     if cfg.estimators:
         r = cfg.estimator_rank
         weights = [
-            param("est_q", torch.zeros(2 * r, last_dim(q))),
-            param("est_k", torch.zeros(2 * r, last_dim(k))),
-            param("est_v", torch.zeros(1, last_dim(v))),
+            param("est_q", torch.zeros(2 * r, head_dim(q, q))),
+            param("est_k", torch.zeros(2 * r, head_dim(k, q))),
+            param("est_v", torch.zeros(1, head_dim(v, q))),
         ]
         est_q, est_k, est_v = (
             call(gm, aten.linear.default, (src, w), before=node, like=node)

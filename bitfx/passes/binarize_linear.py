@@ -12,6 +12,10 @@ After (preset "bipft")::
 
 Linears stay float (and are reported) when the config keeps their module, when they are too
 small, or when their weight is not a parameter or their shape/dtype is unsupported.
+
+A weight may be a view or a *slice* of a parameter: ``nn.MultiheadAttention``'s cross attention
+splits its packed ``in_proj_weight`` into ``w_q`` and ``w_kv`` (``split_with_sizes`` / ``chunk`` /
+``slice``), and each part becomes its own ``bit_linear`` (its scales from its own rows).
 """
 from __future__ import annotations
 
@@ -20,18 +24,42 @@ import torch.fx as fx
 
 from bitfx.ops import BIT_LINEAR
 from bitfx.passes.context import PassContext, Rewrite, Skip, fake_value, module_of
-from bitfx.passes.graph import add_parameter, call, trace_back
+from bitfx.passes.graph import SLICE_OPS, VIEW_OPS, add_parameter, call, trace_back
 
 aten = torch.ops.aten
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def weight_source(weight, ctx: PassContext) -> fx.Node | None:
+    """The parameter node ``weight`` is a view or slice of, or None."""
+    src, _ = trace_back(weight, VIEW_OPS | SLICE_OPS)
+    return src if ctx.is_weight(src) else None
+
+
+def not_a_parameter(weight, ctx: PassContext) -> str:
+    """Why ``weight`` is not a (view or slice of a) parameter, naming what it is computed from."""
+    seen, stack, params = set(), [weight], []
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if ctx.is_weight(n):
+            params.append(n.name)
+        elif n.op == "call_function":
+            stack.extend(n.all_input_nodes)
+    if not params:
+        return "weight is an activation (activation x activation product)"
+    op = getattr(weight, "target", None)
+    return (f"weight is computed from parameter {', '.join(sorted(params)[:3])} by "
+            f"{getattr(op, '__name__', op)} (not a view or slice of it)")
+
+
 def _refusal(node: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
     """Why this linear must stay float, as (reason, detail), or None."""
     x, weight = node.args[0], node.args[1]
-    src, _ = trace_back(weight)
-    if not (ctx.is_weight(weight) or ctx.is_weight(src)):
-        return "unsupported", "weight is not a parameter (activation x activation product)"
+    if weight_source(weight, ctx) is None:
+        return "unsupported", not_a_parameter(weight, ctx)
     w = fake_value(weight)
     xv = fake_value(x)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:

@@ -3,15 +3,15 @@
 Before (explicit; the scale and the mask in any order, MHA's ``need_weights=True`` path is the
 ``bmm`` form on ``(B*H, L, D)`` tensors)::
 
-    s = matmul(q * c1, transpose(k, -2, -1))   # matmul | bmm | baddbmm(mask, q, kᵀ); the constant
-                                                # scale may sit on q, on k or on kᵀ
+    s = matmul(q * c1, transpose(k, -2, -1))   # matmul | bmm | baddbmm(mask, q, kᵀ) | einsum in any
+                                                # index order; the constant scale on q, k or kᵀ
     s = s / c2                                  # mul / div by constants, before or after the mask
-    s = s + mask                                # additive; or masked_fill(m, -inf); or where(m, s, -inf)
+    s = s + mask                                # additive; or masked_fill(m, c); or where(m, s, c)
     p = softmax(s, -1)                          # softmax.int | _softmax over the last dim
     p = dropout(p, p_drop, train)               # absent in eval (or train=False)
-    out = matmul(p, v)                          # matmul | bmm
+    out = matmul(p, v)                          # matmul | bmm | einsum
 
-    out = scaled_dot_product_attention(q, k, v, mask, p_drop, is_causal, scale=c)
+    out = scaled_dot_product_attention(q, k, v, mask, p_drop, is_causal, scale=c, enable_gqa=g)
     out = _scaled_dot_product_flash_attention_for_cpu(q, k, v, ...)[0]   # and the other fused variants
 
 After::
@@ -20,7 +20,14 @@ After::
 
 ``mask'`` keeps SDPA's convention: boolean True = attend (``masked_fill(m, -inf)`` becomes
 ``logical_not(m)``, ``masked_fill(x == 0, -inf)`` becomes ``x != 0``), additive masks are added to
-the scaled scores (a mask added *before* a scale is multiplied by that scale).
+the scaled scores (a mask added *before* a scale is multiplied by that scale). A finite fill
+``c <= -1e4`` (``finfo.min``, ``-1e9``) on float32/float64 scores becomes the additive mask
+``where(m, finfo.min, 0)``: both give masked keys probability exactly 0 on a row that keeps a key
+(exp underflows while the row's largest kept score exceeds ``c + 104``) and a uniform row when every
+key is masked (``s + finfo.min == finfo.min``), where -inf would give NaN. ``einsum`` operands are
+permuted to ``[batch.., L, D]`` and the output back. ``enable_gqa=True`` repeats each kv head for
+its group of query heads (``unsqueeze → expand → flatten``, as HF's ``repeat_kv``), exactly SDPA's
+meaning; HF's own ``repeat_kv`` before the product is a view chain and needs nothing.
 
 Why a walk from each softmax rather than ``SubgraphMatcher``: the pattern has optional parts
 (scale on q, on k or after the product; mask before or after the scale; dropout; baddbmm) whose
@@ -32,8 +39,9 @@ graph changed, so a subgraph is either rewritten whole or left alone and reporte
 Not rewritten (reported): an op between the scores and the softmax or between the softmax and
 P·V other than the above (``softmax(s) * 2 @ v``), softmax over another dim or to another dtype,
 probabilities or scores used elsewhere (returned attention weights), a scale that is a tensor,
-a ``masked_fill`` value other than -inf (e.g. ``finfo.min``: its meaning differs on fully masked
-rows), two masks, ``enable_gqa=True``, and the fused ``nn.MultiheadAttention`` /
+a fill value above -1e4 (``-5.0``: masked keys keep a weight) or a finite fill on float16/bfloat16
+scores, two masks, ``enable_gqa`` with symbolic head counts, an einsum that is not q·kᵀ / P·v,
+and the fused ``nn.MultiheadAttention`` /
 ``TransformerEncoderLayer`` fast-path ops, which hold the projections too (dynamo records them
 under ``no_grad``; capture decomposes an unmasked ``_transformer_encoder_layer_fwd``).
 
@@ -63,7 +71,12 @@ SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 ADDS = {aten.add.Tensor}
 MASKED_FILLS = {aten.masked_fill.Scalar}
 WHERES = {aten.where.ScalarOther}
+EINSUM = aten.einsum.default
 DROPOUT = aten.dropout.default
+
+#: A finite fill value at or below this acts as -inf on every row that keeps a key: exp(c·f - max)
+#: underflows to exactly 0 in float32/float64 while the row's largest kept score exceeds c·f + 104.
+FILL_LIMIT = -1e4
 ASSERT_META = aten._assert_tensor_metadata.default
 
 #: SDPA and its backend variants: (name of the mask argument, returns a tuple whose [0] is the output).
@@ -99,8 +112,15 @@ class _Match:
     mask: fx.Node | None = None
     mask_kind: str | None = None  # "add" | "masked" (True = masked) | "attend" (True = attend)
     mask_factor: float = 1.0  # scale applied to an additive mask after it was added
+    fill: float = float("-inf")  # value of a masked_fill / where mask (finite: finfo.min additive mask)
+    scores_dtype: Any = None
     dropout_p: Any = 0.0
     nodes: list[fx.Node] = field(default_factory=list)
+    # einsum spellings: dims that put q, k, v in [batch..., L, D] and the output back in place
+    q_perm: list[int] | None = None
+    k_perm: list[int] | None = None
+    v_perm: list[int] | None = None
+    out_perm: list[int] | None = None
 
 
 def canonicalize_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -150,11 +170,13 @@ def _match(softmax: fx.Node) -> _Match:
         probs = user
         nodes.append(user)
         user = _only_user(probs, "probabilities")
-    if user.target not in PRODUCTS:
+    if not _is_product(user):
         raise _Mismatch(f"probabilities feed {_op(user)}, not a matmul/bmm with v")
-    if user.args[0] is not probs:
+    if _operands(user)[0] is not probs:
         raise _Mismatch(f"probabilities are the right operand of {_op(user)}")
-    m = _Match(q=None, k=None, v=user.args[1], anchor=user, dropout_p=dropout_p)  # type: ignore[arg-type]
+    m = _Match(q=None, k=None, v=_operands(user)[1], anchor=user, dropout_p=dropout_p)  # type: ignore[arg-type]
+    if user.target == EINSUM:
+        m.v_perm, m.out_perm = _einsum_pv(user)
     nodes.append(user)
 
     # up: softmax input -> (scale / mask ops) -> product of q and kᵀ
@@ -164,7 +186,7 @@ def _match(softmax: fx.Node) -> _Match:
         if not isinstance(node, fx.Node) or node.op != "call_function":
             raise _Mismatch(f"scores come from {_op(node)}, not a matmul/bmm of q and kᵀ")
         _only_user(node, "scores")
-        if node.target in PRODUCTS or node.target == aten.baddbmm.default:
+        if _is_product(node) or node.target == aten.baddbmm.default:
             break
         chain.append(node)
         node = _chain_input(node)
@@ -176,8 +198,25 @@ def _match(softmax: fx.Node) -> _Match:
     nodes.extend(chain)
     if m.mask_kind in ("masked", "attend") and m.mask_factor <= 0:
         raise _Mismatch(f"scale {m.mask_factor:g} applied after a -inf mask is not positive")
+    if m.mask_kind in ("masked", "attend") and m.fill != float("-inf"):
+        _check_fill(m, softmax)
     m.nodes = nodes
     return m
+
+
+def _check_fill(m: _Match, softmax: fx.Node) -> None:
+    """A finite fill c (``finfo.min``, ``-1e9``) is exactly the additive mask ``finfo.min`` of the
+    scores' dtype: masked scores get probability exactly 0 on a row that keeps a key (exp
+    underflows), and a fully masked row is uniform either way (``s + finfo.min == finfo.min``)."""
+    v = fake_value(softmax.args[0])
+    dtype = v.dtype if isinstance(v, torch.Tensor) else None
+    if dtype not in (torch.float32, torch.float64):
+        raise _Mismatch(f"masked_fill value {m.fill!r} on {dtype} scores (exact as an additive mask "
+                        "for float32/float64 only)")
+    if m.fill * m.mask_factor > FILL_LIMIT:
+        raise _Mismatch(f"masked_fill value {m.fill * m.mask_factor!r} after scaling, not -inf "
+                        f"(accepted: -inf or a value <= {FILL_LIMIT:g}, e.g. finfo.min or -1e9)")
+    m.scores_dtype = dtype
 
 
 def _check_softmax(softmax: fx.Node) -> None:
@@ -205,11 +244,16 @@ def _product(node: fx.Node, m: _Match, nodes: list) -> float:
         m.mask, m.mask_kind, scale = node.args[0], "add", float(alpha)
         a, b = node.args[1], node.args[2]
     else:
-        a, b = node.args[0], node.args[1]
+        a, b = _operands(node)
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
         raise _Mismatch(f"{_op(node)} of a constant")
     q, s = _strip_scales(a, nodes)
     scale *= s
+    if node.target == EINSUM:  # q, k in any layout: permuted to [batch..., L, D], k untransposed
+        k, _s = _strip_scales(b, nodes)
+        m.q, m.k, m.k_transposed = q, k, True  # (m.k is k itself, as after a stripped transpose)
+        m.q_perm, m.k_perm = _einsum_scores(node)
+        return scale * _s
     k, transposed = b, False
     while True:  # scales and one transpose of the last two dims, in any order
         k, s = _strip_scales(k, nodes)
@@ -282,26 +326,40 @@ def _apply(op: fx.Node, m: _Match) -> None:
         m.mask = op.args[1] if op.args[0] is _chain_input(op) else op.args[0]
         m.mask_kind = "add"
     elif op.target in MASKED_FILLS:
-        if op.args[2] != float("-inf"):
-            raise _Mismatch(f"masked_fill value {op.args[2]!r}, not -inf")
+        m.fill = _fill_value(op.args[2], f"masked_fill value {op.args[2]!r}")
         m.mask, m.mask_kind = op.args[1], "masked"
     else:  # where(cond, scores, -inf)
-        if op.args[2] != float("-inf"):
-            raise _Mismatch(f"where(..., {op.args[2]!r}), not -inf")
+        m.fill = _fill_value(op.args[2], f"where(..., {op.args[2]!r})")
         m.mask, m.mask_kind = op.args[0], "attend"
     m.mask_factor = 1.0
 
 
+def _fill_value(c: Any, what: str) -> float:
+    if _is_number(c) and (c == float("-inf") or c <= FILL_LIMIT):
+        return float(c)
+    raise _Mismatch(f"{what}, not -inf (accepted: -inf or a value <= {FILL_LIMIT:g}, e.g. finfo.min or -1e9)")
+
+
 def _rewrite(gm: fx.GraphModule, softmax: fx.Node, m: _Match, ctx: PassContext) -> None:
     anchor = m.anchor
-    k = m.k if m.k_transposed else call(gm, aten.transpose.int, (m.k, -2, -1), before=anchor)
+    q, k, v = (x if perm is None else call(gm, aten.permute.default, (x, perm), before=anchor)
+               for x, perm in ((m.q, m.q_perm), (m.k, m.k_perm), (m.v, m.v_perm)))
+    k = k if m.k_transposed else call(gm, aten.transpose.int, (k, -2, -1), before=anchor)
     mask = m.mask
     if m.mask_kind == "add" and m.mask_factor != 1.0:
         mask = call(gm, aten.mul.Tensor, (mask, m.mask_factor), before=anchor)
+    elif m.mask_kind in ("masked", "attend") and m.fill != float("-inf"):
+        lowest = torch.finfo(m.scores_dtype).min  # additive, exactly the fill's meaning (_check_fill)
+        pair = (lowest, 0.0) if m.mask_kind == "masked" else (0.0, lowest)
+        mask = call(gm, aten.where.Scalar, (mask, *pair), before=anchor, like=anchor)
+        if m.scores_dtype != torch.get_default_dtype():
+            mask = call(gm, aten.to.dtype, (mask, m.scores_dtype), before=anchor, like=anchor)
     elif m.mask_kind == "masked":
         mask = _attend(gm, mask, anchor)
-    new = call(gm, ATTENTION, (m.q, k, m.v, mask, m.scale, False, m.dropout_p), before=anchor, like=anchor)
-    anchor.replace_all_uses_with(new)
+    new = call(gm, ATTENTION, (q, k, v, mask, m.scale, False, m.dropout_p), before=anchor, like=anchor)
+    out = new if m.out_perm is None else call(gm, aten.permute.default, (new, m.out_perm), before=anchor,
+                                              like=anchor)
+    anchor.replace_all_uses_with(out)
     for n in m.nodes:  # shape/dtype asserts of the replaced nodes go with them
         for u in [u for u in n.users if u.target == ASSERT_META]:
             gm.graph.erase_node(u)
@@ -331,8 +389,8 @@ def _sdpa(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     refusal = None
     if not kw:
         refusal = "unrecognised", f"cannot read the arguments of {node.target}"
-    elif kw.get("enable_gqa"):
-        refusal = "unsupported", "enable_gqa=True (grouped-query attention)"
+    elif kw.get("enable_gqa") and _gqa_groups(kw) is None:
+        refusal = "unsupported", "enable_gqa=True with head counts that are not static multiples"
     elif kw.get("dropout_mask") is not None:
         refusal = "unsupported", "explicit dropout_mask"
     outputs = [node]
@@ -345,9 +403,13 @@ def _sdpa(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         ctx.report.skips.append(Skip(PASS, "attention", module_of(node), *refusal, [node.name]))
         return
     mask = kw.get(mask_name) if mask_name else None
+    key, value = kw["key"], kw["value"]
+    groups = _gqa_groups(kw) if kw.get("enable_gqa") else 1
+    if groups != 1:  # SDPA's enable_gqa: kv head h serves q heads h·g .. h·g + g - 1
+        key, value = (_repeat_heads(gm, t, groups, node) for t in (key, value))
     new = call(
         gm, ATTENTION,
-        (kw["query"], kw["key"], kw["value"], mask, kw.get("scale"),
+        (kw["query"], key, value, mask, kw.get("scale"),
          bool(kw.get("is_causal", False)), kw.get("dropout_p", 0.0)),
         before=node, like=node,
     )
@@ -358,7 +420,95 @@ def _sdpa(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     ctx.report.rewrites.append(Rewrite(PASS, "attention", module_of(node), replaced, new.name, "attention"))
 
 
+# -- einsum spellings ----------------------------------------------------------------------------
+def _einsum_terms(node: fx.Node) -> tuple[list[str], str, int]:
+    """(operand terms, output term, leading '...' dims) of a two-operand einsum."""
+    eq = node.args[0].replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if not arrow or len(terms) != 2:
+        raise _Mismatch(f"einsum {eq!r} is not a two-operand product with an explicit output")
+    ell = [t.startswith("...") for t in (*terms, out)]
+    if any(ell) and not all(ell):
+        raise _Mismatch(f"einsum {eq!r}: '...' must lead every term")
+    terms, out = [t.removeprefix("...") for t in terms], out.removeprefix("...")
+    if any(len(set(t)) != len(t) or not t.isalpha() for t in (*terms, out)):
+        raise _Mismatch(f"einsum {eq!r}: repeated or non-letter indices")
+    v = fake_value(node)
+    n_ell = v.dim() - len(out) if isinstance(v, torch.Tensor) else 0
+    if any(ell) and not isinstance(v, torch.Tensor):
+        raise _Mismatch(f"einsum {eq!r}: rank unknown")
+    return terms, out, n_ell
+
+
+def _perm(term: str, order: str, n_ell: int) -> list[int] | None:
+    """Dims of a tensor indexed by ``term`` (after ``n_ell`` leading dims) put into ``order``."""
+    perm = list(range(n_ell)) + [n_ell + term.index(c) for c in order]
+    return None if perm == sorted(perm) else perm
+
+
+def _einsum_scores(node: fx.Node) -> tuple[list[int] | None, list[int] | None]:
+    """``einsum("bhid,bhjd->bhij", q, k)`` in any index order: the permutes giving q [.., i, d], k [.., j, d]."""
+    (a, b), out, n_ell = _einsum_terms(node)
+    batch, i, j = out[:-2], out[-2:-1], out[-1:]
+    contracted = (set(a) & set(b)) - set(out)
+    if len(out) < 2 or len(contracted) != 1:
+        raise _Mismatch(f"einsum {node.args[0]!r} does not contract one head dimension into [.., Lq, Lk] scores")
+    d = contracted.pop()
+    if set(a) != set(batch + i + d) or set(b) != set(batch + j + d):
+        raise _Mismatch(f"einsum {node.args[0]!r} is not q·kᵀ over shared batch dimensions")
+    return _perm(a, batch + i + d, n_ell), _perm(b, batch + j + d, n_ell)
+
+
+def _einsum_pv(node: fx.Node) -> tuple[list[int] | None, list[int] | None]:
+    """``einsum("bhij,bhjd->bhid", p, v)`` in any order of v and the output: (v permute, output permute)."""
+    (p, w), out, n_ell = _einsum_terms(node)
+    if len(p) < 2:
+        raise _Mismatch(f"einsum {node.args[0]!r}: probabilities need two dimensions")
+    batch, i, j = p[:-2], p[-2:-1], p[-1:]
+    extra = set(w) - set(p)
+    if j in out or len(extra) != 1 or set(w) != set(batch + j) | extra or set(out) != set(batch + i) | extra:
+        raise _Mismatch(f"einsum {node.args[0]!r} is not P·v over the key dimension")
+    e = extra.pop()
+    back = _perm(batch + i + e, out, n_ell)  # the attention output [batch.., i, e] -> the einsum's order
+    return _perm(w, batch + j + e, n_ell), back
+
+
+def _gqa_groups(kw: dict) -> int | None:
+    """q heads per kv head (dim -3), or None when the counts are not static multiples."""
+    shapes = [fake_value(kw[n]) for n in ("query", "key", "value")]
+    if not all(isinstance(v, torch.Tensor) and v.dim() >= 3 for v in shapes):
+        return None
+    hq, hk, hv = (v.shape[-3] for v in shapes)
+    if not all(isinstance(h, int) for h in (hq, hk, hv)) or hk != hv or hk == 0 or hq % hk:
+        return None
+    return hq // hk
+
+
+def _repeat_heads(gm: fx.GraphModule, t: fx.Node, groups: int, before: fx.Node) -> fx.Node:
+    """``repeat_interleave(t, groups, dim=-3)`` as HF's ``repeat_kv`` writes it (a view, then one copy)."""
+    rank = fake_value(t).dim()
+    x = call(gm, aten.unsqueeze.default, (t, -3), before=before)
+    sizes = [-1] * (rank + 1)
+    sizes[-3] = groups
+    x = call(gm, aten.expand.default, (x, sizes), before=before)
+    return call(gm, aten.flatten.using_ints, (x, -4, -3), before=before)
+
+
 # -- small predicates -----------------------------------------------------------------------------
+def _is_product(node: Any) -> bool:
+    """matmul/bmm, or a two-operand einsum (checked further by the einsum helpers)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target == EINSUM:
+        return len(node.args) > 1 and len(node.args[1]) == 2
+    return node.target in PRODUCTS
+
+
+def _operands(node: fx.Node) -> tuple[Any, Any]:
+    return tuple(node.args[1]) if node.target == EINSUM else tuple(node.args[:2])
+
+
 def _looks_like_attention(softmax: fx.Node) -> bool:
     """A softmax of scores from a matmul/bmm (through scale/mask ops), or one that feeds a
     matmul/bmm within two ops: the softmax of a classifier head is not a candidate."""
@@ -368,7 +518,7 @@ def _looks_like_attention(softmax: fx.Node) -> bool:
     frontier = [softmax]
     for _ in range(3):
         frontier = [u for n in frontier for u in n.users]
-        if any(u.target in PRODUCTS for u in frontier):
+        if any(_is_product(u) for u in frontier):
             return True
     return False
 
@@ -378,7 +528,7 @@ def _reaches_product(node: Any, depth: int = 8) -> bool:
     for _ in range(depth):
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return False
-        if node.target in PRODUCTS or node.target == aten.baddbmm.default:
+        if _is_product(node) or node.target == aten.baddbmm.default:
             return True
         if node.target in ADDS:
             return any(_reaches_product(a, depth - 1) for a in node.args[:2])

@@ -1,6 +1,7 @@
 """Small graph-editing helpers shared by the passes (meta propagation, parameters, tracing back)."""
 from __future__ import annotations
 
+import operator
 from typing import Any, Iterable
 
 import torch
@@ -16,6 +17,12 @@ VIEW_OPS = {
     aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
     aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default, aten.clone.default,
     aten.alias.default, aten.expand.default,
+}
+
+#: Ops that take a part of a tensor (a slice of a packed parameter, e.g. MHA's in_proj_weight).
+SLICE_OPS = {
+    aten.slice.Tensor, aten.narrow.default, aten.select.int, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, operator.getitem,
 }
 
 #: Meta keys copied from a replaced node to its replacement (module grouping, source lines).

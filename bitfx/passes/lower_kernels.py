@@ -10,7 +10,10 @@ After::
 
 ``BitLinearKernel`` binarizes and packs its weight ahead of the first call and keeps it until the
 parameter changes: the cache key is the tensor's storage pointer and its ``_version`` (bumped by
-every in-place update, e.g. ``optimizer.step()``), so packed weights are never stale.
+every in-place update, e.g. ``optimizer.step()``), so packed weights are never stale. A weight that
+is a slice of a packed parameter (MHA's ``in_proj_weight[E:]``) is a view: its pointer is the
+slice's own and its ``_version`` is the parameter's. A weight the graph *computes* (not a view or
+slice of an input) is a fresh tensor each call, whose address may be reused: it is packed per call.
 ``bit_attention`` becomes ``tvm_bit_attention``: the two integer products (sign(q)·sign(k)ᵀ and
 P_b·sign(v)) run as kernels, the float parts (scales, estimators, mask, softmax) in PyTorch.
 With ``kernels="reference"`` the graph is left as it is and the ops run their PyTorch reference.
@@ -24,15 +27,16 @@ from bitfx.ops import BIT_ATTENTION, BIT_LINEAR
 from bitfx.ops import attention as A
 from bitfx.ops.linear import quantize_weight
 from bitfx.passes.context import PassContext
-from bitfx.passes.graph import copy_meta
+from bitfx.passes.graph import SLICE_OPS, VIEW_OPS, copy_meta, trace_back
 
 
 class BitLinearKernel(torch.nn.Module):
     """A ``bit_linear`` call on the generated kernel, with its packed weight cached."""
 
-    def __init__(self, weight_mode: str, act_mode: str, act_bits: int):
+    def __init__(self, weight_mode: str, act_mode: str, act_bits: int, cache: bool = True):
         super().__init__()
         self.weight_mode, self.act_mode, self.act_bits = weight_mode, act_mode, act_bits
+        self.cache = cache
         self._key = None
         self._packed = None
         self._col_scale = None
@@ -44,7 +48,7 @@ class BitLinearKernel(torch.nn.Module):
         from bitfx.codegen import runtime
 
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
-        if key != self._key:
+        if key != self._key or not self.cache:
             with torch.no_grad():
                 codes, col_scale, _ = quantize_weight(weight.detach().float(), None, self.weight_mode)
                 self._packed = runtime.pack_weight(codes.to(torch.int8), ternary=self.weight_mode == "ternary")
@@ -57,13 +61,24 @@ class BitLinearKernel(torch.nn.Module):
     def forward(self, x, weight, bias, weight_scale, move, alpha):
         from bitfx.codegen import runtime
 
-        packed, col = self.packed(weight, weight_scale)
-        return runtime.bit_linear(
-            x, packed, act=self.act_mode, bits=self.act_bits,
-            move=None if move is None else move.detach(),
-            alpha=None if alpha is None else alpha.detach(),
-            col_scale=col, bias=None if bias is None else bias.detach(),
-        )
+        # the plan (kernels, contiguous vectors) is rebuilt only when a parameter changes
+        key = tuple(None if t is None else (t.data_ptr(), t._version)
+                    for t in (weight, bias, weight_scale, move, alpha))
+        plan = getattr(self, "_plan", None)
+        if plan is None or key != self._plan_key or not self.cache:
+            packed, col = self.packed(weight, weight_scale)
+            plan = self._plan = runtime.LinearPlan(
+                packed, act=self.act_mode, bits=self.act_bits,
+                move=None if move is None else move.detach(),
+                alpha=None if alpha is None else alpha.detach(),
+                col_scale=col, bias=None if bias is None else bias.detach(),
+            )
+            self._plan_key = key
+        return plan(x)
+
+
+#: Ops whose output aliases their input's storage (clone/contiguous may copy: not included).
+ALIASING_OPS = (VIEW_OPS - {torch.ops.aten.clone.default, torch.ops.aten.contiguous.default}) | SLICE_OPS
 
 
 def tvm_bit_attention(*args):
@@ -83,7 +98,9 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if node.target == BIT_LINEAR:
             name = f"bitfx_kernel_{count}"
             count += 1
-            gm.add_submodule(name, BitLinearKernel(*node.args[6:9]))
+            src, _ = trace_back(node.args[1], ALIASING_OPS)
+            persistent = isinstance(src, fx.Node) and src.op in ("placeholder", "get_attr")
+            gm.add_submodule(name, BitLinearKernel(*node.args[6:9], cache=persistent))
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_module(name, tuple(node.args[:6]))
         elif node.target == BIT_ATTENTION:

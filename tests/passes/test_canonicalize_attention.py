@@ -98,7 +98,24 @@ SPELLINGS = {
     "sdpa_bool_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (~BOOL_MASK,)),
     "sdpa_float_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m), (ADD_MASK,)),
     "flash_for_cpu": (lambda q, k, v: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0], ()),
+    # finite fills: exact as an additive finfo.min mask, fully masked rows (FULL_MASK row 1) included
+    "masked_fill_finfo_min": (lambda q, k, v, m: (q @ kT(k) * SCALE).masked_fill(m, torch.finfo(q.dtype).min)
+                              .softmax(-1) @ v, ("FULL_MASK",)),
+    "masked_fill_minus_1e9_then_scale": (lambda q, k, v, m: ((q @ kT(k)).masked_fill(m, -1e9) * SCALE)
+                                         .softmax(-1) @ v, ("FULL_MASK",)),
+    "where_finfo_min": (lambda q, k, v, m: torch.where(m, q @ kT(k), torch.finfo(q.dtype).min).softmax(-1) @ v,
+                        ("FULL_ATTEND",)),
+    "einsum": (lambda q, k, v: torch.einsum("bhqk,bhkd->bhqd",
+                                            torch.einsum("bhqd,bhkd->bhqk", q, k).mul(SCALE).softmax(-1), v), ()),
+    "einsum_heads_in_dim2": (lambda q, k, v: torch.einsum(  # q, k, v as [B, L, H, D], output [B, L, H, D]
+        "bhij,bjhd->bihd", torch.einsum("bihd,bjhd->bhij", q, k).softmax(-1), v), ()),
+    "einsum_ellipsis": (lambda q, k, v: torch.einsum("...ij,...jd->...id",
+                                                     torch.einsum("...id,...jd->...ij", q, k).softmax(-1), v), ()),
+    "sdpa_gqa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), ()),
 }
+
+FULL_MASK = BOOL_MASK.clone()
+FULL_MASK[1] = True  # row 1: every key masked (a finite fill gives a uniform row, -inf gives NaN)
 
 
 def spelling_inputs(name, extra):
@@ -107,6 +124,12 @@ def spelling_inputs(name, extra):
         k = kT(k).contiguous()
     if name == "heads_split":
         q = q.transpose(1, 2).reshape(B, L, H * D)
+    if name == "einsum_heads_in_dim2":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if name == "sdpa_gqa":  # 4 query heads over 2 kv heads
+        q = torch.cat([q, q.flip(-1)], dim=1)
+    extra = tuple({"FULL_MASK": FULL_MASK, "FULL_ATTEND": ~FULL_MASK}.get(e, e) if isinstance(e, str) else e
+                  for e in extra)
     return (q, k, v, *extra)
 
 
@@ -162,7 +185,11 @@ NEAR_MISSES = {
     "probs_two_users": (lambda q, k, v: ((p := (q @ kT(k)).softmax(-1)) @ v, p), "used by 2 nodes"),
     "scores_two_users": (lambda q, k, v: ((s := q @ kT(k)).softmax(-1) @ v, s), "used by 2 nodes"),
     "op_before_softmax": (lambda q, k, v: torch.tanh(q @ kT(k)).softmax(-1) @ v, "tanh"),
-    "finite_fill": (lambda q, k, v: (q @ kT(k)).masked_fill(BOOL_MASK, -1e9).softmax(-1) @ v, "not -inf"),
+    "small_finite_fill": (lambda q, k, v: (q @ kT(k)).masked_fill(BOOL_MASK, -5.0).softmax(-1) @ v, "not -inf"),
+    "fill_scaled_above_limit": (lambda q, k, v: ((q @ kT(k)).masked_fill(BOOL_MASK, -1e5) * 1e-3)
+                                .softmax(-1) @ v, "after scaling"),
+    "einsum_over_queries": (lambda q, k, v: torch.einsum("bhqk,bhqd->bhkd", torch.einsum(
+        "bhqd,bhkd->bhqk", q, k).softmax(-1), v), "not P·v over the key dimension"),
     "tensor_scale": (lambda q, k, v: ((q @ kT(k)) * v.mean()).softmax(-1) @ v, "scaled by a tensor"),
     "probs_right_operand": (lambda q, k, v: kT(v) @ (q @ kT(k)).softmax(-1), "right operand"),
     "two_masks": (lambda q, k, v: ((q @ kT(k)).masked_fill(BOOL_MASK, float("-inf")) + ADD_MASK)
@@ -193,14 +220,39 @@ def test_classifier_softmax_is_not_a_candidate():
     assert count(gm) == 0 and not ctx.report.skips and not ctx.report.rewrites
 
 
-def test_sdpa_enable_gqa_is_reported_unsupported():
+def test_sdpa_enable_gqa_repeats_kv_heads():
+    """4 query heads over 1 kv head: k and v are repeated per group before the canonical node."""
     q, k, v = qkv()
+    q = torch.cat([q, -q], dim=1)
     fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
     args = (q, k[:, :1], v[:, :1])
     gm = export(fn, args)
-    _, _, ctx = run_pass(gm, args)
+    before, after, ctx = run_pass(gm, args)
+    (node,) = [n for n in gm.graph.nodes if n.target == ATTENTION]
+    assert tuple(node.args[1].meta["val"].shape) == (B, 2 * H, L, D) and not ctx.report.skips
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_enable_gqa_with_symbolic_heads_is_reported():
+    def build(g, q, k, v, m):
+        return g.call_function(aten.scaled_dot_product_attention.default, (q, k, v), {"enable_gqa": True})
+
+    gm = hand_graph(build)  # no fake values: the head counts are unknown
+    ctx = PassContext(BinarizeConfig())
+    canonicalize_attention(gm, ctx)
     assert count(gm) == 0
     assert [(s.reason, "enable_gqa" in s.detail) for s in ctx.report.skips] == [("unsupported", True)]
+
+
+def test_finite_fill_keeps_uniform_fully_masked_row():
+    """masked_fill(m, finfo.min) on a fully masked row is uniform, not NaN (an -inf mask would give NaN)."""
+    fn, extra = SPELLINGS["masked_fill_finfo_min"]
+    args = spelling_inputs("masked_fill_finfo_min", extra)
+    gm = export(fn, args)
+    before, after, _ = run_pass(gm, args)
+    torch.testing.assert_close(after[:, :, 1], args[2].mean(dim=-2), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
 def test_flash_for_cpu_with_logsumexp_used_is_reported():
