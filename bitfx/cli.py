@@ -6,7 +6,7 @@
 A model is named ``MODULE:FACTORY``: a dotted module name or a ``.py`` file path, and a function in
 it that takes no arguments and returns ``(model, example_inputs)`` (see :func:`load_factory`).
 ``demo``, ``export`` and ``bench`` hand their arguments to ``bitfx.demo.main``,
-``bitfx.export.cli_main`` and ``bitfx.bench.main``, imported only when called.
+``export_main`` (here; ``bitfx.export`` is imported when it runs) and ``bitfx.bench.main``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 #: subcommand -> (module, function) that parses and runs it; imported on use.
 DELEGATED = {
     "demo": ("bitfx.demo", "main", "compile a built-in BERT-shaped encoder and show what bitfx did"),
-    "export": ("bitfx.export", "cli_main", "export a model to a shared library for a device"),
+    "export": ("bitfx.cli", "export_main", "export a model to a shared library for a device"),
     "bench": ("bitfx.bench", "main", "benchmark bitfx kernels and models against their baselines"),
 }
 
@@ -143,6 +143,44 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.html:
         result.to_html(args.html, engine=args.layout)
         console.print(f"wrote {args.html}")
+    return 0
+
+
+def export_parser() -> argparse.ArgumentParser:
+    """The arguments of ``bitfx export``."""
+    p = argparse.ArgumentParser(prog="bitfx export", description="Binarize a model and export it as one shared "
+                                "library for a device (TVM Relax, cross compiled).")
+    p.add_argument("factory", metavar="MODULE:FACTORY",
+                   help="module (dotted name or .py path) and a function in it returning (model, example_inputs)")
+    p.add_argument("--target", default="linux-arm64", help="device target (default linux-arm64)")
+    p.add_argument("-o", "--output", default="model.so", help="the library to write (default model.so)")
+    p.add_argument("--config", metavar="PRESET", help="preset name or a JSON object of BinarizeConfig fields")
+    p.add_argument("--verify", action="store_true", help="run the library under qemu and compare with the host")
+    p.add_argument("--no-bundle", action="store_true", help="write only the library, no deploy bundle")
+    return p
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``bitfx export MODULE:FACTORY [--target T] [-o PATH] [--config C] [--verify] [--no-bundle]``.
+
+    Returns 0 on success, 2 for a bad factory or config, 1 when the export or its verification fails.
+    """
+    from bitfx.export import ExportError, export
+
+    args = export_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        config = _config(args.config)
+        model, inputs = load_model(args.factory)
+    except (FactoryError, ValueError, TypeError) as e:
+        print(f"bitfx export: {e}", file=sys.stderr)
+        return 2
+    try:
+        path = export(model, inputs, args.target, args.output, config, verify=args.verify,
+                      bundle=not args.no_bundle)
+    except (ValueError, ExportError, AssertionError) as e:
+        print(f"bitfx export: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}" + (" (verified under qemu)" if args.verify else ""))
     return 0
 
 

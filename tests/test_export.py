@@ -169,6 +169,6 @@ def test_cli_export_verify(tmp_path, arm64_runtime):
 def test_cli_export_unknown_target_fails_cleanly(tmp_path):
     factory = tmp_path / "tiny.py"
     factory.write_text(FACTORY)
-    from bitfx.export import cli_main
+    from bitfx.cli import export_main
 
-    assert cli_main([f"{factory}:make", "--target", "nope", "-o", str(tmp_path / "x.so")]) == 1
+    assert export_main([f"{factory}:make", "--target", "nope", "-o", str(tmp_path / "x.so")]) == 1

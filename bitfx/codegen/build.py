@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,10 +62,17 @@ def _generator(op: str, impl: str):
     return registry.implementation(impl, op)
 
 
-def _target(target):
-    from bitfx.targets.host import host_target
+def _target(target, impl: str = "reference"):
+    """The target to compile for: given, else this CPU (``host`` kernels: its tuned ``mcpu`` target)."""
+    if target is not None:
+        return target
+    if impl == "host":
+        from bitfx.targets.host import host_target
 
-    return target or host_target()
+        return host_target()
+    from bitfx.targets.cross import get_target
+
+    return get_target("host").tvm_target
 
 
 @functools.cache
@@ -76,11 +84,11 @@ def _source_digest(op: str, impl: str) -> str:
 
 
 def cache_key(op: str, impl: str, target, params: dict) -> str:
-    from bitfx.targets.host import SCHEDULE_VERSION
-
+    # the generator module's SCHEDULE_VERSION (0 if it has none), beside its source hash
+    schedule = getattr(sys.modules[_generator(op, impl).__module__], "SCHEDULE_VERSION", 0)
     desc = {
         "op": op, "impl": impl, "params": {k: repr(v) for k, v in sorted(params.items())},
-        "target": str(_target(target)), "schedule": SCHEDULE_VERSION, "source": _source_digest(op, impl),
+        "target": str(_target(target, impl)), "schedule": schedule, "source": _source_digest(op, impl),
         "tvm": tvm.__version__, "format": CACHE_FORMAT,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
@@ -116,7 +124,7 @@ def _load(manifest: Path, root: Path):
 
 def _compile_and_store(op: str, impl: str, target, params: dict, root: Path, key: str):
     func = _generator(op, impl)(**params).with_attr("global_symbol", "main")
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=_target(target))
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=_target(target, impl))
     STATS["compiled"] += 1
     log.debug("kernel %s %s compiled", op, params)
     try:

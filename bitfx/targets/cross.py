@@ -9,12 +9,14 @@ Targets (``list_targets()``):
 - ``host``: this machine, LLVM tuned for the detected CPU (``mcpu``), the system C++ compiler.
 - ``linux-arm64``: AArch64 Linux with glibc (Raspberry Pi 4/5, Jetson, Graviton), NEON;
   Debian package ``g++-aarch64-linux-gnu``.
-- ``android-arm64``: Android API 24+ on ARMv8.2-A phones (NEON + ``dotprod``). With an NDK
+- ``android-arm64``: Android API 24+ on any ARMv8-A phone (NEON only: Cortex-A53 class). With an NDK
   (``TVM_NDK_CC`` or ``ANDROID_NDK_HOME``) its clang links; without one, Debian's ``clang`` + ``lld``
   link the TVM objects against generated stubs of ``libc.so``/``libm.so``/``libdl.so`` and the TVM
   runtime (only the symbols the objects use, checked against bionic's export list), which records
   the same ``DT_NEEDED`` entries as an NDK link. Either way ``check_android_library`` runs on the result.
 - ``android-armv7``: 32-bit ARMv7-A Android with NEON (stretch goal: see ``check_android_library``).
+- ``linux-arm64-dotprod``, ``android-arm64-dotprod``: the same with ARMv8.2-A ``dotprod`` (``udot``/``sdot``),
+  for cores that have it (Cortex-A55/A75 and later); asked for by name only, never by default.
 
 Every link is followed by a check of the ELF it produced; every failure says what to install.
 """
@@ -353,7 +355,16 @@ register_target(DeviceTarget(
     "gnu", _elf.EM_AARCH64, "AArch64 Linux (glibc), NEON", kernels="arm64"))
 register_target(DeviceTarget(
     "android-arm64", "aarch64-linux-android",
-    # dotprod (ARMv8.2-A, every arm64 phone core since Cortex-A55/A75) for int8 epilogues.
+    # ARMv8.0-A + NEON: runs on every arm64 phone (Cortex-A53 class); dotprod only by name below.
+    {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]},
+    "android", _elf.EM_AARCH64, "Android API 24+, ARMv8.0-A (NEON)", kernels="arm64"))
+register_target(DeviceTarget(
+    "linux-arm64-dotprod", "aarch64-linux-gnu",
+    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
+    "gnu", _elf.EM_AARCH64, "AArch64 Linux (glibc), ARMv8.2-A (NEON, dotprod)", kernels="arm64"))
+register_target(DeviceTarget(
+    "android-arm64-dotprod", "aarch64-linux-android",
+    # dotprod: ARMv8.2-A, every arm64 phone core since Cortex-A55/A75 (SIGILL on Cortex-A53/A72).
     {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+dotprod"]},
     "android", _elf.EM_AARCH64, "Android API 24+, ARMv8.2-A (NEON, dotprod)", kernels="arm64"))
 register_target(DeviceTarget(

@@ -31,7 +31,9 @@ def test_duplicate_registration_is_refused():
 
 @pytest.mark.parametrize("name, triple, mattr", [
     ("linux-arm64", "aarch64-linux-gnu", ["+neon"]),
-    ("android-arm64", "aarch64-linux-android", ["+neon", "+dotprod"]),
+    ("android-arm64", "aarch64-linux-android", ["+neon"]),  # ARMv8.0 baseline (issue 9)
+    ("linux-arm64-dotprod", "aarch64-linux-gnu", ["+neon", "+dotprod"]),
+    ("android-arm64-dotprod", "aarch64-linux-android", ["+neon", "+dotprod"]),
     ("android-armv7", "armv7a-linux-androideabi", ["+neon"]),
 ])
 def test_tvm_targets(name, triple, mattr):

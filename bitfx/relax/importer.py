@@ -1,0 +1,188 @@
+"""``to_relax``: a binarized GraphModule as a Relax IRModule for one kernel set.
+
+    mod = to_relax(gm, (x,), target="linux-arm64")     # R.call_tir of the arm64 kernels
+
+The steps: ``torch.export`` (batch and sequence dims symbolic where the model allows) →
+decompositions (``bit_attention`` into its formula with its integer products as ops of their own,
+``bitfx.attention`` into its float reference, ``aten.amax`` into argmax + gather, which the importer
+takes) → a check that names every op the importer has no converter for, all at once →
+``from_exported_program`` with the converters of ``bitfx/relax/converters.py``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportError", "to_relax"]
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported for a device; the message names the op(s) and the layer(s)."""
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def to_relax(gm: torch.nn.Module, example_inputs: Sequence[Any], *, dynamic: bool = True, target=None):
+    """The binarized GraphModule as a Relax IRModule (see ``bitfx.export`` for the lowering).
+
+    Args:
+        target: the device target (name or ``DeviceTarget``) whose kernel set the bitfx ops lower to;
+            ``None``: the reference compute.
+        dynamic: keep the batch and sequence dims symbolic where the model allows
+            (``torch.export.Dim.AUTO``); if that import fails (some graphs lose static shape
+            information in the importer, e.g. ``nn.TransformerEncoderLayer``), it falls back to the
+            example shapes and logs a warning. ``to_relax.last_dynamic`` says which one the last call
+            produced.
+    """
+    inputs = _as_tuple(example_inputs)
+    kernels = "reference"
+    if target is not None:
+        from bitfx.targets import cross
+
+        kernels = cross.get_target(target).kernels
+    if dynamic:
+        from bitfx.api import _auto_dynamic_shapes
+
+        try:
+            mod = _import(gm, inputs, _auto_dynamic_shapes(inputs), kernels)
+            to_relax.last_dynamic = True
+            return mod
+        except ExportError:
+            raise
+        except Exception as e:  # noqa: BLE001 — retried with static shapes below
+            log.warning("bitfx.export: symbolic shapes failed (%s: %s); exporting at the example shapes",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    mod = _import(gm, inputs, None, kernels)
+    to_relax.last_dynamic = False
+    return mod
+
+
+to_relax.last_dynamic = None
+
+
+def _import(gm, inputs: tuple, dynamic_shapes, kernels: str):
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from bitfx.relax.converters import ConvertContext, convert_map
+
+    ep = torch.export.export(gm, inputs, dynamic_shapes=dynamic_shapes)
+    ep = _decompose(ep)
+    _check_supported(ep, gm)
+    ctx = ConvertContext(values=_constant_values(ep), kernels=kernels)
+    try:
+        return from_exported_program(ep, custom_convert_map=convert_map(ctx), keep_params_as_input=False)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 — re-raised with the op and the layer when one is named
+        op = _op_in_message(str(e), ep)
+        if op is None:
+            raise
+        node, name = op
+        raise ExportError(f"cannot export {_layer(node, gm)}: op {name} is not supported by TVM's Relax "
+                          f"torch importer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def _decompose(ep, integer_kernels: bool = True):
+    """bit_attention → ATen float ops, with its integer matmuls as ``sign_scores``/``binary_pv``
+    (``integer_kernels``, lowered to call_tir) or as plain float matmuls (its reference formula)."""
+    from bitfx.ops.attention import attention_reference, bit_attention_reference
+    from bitfx.ops.attention_products import bit_attention_with_products
+
+    ref = bit_attention_with_products if integer_kernels else bit_attention_reference
+
+    def decomp(*args, **kwargs):
+        with torch.no_grad():
+            return ref(*args, **kwargs)
+
+    def float_attention(q, k, v, attn_mask, scale, is_causal, dropout_p):
+        # canonical float attention (layers the config keeps float); inference: no dropout
+        return attention_reference(q, k, v, attn_mask, scale, is_causal, 0.0)
+
+    def amax(x, dim=(), keepdim=False):
+        # The Relax importer has no amax, and its max.dim needs topk (absent from the runtime):
+        # argmax + gather instead (NaN aside, the same value).
+        dims = sorted({d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)} or range(x.dim()),
+                      reverse=True)
+        for d in dims:
+            x = torch.gather(x, d, torch.argmax(x, dim=d, keepdim=True))
+            if not keepdim:
+                x = x.squeeze(d)
+        return x
+
+    table = {torch.ops.bitfx.bit_attention.default: decomp,
+             torch.ops.bitfx.attention.default: float_attention,
+             torch.ops.aten.amax.default: amax}
+    if not any(n.target in table for n in ep.graph.nodes):
+        return ep
+    return ep.run_decompositions(table)
+
+
+def _constant_values(ep) -> dict[str, torch.Tensor]:
+    """placeholder name -> tensor, for the parameters, buffers and constants of ``ep``."""
+    sig, out = ep.graph_signature, {}
+    for name, target in sig.inputs_to_parameters.items():
+        out[name] = ep.state_dict[target]
+    for name, target in sig.inputs_to_buffers.items():
+        out[name] = ep.state_dict[target] if target in ep.state_dict else ep.constants[target]
+    for name, target in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
+        out[name] = ep.constants[target]
+    return out
+
+
+def _importer_ops() -> set[str] | None:
+    """The op names TVM's importer converts (``"add.Tensor"``...); None if its table is unreadable."""
+    try:
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+        return set(ExportedProgramImporter().create_convert_map().keys())
+    except Exception:  # noqa: BLE001 — the check is best effort; the import itself still runs
+        return None
+
+
+def _check_supported(ep, gm) -> None:
+    """Name every op (and its layer) the importer has no converter for, all at once, before importing."""
+    from bitfx.relax.converters import converted_ops
+
+    known = _importer_ops()
+    if known is None:
+        return
+    known |= {op.__name__ for op in converted_ops()}
+    decomposed = ep.run_decompositions()  # what the importer sees (run_ep_decomposition=True)
+    missing = [f"{_layer(node, gm)}: op {node.target} ({node.target.__name__})"
+               for node in decomposed.graph.nodes
+               if node.op == "call_function" and hasattr(node.target, "_schema")
+               and node.target.__name__ not in known]
+    if missing:
+        raise ExportError(f"cannot export {len(missing)} node(s) that TVM's Relax torch importer does not "
+                          f"support: {'; '.join(missing)}. Replace them in the model, or keep those layers "
+                          "out of the exported module")
+
+
+def _op_in_message(msg: str, ep):
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and hasattr(node.target, "__name__") and node.target.__name__ in msg:
+            return node, str(node.target)
+    return None
+
+
+def _layer(node, gm) -> str:
+    """'layer fc1 (torch.nn.Linear)' from the node's nn_module_stack, or from the same-named gm node."""
+    from bitfx.passes.context import module_of, module_type_of
+
+    path, kind = module_of(node), module_type_of(node)
+    if not path and isinstance(gm, fx.GraphModule):
+        for n in gm.graph.nodes:
+            if n.name == node.name:
+                path, kind = module_of(n), module_type_of(n)
+                break
+    if not path:
+        stack = node.meta.get("stack_trace") or ""
+        return f"node {node.name} (no module path recorded{'; ' + stack.strip().splitlines()[-1] if stack else ''})"
+    return f"layer {path!r} ({kind}), node {node.name}"
