@@ -40,6 +40,12 @@
 
 namespace ffi = tvm::ffi;
 
+// tvm-ffi's ErrorBuilder default-constructs a std::ostringstream, whose out-of-line constructor is
+// versioned GLIBCXX_3.4.26 (GCC 9): newer than the libstdc++ of Ubuntu 18.04 / Debian 10 (3.4.25).
+// Instantiating it here binds the loader to its own copy (the header's inline body), so the loader
+// needs nothing above GLIBCXX_3.4.21 (checked by tests/targets/test_deploy_glibc.py).
+template std::ostringstream::basic_ostringstream();
+
 namespace {
 
 constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
@@ -84,11 +90,16 @@ const DTypeName& FindDType(DLDataType dl) {
 }
 
 std::string ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
+  // (not an ostringstream: its default constructor is GLIBCXX_3.4.26, newer than the libstdc++ of
+  // the oldest systems the bundle supports; see glibc_start.c)
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
   if (!f) throw std::runtime_error("cannot open " + path);
-  std::ostringstream s;
-  s << f.rdbuf();
-  return s.str();
+  std::string data(static_cast<size_t>(f.tellg()), '\0');
+  f.seekg(0);
+  if (!f.read(&data[0], static_cast<std::streamsize>(data.size()))) {
+    throw std::runtime_error("cannot read " + path);
+  }
+  return data;
 }
 
 ffi::Tensor NewTensor(const std::vector<int64_t>& shape, DLDataType dtype, const char* src,

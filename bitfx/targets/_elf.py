@@ -10,6 +10,7 @@ EM_ARM, EM_X86_64, EM_AARCH64 = 40, 62, 183
 ET_REL, ET_EXEC, ET_DYN = 1, 2, 3
 _PT_LOAD, _PT_TLS = 1, 7
 _SHT_SYMTAB, _SHT_DYNAMIC, _SHT_DYNSYM = 2, 6, 11
+_SHT_GNU_VERNEED = 0x6FFFFFFE
 _DT_NEEDED, _DT_SONAME, _DT_TEXTREL, _DT_FLAGS = 1, 14, 22, 30
 _DF_TEXTREL = 0x4
 _STB_GLOBAL, _STB_WEAK = 1, 2
@@ -30,6 +31,7 @@ class ElfInfo:
     has_tls: bool = False
     undefined: dict[str, str] = field(default_factory=dict)  # name -> "GLOBAL" | "WEAK"
     defined: set[str] = field(default_factory=set)
+    version_needs: dict[str, set[str]] = field(default_factory=dict)  # "libc.so.6" -> {"GLIBC_2.17"}
 
     @property
     def machine_name(self) -> str:
@@ -85,7 +87,9 @@ def read_elf(path: str | Path) -> ElfInfo:
     # A shared object's interface is its .dynsym; an object file only has .symtab.
     wanted = _SHT_DYNSYM if any(s[0] == _SHT_DYNSYM for s in sections) else _SHT_SYMTAB
     for sh_type, sh_offset, sh_size, sh_link, sh_entsize in sections:
-        if sh_type == _SHT_DYNAMIC:
+        if sh_type == _SHT_GNU_VERNEED:
+            _read_verneed(data, sh_offset, sh_link, string, info.version_needs)
+        elif sh_type == _SHT_DYNAMIC:
             fmt = "<qQ" if is64 else "<iI"
             for off in range(sh_offset, sh_offset + sh_size, struct.calcsize(fmt)):
                 tag, val = struct.unpack_from(fmt, data, off)
@@ -111,3 +115,18 @@ def read_elf(path: str | Path) -> ElfInfo:
                 else:
                     info.defined.add(name)
     return info
+
+
+def _read_verneed(data: bytes, offset: int, strtab: int, string, out: dict[str, set[str]]) -> None:
+    """``.gnu.version_r``: the symbol versions needed from each library (Elf32/64 layouts agree)."""
+    while True:
+        _, vn_cnt, vn_file, vn_aux, vn_next = struct.unpack_from("<HHIII", data, offset)
+        names = out.setdefault(string(strtab, vn_file), set())
+        aux = offset + vn_aux
+        for _ in range(vn_cnt):
+            _, _, _, vna_name, vna_next = struct.unpack_from("<IHHII", data, aux)
+            names.add(string(strtab, vna_name))
+            aux += vna_next
+        if vn_next == 0:
+            return
+        offset += vn_next

@@ -42,6 +42,7 @@ _WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylin
                     "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 _BIONIC_TO_GLIBC = {"libc.so": "libc.so.6", "libm.so": "libm.so.6", "libdl.so": "libdl.so.2"}
 LOADER_SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "loader.cc"
+GLIBC_START_SOURCE = LOADER_SOURCE.with_name("glibc_start.c")
 
 
 def cache_dir() -> Path:
@@ -114,15 +115,19 @@ def build_loader(target: str = "linux-arm64", out: str | Path | None = None) -> 
 
     include = tvm_ffi.libinfo.find_include_path()
     dlpack = tvm_ffi.libinfo.find_dlpack_include_path()
-    key = hashlib.sha256(LOADER_SOURCE.read_bytes() + repr((cxx, runtime_versions())).encode())
+    key = hashlib.sha256(LOADER_SOURCE.read_bytes() + GLIBC_START_SOURCE.read_bytes() +
+                         repr((cxx, runtime_versions())).encode())
     dest = Path(out) if out else cache_dir() / "loader" / key.hexdigest()[:16] / "bitfx_loader"
     if dest.exists() and out is None:
         return dest
     _mkdir(dest.parent)
     partial = dest.with_name(f".{dest.name}.{os.getpid()}")
-    cmd = [cxx, "-std=c++17", "-O2", f"-I{include}", f"-I{dlpack}", str(LOADER_SOURCE),
-           "-o", str(partial), f"-L{runtime}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi",
-           "-Wl,-rpath,$ORIGIN"]
+    # glibc_start.c replaces Scrt1.o (see there): the loader then needs GLIBC_2.17, not 2.34.
+    crt = {name: _compiler_file(cxx, name) for name in ("crti.o", "crtbeginS.o", "crtendS.o", "crtn.o")}
+    cmd = [cxx, "-std=c++17", "-O2", "-fPIE", "-pie", "-nostartfiles", f"-I{include}", f"-I{dlpack}",
+           crt["crti.o"], crt["crtbeginS.o"], "-x", "c", str(GLIBC_START_SOURCE), "-x", "none",
+           str(LOADER_SOURCE), "-o", str(partial), f"-L{runtime}", "-Wl,--no-as-needed",
+           "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN", crt["crtendS.o"], crt["crtn.o"]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the loader failed:\n{proc.stderr}\ncommand: {' '.join(cmd)}")
@@ -130,8 +135,26 @@ def build_loader(target: str = "linux-arm64", out: str | Path | None = None) -> 
     return dest
 
 
-def qemu_command(target: str = "linux-arm64") -> list[str]:
-    """``qemu-aarch64 -L <sysroot>``; ToolchainNotFoundError naming the Debian package if absent."""
+class EmulationError(RuntimeError):
+    """The device program failed under qemu; ``signal`` is set when a signal killed it (4: SIGILL)."""
+
+    def __init__(self, message: str, returncode: int, output: str):
+        super().__init__(message)
+        self.returncode = returncode
+        self.output = output
+
+    @property
+    def signal(self) -> int | None:
+        # qemu-user re-raises the guest's fatal signal on itself: a negative return code
+        return -self.returncode if self.returncode < 0 else None
+
+
+def qemu_command(target: str = "linux-arm64", cpu: str | None = None) -> list[str]:
+    """``qemu-aarch64 -L <sysroot> [-cpu CPU]``; ToolchainNotFoundError naming the Debian package if absent.
+
+    ``cpu`` is a qemu CPU model: ``cortex-a53`` (ARMv8.0-A), ``cortex-a76`` (ARMv8.2-A, dotprod),
+    ``max`` (qemu's default: every feature it emulates). ``qemu-aarch64 -cpu help`` lists them.
+    """
     dt = get_target(target)
     if not dt.triple.startswith("aarch64"):
         raise ValueError(f"no emulator for {target!r} ({dt.triple}); emulation covers aarch64 "
@@ -143,12 +166,12 @@ def qemu_command(target: str = "linux-arm64") -> list[str]:
     if not (AARCH64_SYSROOT / "lib" / "libc.so.6").exists():
         raise ToolchainNotFoundError(f"{AARCH64_SYSROOT} has no libc.so.6; install the Debian "
                                      "package g++-aarch64-linux-gnu (it brings libc6-arm64-cross)")
-    return [qemu, "-L", str(AARCH64_SYSROOT)]
+    return [qemu, "-L", str(AARCH64_SYSROOT)] + (["-cpu", cpu] if cpu else [])
 
 
 def run_emulated(lib_path: str | Path, inputs: Sequence[np.ndarray], target: str = "linux-arm64",
                  *, func: str = "main", timeout: float = 300, env: dict | None = None,
-                 ) -> list[np.ndarray]:
+                 cpu: str | None = None) -> list[np.ndarray]:
     """Run function ``func`` of the exported Relax library ``lib_path`` under qemu; return its outputs.
 
     Args:
@@ -156,11 +179,15 @@ def run_emulated(lib_path: str | Path, inputs: Sequence[np.ndarray], target: str
         inputs: the function's arguments, in order (C-contiguous copies are written as .npy).
         target: the target the library was built for (an aarch64 one).
         env: extra environment for the device process (e.g. ``{"TVM_NUM_THREADS": "2"}``).
+        cpu: the qemu CPU model to emulate (``qemu_command``); None is qemu's ``max``.
 
     Returns:
         The flattened outputs (a tuple result becomes several arrays).
+
+    Raises:
+        EmulationError: the program failed; its ``signal`` is 4 when the CPU lacks an instruction.
     """
-    cmd = qemu_command(target) + [str(build_loader("linux-arm64"))]
+    cmd = qemu_command(target, cpu) + [str(build_loader("linux-arm64"))]
     libs = [str(fetch_arm64_runtime())]
     with tempfile.TemporaryDirectory(prefix="bitfx-qemu-") as tmp:
         tmp = Path(tmp)
@@ -175,8 +202,9 @@ def run_emulated(lib_path: str | Path, inputs: Sequence[np.ndarray], target: str
                               ["--func", func], capture_output=True, text=True, env=run_env,
                               timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"{Path(lib_path).name} failed under qemu ({proc.returncode}):\n"
-                               f"{proc.stdout}{proc.stderr}")
+            raise EmulationError(f"{Path(lib_path).name} failed under qemu{f' -cpu {cpu}' if cpu else ''}"
+                                 f" ({proc.returncode}):\n{proc.stdout}{proc.stderr}",
+                                 proc.returncode, proc.stdout + proc.stderr)
         outs = sorted(tmp.glob("output_*.npy"), key=lambda p: int(p.stem.split("_")[1]))
         return [np.load(p) for p in outs]
 
@@ -195,6 +223,14 @@ def _cross_cxx() -> str:
         raise ToolchainNotFoundError("building the arm64 loader needs aarch64-linux-gnu-g++; "
                                      "install the Debian package g++-aarch64-linux-gnu")
     return cxx
+
+
+def _compiler_file(cc: str, name: str) -> str:
+    """``cc -print-file-name=name``: a start file of the compiler's (sysroot) installation."""
+    found = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    if not Path(found).is_file():
+        raise ToolchainNotFoundError(f"{cc} has no {name} (got {found!r}); is its libc6-dev installed?")
+    return found
 
 
 def _mkdir(path: Path) -> Path:
