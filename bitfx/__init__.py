@@ -8,8 +8,9 @@ from bitfx.api import binarize
 from bitfx.calibrate import calibrate
 from bitfx.config import BinarizeConfig
 from bitfx.export import export
+from bitfx.inputs import CaptureError
 from bitfx.inspect import diff
 
 __version__ = "0.1.0"
 
-__all__ = ["BinarizeConfig", "binarize", "calibrate", "diff", "export", "__version__"]
+__all__ = ["BinarizeConfig", "CaptureError", "binarize", "calibrate", "diff", "export", "__version__"]

@@ -1,7 +1,7 @@
 """``bitfx.binarize``: a trainable binary model from a float one, through the one pass pipeline."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -9,6 +9,7 @@ import torch.fx as fx
 from bitfx.calibrate import calibrate
 from bitfx.config import BinarizeConfig
 from bitfx.passes import PIPELINE, PassContext, run_passes
+from bitfx.inputs import example_call
 from bitfx.passes.capture import _has_bitfx_ops, capture_export
 
 
@@ -20,38 +21,58 @@ def _auto_dynamic_shapes(example_inputs: Sequence[Any]):
     return tuple(spec(x) for x in example_inputs)
 
 
-def trace(model: torch.nn.Module, example_inputs: Sequence[Any], config=None, *, snapshot: bool = False,
-          passes=PIPELINE) -> tuple[fx.GraphModule, PassContext]:
-    """Capture ``model`` with torch.export and run ``passes``; returns (graph module, context)."""
+def trace(model: torch.nn.Module, example_inputs: Any = (), config=None, *, snapshot: bool = False,
+          passes=PIPELINE, example_kwargs: Mapping[str, Any] | None = None) -> tuple[fx.GraphModule, PassContext]:
+    """Capture ``model`` with torch.export and run ``passes``; returns (graph module, context).
+
+    ``example_inputs`` / ``example_kwargs``: inputs as users hold them (:mod:`bitfx.inputs`);
+    ``ctx.example_inputs`` holds their flat leaves, in the order of the graph's placeholders.
+    """
     cfg = BinarizeConfig.coerce(config)
-    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    gm, weights = capture_export(model, example_inputs, _auto_dynamic_shapes(example_inputs))
-    ctx = PassContext(cfg, weights, snapshot=snapshot, example_inputs=example_inputs)
+    call = example_call(model, example_inputs, example_kwargs)
+    gm, weights = capture_export(model, call=call)
+    ctx = PassContext(cfg, weights, snapshot=snapshot, example_inputs=call.flat)
     if _has_bitfx_ops(gm):
         return gm, ctx
     return run_passes(gm, ctx, passes), ctx
 
 
-def binarize(model: torch.nn.Module, example_inputs: Sequence[Any], config=None) -> fx.GraphModule:
+def binarize(model: torch.nn.Module, example_inputs: Any = (), config=None, *,
+             example_kwargs: Mapping[str, Any] | None = None) -> fx.GraphModule:
     """Rewrite ``model``'s linears and attentions into binary ops; the result is trainable.
 
     Args:
-        model: any ``nn.Module`` that ``torch.export`` can capture.
-        example_inputs: a tuple of inputs (one batch). Sequence lengths and batch sizes are kept
-            dynamic where the model allows it.
+        model: any ``nn.Module`` that ``torch.export`` can capture (in ``eval()`` mode: attention
+            dropout keeps attention in float).
+        example_inputs: one batch as the model takes it: a tuple of positional inputs, one tensor,
+            or a mapping of keyword inputs (a tokenizer's output). Sequence lengths and batch sizes
+            are kept dynamic where the model allows it.
         config: a :class:`BinarizeConfig`, a preset name (``"bipft"``, ``"bivit"``, ``"bibert"``,
             ``"bit"``, ``"bitnet"``, ``"bitnet158"``) or a dict of fields; default ``"bipft"``.
+        example_kwargs: keyword inputs (as ``torch.export`` takes ``kwargs``), alone or with
+            positional ``example_inputs``. Keywords holding no tensor (``use_cache=False``) are
+            fixed at capture.
 
     Returns:
-        A ``torch.fx.GraphModule`` calling ``torch.ops.bitfx.bit_linear`` / ``bit_attention``.
+        A ``torch.fx.GraphModule`` calling ``torch.ops.bitfx.bit_linear`` / ``bit_attention``,
+        called like ``model`` (the same input names, positionally or by name) and returning the
+        model's output structure (a Hugging Face ``ModelOutput``, tuples, dicts, a KV cache).
         Gradients flow (straight-through) to the weights, scales, offsets and estimators, whose
-        initial values come from ``example_inputs`` (the first batch, as in the papers); refine
+        initial values come from the example inputs (the first batch, as in the papers); refine
         them with :func:`bitfx.calibrate`. ``gm.bitfx_report`` lists what was rewritten and what
-        stayed float, and why.
+        stayed float, and why; ``gm.bitfx_call`` the captured inputs (names, constants, caches).
 
-    Example: ``examples/qat.py``.
+    Raises:
+        TypeError: the example inputs do not fit ``model.forward`` (the message shows both).
+        bitfx.CaptureError: ``torch.export`` cannot capture the model (the message names the
+            cause and the way out, e.g. a returned cache type that is not a pytree).
+
+    Example: ``examples/qat.py``; a Hugging Face model with a tokenizer's dict::
+
+        qat = bitfx.binarize(bert, tokenizer(texts, return_tensors="pt", padding=True))
+        out = qat(**batch)           # a BaseModelOutputWithPoolingAndCrossAttentions
     """
-    gm, ctx = trace(model, example_inputs, config)
+    gm, ctx = trace(model, example_inputs, config, example_kwargs=example_kwargs)
     if ctx.report.rewrites:
         calibrate(gm, [ctx.example_inputs])
     gm.bitfx_report = ctx.report

@@ -9,6 +9,17 @@
   ``aten.matmul``...), and composite ops keep their autograd meaning for the binarized graph.
   Fused module fast paths that dynamo records (``aten._transformer_encoder_layer_fwd``, taken by
   ``nn.TransformerEncoderLayer`` under ``no_grad``) are decomposed back into those ops.
+
+Inputs as users hold them (:func:`example_call`): positional inputs, keyword inputs (a mapping
+such as a tokenizer's output, and/or ``example_kwargs``), and ``*args``/``**kwargs`` forwards.
+They are bound to the model's ``forward`` signature, flattened with ``torch.utils._pytree`` and
+exported as one flat tuple of leaves (every tensor dim ``Dim.AUTO``: one dynamic-shapes spec that
+fits any input structure); the GraphModule then gets the user's input structure back as its
+calling convention (``_PyTreeCodeGen``: same names, positional or keyword) and the model's output
+structure (HF ``ModelOutput``, tuples, dicts, caches) from ``torch.export``'s output spec.
+Keyword inputs that hold no tensor (``use_cache=False``, ``return_dict=True``) are constants of
+the capture. Hugging Face caches (``DynamicCache``, ``EncoderDecoderCache``) are registered as
+pytrees, so decoders capture with ``use_cache=True`` (HF's default) and carry the cache through.
 """
 from __future__ import annotations
 
@@ -20,16 +31,61 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from bitfx.inputs import CaptureError, ExampleCall, example_call, explain_capture_failure, pytree_codegen
 
-def capture_export(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes=None):
-    """``torch.export`` -> (GraphModule with parameters as attributes, names of weight nodes)."""
+
+def capture_export(model: torch.nn.Module, example_inputs: Any = (), dynamic_shapes=None, *,
+                   example_kwargs: Any = None, call: ExampleCall | None = None):
+    """``torch.export`` -> (GraphModule with parameters as attributes, names of weight nodes).
+
+    ``example_inputs`` may be a tuple of positional inputs, one tensor, or a mapping of keyword
+    inputs; ``example_kwargs`` adds keyword inputs (see :func:`bitfx.inputs.example_call`).
+    ``dynamic_shapes`` (for the flat leaves; default: every tensor dim ``Dim.AUTO``).
+    The GraphModule is called like ``model`` and returns its output structure.
+
+    Raises:
+        TypeError: the inputs do not fit ``model.forward``'s signature (naming both).
+        CaptureError: ``torch.export`` failed; the message names the cause and the way out.
+    """
     if isinstance(model, fx.GraphModule) and _has_bitfx_ops(model):
         gm = model
     else:
-        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
-        gm = ep.module()
+        call = call or example_call(model, example_inputs, example_kwargs)
+        gm = _export_flat(model, call, dynamic_shapes)
     weights = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
     return gm, weights
+
+
+def _export_flat(model: torch.nn.Module, call: ExampleCall, dynamic_shapes) -> fx.GraphModule:
+    """Export ``model`` as a function of the flat leaves of its inputs, then give the GraphModule
+    the user's calling convention back."""
+    if dynamic_shapes is None:
+        dynamic_shapes = (tuple({i: torch.export.Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor)
+                                else None for x in call.flat),)
+    forward = model.forward
+    had_own = "forward" in vars(model)
+    own = vars(model).get("forward")
+
+    def flat_forward(*leaves):
+        args, kwargs = call.unflatten(leaves)
+        return forward(*args, **kwargs)
+
+    model.forward = flat_forward  # the instance attribute shadows the class method during export only
+    try:
+        ep = torch.export.export(model, tuple(call.flat), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:
+        raise explain_capture_failure(e, model, call) from e
+    finally:
+        if had_own:
+            model.forward = own
+        else:
+            del model.forward
+    gm = ep.module()
+    gm.graph._codegen = pytree_codegen(call, gm._out_spec)
+    gm.recompile()
+    gm.validate_inputs = False  # the Python signature checks names; shapes are symbolic
+    gm.bitfx_call = call
+    return gm
 
 
 def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]):
