@@ -21,7 +21,7 @@ def test_linux_arm64_bundle_runs_from_its_own_directory(toy, toy_libs, arm64_run
     bundle = write_bundle(toy_libs["linux-arm64"], "linux-arm64", tmp_path / "bundle")
     names = {p.name for p in bundle.iterdir()}
     assert {"linux-arm64.so", "libtvm_runtime.so", "libtvm_ffi.so", "bitfx_loader", "loader.cc",
-            "README.md", "manifest.json"} <= names
+            "glibc_start.c", "README.md", "manifest.json"} <= names
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["triple"] == "aarch64-linux-gnu"
@@ -38,18 +38,29 @@ def test_linux_arm64_bundle_runs_from_its_own_directory(toy, toy_libs, arm64_run
     np.testing.assert_allclose(np.load(tmp_path / "output_0.npy"), expected, rtol=1e-5, atol=1e-5)
 
     readme = (bundle / "README.md").read_text()
-    assert "qemu-aarch64 -L /usr/aarch64-linux-gnu" in readme
+    assert "-L /usr/aarch64-linux-gnu ./bitfx_loader" in readme
     assert "rpc_tracker" in readme and "adb" not in readme
+    # What the README says the files need is what they need (read from their ELF symbol versions).
+    assert "need, at most: CXXABI_1.3.11, GCC_4.2.0, GLIBC_2.27, GLIBCXX_3.4.22 " in readme
 
 
 @needs_clang
-def test_android_bundle_ships_no_glibc_runtime(toy_libs, tmp_path):
-    bundle = write_bundle(toy_libs["android-arm64"], "android-arm64", tmp_path / "bundle")
+def test_android_bundle_without_runtime_points_at_the_ndk(toy_libs, tmp_path):
+    # The runnable (glibc userland) bundle is tested in test_deploy_android.py.
+    bundle = write_bundle(toy_libs["android-arm64"], "android-arm64", tmp_path / "bundle",
+                          include_runtime=False)
     names = {p.name for p in bundle.iterdir()}
     assert "libtvm_runtime.so" not in names and "bitfx_loader" not in names
     readme = (bundle / "README.md").read_text()
-    assert "adb push" in readme and "aarch64-linux-android24-clang++" in readme
-    assert "arm64-v8a" in readme and "<!--" not in readme
+    assert "**not** included" in readme and "aarch64-linux-android24-clang++" in readme
+    assert "arm64-v8a" in readme and "<!--" not in readme and "{{" not in readme
+
+
+@needs_clang
+def test_armv7_bundle_says_what_is_missing(toy_libs, tmp_path):
+    bundle = write_bundle(toy_libs["android-armv7"], "android-armv7", tmp_path / "bundle")
+    assert "bitfx_loader" not in {p.name for p in bundle.iterdir()}
+    assert "No runtime libraries or loader are bundled for android-armv7" in (bundle / "README.md").read_text()
 
 
 def test_readme_fields_must_all_be_filled():
