@@ -176,3 +176,294 @@ def fp32_gemm_neon(m: int, n: int, k: int, *, tile: tuple[int, int] = (4, 16),
                     out[t // (n // tn) * tm + i, t % (n // tn) * tn + j] = acc[i, j]
 
     return fp32_gemm.with_attr("global_symbol", name)
+
+
+# ============================================================================================ kernel set
+# The "arm64" kernel set (``bitfx.targets.registry``): what every arm64 export runs. Same buffers, in the
+# same order, as ``bitfx/codegen/compute.py`` (K-major ``[KW, N]`` uint64 weights), so one ``call_tir``
+# serves any set and the kernels are tested against the reference compute directly.
+#
+# GEMM: output columns in lanes. Two adjacent columns of a K-major weight word row are one q register
+# (uint64x2); the activation word is broadcast to both lanes. Per (row, column pair, word) the inner loop
+# is ``eor`` + ``cnt .16b`` + ``add .16b`` into a uint8x16 accumulator (each byte gains at most 8 per
+# word, so up to 31 words cannot overflow), widened to the int64 tile once per chunk of words — the same
+# 3 instructions per 128 bit-MACs as the row-major kernel above, with no repacking of the export's
+# weights. A tile of ``rows`` x ``cols`` columns keeps rows*cols/2 accumulators plus cols/2 weight and
+# ``rows`` activation registers live (4 x 8: 24 of the 32 q registers).
+
+SCHEDULE_VERSION = 1
+WORD = 64
+_GEMM_MODES = ("xnor", "xnor_ternary", "and", "and_ternary")
+
+
+def _u64(v: int):
+    from tvm import tirx
+
+    return tirx.const(v, "uint64")
+
+
+def _lanes_type(base: str, words: int) -> str:
+    """``uint8`` over ``words`` 64-bit words: "uint8x16" for 2 words, "uint8x8" for one."""
+    lanes = {"uint8": 8, "uint16": 4, "uint32": 2, "uint64": 1}[base] * words
+    return base if lanes == 1 else f"{base}x{lanes}"
+
+
+def _byte_sum(Tb, v8, words: int):
+    """uint8 lanes -> the sum of each 64-bit word's 8 bytes, as uint64 (x2): three pairwise widenings."""
+    from tvm import tirx
+
+    v = v8
+    for narrow, wide, shift in (("uint8", "uint16", 8), ("uint16", "uint32", 16), ("uint32", "uint64", 32)):
+        wt = _lanes_type(wide, words)
+        w = Tb.reinterpret(wt, v)
+        mask = tirx.const((1 << shift) - 1, wide)
+        sh = tirx.const(shift, wide)
+        if words > 1:
+            mask, sh = Tb.broadcast(mask, words * 64 // int(wide[4:])), Tb.broadcast(sh, words * 64 // int(wide[4:]))
+        v = (w & mask) + (w >> sh)
+    return v
+
+
+def gemm_tile(mode: str) -> tuple[int, int]:
+    """(rows, columns) of the register tile: 4 x 8 (2 x 8 for and_ternary's two counters per output)."""
+    return (2, 8) if mode == "and_ternary" else (4, 8)
+
+
+def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
+         batched: bool = False, epilogue: str = "int", bias: bool = False, tile=None,
+         parallel: bool = True, chunk: int = MAX_CHUNK):
+    """NEON bit-serial GEMM ``acc[m, n] = sum_k a[m, k] * w[n, k]``; the contract of ``compute.gemm``.
+
+    Modes (a = activation bits, w0/w1 = weight planes, K-major ``[KW, N]``), as in ``bitfx.targets.host.gemm``:
+      xnor          acc = K - 2 popc(a ^ w0)
+      xnor_ternary  acc = nnz_n - 2 popc((a ^ w0) & (w0 | w1))
+      and           acc = sum_b c_b (2 popc(p_b & w0) - popc(p_b))      (c_b = 2^b; -2^(planes-1) on top if signed)
+      and_ternary   acc = sum_b c_b (popc(p_b & w0) - popc(p_b & w1))
+    ``epilogue="float"``: ``y = (float(acc) * row_scale[m]) * col_scale[n] (+ bias[n])``.
+    M (and G when ``batched``) are symbolic; ``K=None`` makes the word count symbolic (and modes),
+    ``N=None`` makes N symbolic (its ragged tail runs one column at a time). Parallel over
+    (batch, column block, row block) tiles, then the ragged rows over column blocks.
+
+    Example::
+
+        f = gemm(mode="xnor", K=768, N=3072, epilogue="float")   # tvm.tirx.PrimFunc, any M
+    """
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as Tb
+
+    if mode not in _GEMM_MODES:
+        raise ValueError(f"unknown GEMM mode {mode!r}; expected one of {_GEMM_MODES}")
+    if mode.startswith("xnor") and (K is None or planes != 1):
+        raise ValueError(f"mode {mode!r} needs a static K and one activation plane")
+    _check_tile("chunk", chunk, MAX_CHUNK)
+    R, C = tile or gemm_tile(mode)
+    if isinstance(K, int):  # equal chunks: 12 words -> one chunk of 12, 48 -> two of 24
+        kw_ = (K + WORD - 1) // WORD
+        chunk = -(-kw_ // -(-kw_ // chunk))
+    _check_tile("tile rows", R)
+    if not isinstance(C, int) or C < 2 or C % 2:
+        raise ValueError(f"tile columns must be an even int >= 2, got {C!r}")
+    ternary = mode.endswith("ternary")
+
+    def match(handle, shape, dtype):
+        return Tb.match_buffer(handle, shape, dtype, align=tvm_dtype_bytes(dtype))
+
+    def body():
+        a_h, w_h = Tb.arg("a", Tb.handle()), Tb.arg("w", Tb.handle())
+        nz_h = Tb.arg("nnz", Tb.handle()) if mode == "xnor_ternary" else None
+        if epilogue == "float":
+            rs_h, cs_h = Tb.arg("row_scale", Tb.handle()), Tb.arg("col_scale", Tb.handle())
+            b_h = Tb.arg("bias", Tb.handle()) if bias else None
+        out_h = Tb.arg("out", Tb.handle())
+        G = tirx.Var("G", "int64") if batched else None
+        M = tirx.Var("M", "int64")
+        n = tirx.Var("N", "int64") if N is None else N
+        kw = tirx.Var("KW", "int64") if K is None else (K + WORD - 1) // WORD
+        bat = [G] if batched else []
+        A = match(a_h, (*bat, M, *([planes] if planes > 1 else []), kw), "uint64")
+        W = match(w_h, (*bat, *([2] if ternary else []), kw, n), "uint64")
+        NZ = match(nz_h, (n,), "int32") if nz_h is not None else None
+        O = match(out_h, (*bat, M, n), "float32" if epilogue == "float" else "int32")
+        if epilogue == "float":
+            RS, CS = match(rs_h, (M,), "float32"), match(cs_h, (n,), "float32")
+            BI = match(b_h, (n,), "float32") if bias else None
+
+        def a_word(g, m, b, w):
+            return A[(*([g] if batched else []), m, *([b] if planes > 1 else []), w)]
+
+        def w_vec(g, p, w, col, words):
+            idx = [*([g] if batched else []), *([p] if ternary else []), w]
+            if words == 1:
+                return W[(*idx, col)]
+            return tirx.BufferLoad(W, [*idx, Tb.ramp(col, 1, words)])
+
+        def emit_tile(g, rows, col0, width):
+            """``rows`` (exprs) x ``width`` (static) columns from ``col0``: accumulate, then store."""
+            groups = [(c, min(2, width - c)) for c in range(0, width, 2)]  # (first column, words)
+            accs = [Tb.alloc_buffer((width,), "int64") for _ in rows]
+            rterm = [Tb.alloc_buffer((1,), "int64") for _ in rows] if mode == "and" else None
+            for i in range(len(rows)):
+                with Tb.vectorized(0, width) as j:
+                    Tb.buffer_store(accs[i], tirx.const(0, "int64"), [j])
+                if rterm is not None:
+                    Tb.buffer_store(rterm[i], tirx.const(0, "int64"), [0])
+            counters = 2 if mode == "and_ternary" else 1
+
+            def chunk_of(b, neg, w0, nwords):
+                cnt = {(i, gi, c): Tb.alloc_buffer((8 * words,), "uint8")
+                       for i in range(len(rows)) for gi, (_, words) in enumerate(groups) for c in range(counters)}
+                rc = [Tb.alloc_buffer((16,), "uint8") for _ in rows] if rterm is not None else None
+                zero8 = lambda words: Tb.broadcast(tirx.const(0, "uint8"), 8 * words)  # noqa: E731
+                for (i, gi, c), buf in cnt.items():
+                    Tb.buffer_store(buf, zero8(groups[gi][1]), [Tb.ramp(0, 1, 8 * groups[gi][1])])
+                if rc is not None:
+                    for buf in rc:
+                        Tb.buffer_store(buf, zero8(2), [Tb.ramp(0, 1, 16)])
+                with Tb.serial(0, nwords) as s:
+                    w = w0 + s
+                    wv = {}
+                    for gi, (c0, words) in enumerate(groups):
+                        wv[gi, 0] = Tb.bind(w_vec(g, 0, w, col0 + c0, words))
+                        if ternary:
+                            wv[gi, 1] = Tb.bind(w_vec(g, 1, w, col0 + c0, words))
+                        if mode == "xnor_ternary":
+                            wv[gi, 2] = Tb.bind(wv[gi, 0] | wv[gi, 1])
+                    for i, m in enumerate(rows):
+                        a1 = Tb.bind(a_word(g, m, b, w))
+                        a2 = Tb.bind(Tb.broadcast(a1, 2))
+                        if rc is not None:
+                            pc = Tb.popcount(Tb.reinterpret("uint8x16", a2))
+                            Tb.buffer_store(rc[i], tirx.BufferLoad(rc[i], [Tb.ramp(0, 1, 16)]) + pc, [Tb.ramp(0, 1, 16)])
+                        for gi, (c0, words) in enumerate(groups):
+                            a = a2 if words == 2 else a1
+                            w0v = wv[gi, 0]
+                            if mode == "xnor":
+                                terms = [a ^ w0v]
+                            elif mode == "xnor_ternary":
+                                terms = [(a ^ w0v) & wv[gi, 2]]
+                            elif mode == "and":
+                                terms = [a & w0v]
+                            else:
+                                terms = [a & w0v, a & wv[gi, 1]]
+                            t8 = _lanes_type("uint8", words)
+                            for c, term in enumerate(terms):
+                                buf = cnt[i, gi, c]
+                                ramp = [Tb.ramp(0, 1, 8 * words)]
+                                Tb.buffer_store(buf, tirx.BufferLoad(buf, ramp) + Tb.popcount(Tb.reinterpret(t8, term)), ramp)
+                # widen once per chunk: per-word byte sums into the int64 tile (Horner sign for the top plane)
+                for i in range(len(rows)):
+                    for gi, (c0, words) in enumerate(groups):
+                        ramp8 = [Tb.ramp(0, 1, 8 * words)]
+                        sums = [_byte_sum(Tb, tirx.BufferLoad(cnt[i, gi, c], ramp8), words) for c in range(counters)]
+                        s64 = sums[0]
+                        if counters == 2:
+                            s64 = s64 - sums[1]  # wraps; exact after the cast to int64 below
+                        it = "int64" if words == 1 else f"int64x{words}"
+                        s64 = Tb.reinterpret(it, s64)
+                        idx = [c0] if words == 1 else [Tb.ramp(c0, 1, words)]
+                        old = tirx.BufferLoad(accs[i], idx)
+                        Tb.buffer_store(accs[i], old - s64 if neg else old + s64, idx)
+                    if rc is not None:
+                        s = Tb.reinterpret("int64x2", _byte_sum(Tb, tirx.BufferLoad(rc[i], [Tb.ramp(0, 1, 16)]), 2))
+                        lane0 = _lane0(Tb, s)
+                        Tb.buffer_store(rterm[i], rterm[i][0] - lane0 if neg else rterm[i][0] + lane0, [0])
+
+            for b in reversed(range(planes)):  # Horner over planes, top plane first
+                neg = signed and planes > 1 and b == planes - 1
+                if b != planes - 1:
+                    for i in range(len(rows)):
+                        with Tb.vectorized(0, width) as j:
+                            Tb.buffer_store(accs[i], accs[i][j] << tirx.const(1, "int64"), [j])
+                        if rterm is not None:
+                            Tb.buffer_store(rterm[i], rterm[i][0] << tirx.const(1, "int64"), [0])
+                if isinstance(kw, int):
+                    full, last = divmod(kw, chunk)
+                    if full:
+                        with Tb.serial(0, full) as cix:
+                            chunk_of(b, neg, cix * chunk, chunk)
+                    if last:
+                        chunk_of(b, neg, full * chunk, last)
+                else:
+                    with Tb.serial(0, kw // chunk) as cix:
+                        chunk_of(b, neg, cix * chunk, chunk)
+                    chunk_of(b, neg, kw // chunk * chunk, kw % chunk)
+
+            for i, m in enumerate(rows):
+                with Tb.vectorized(0, width) as j:
+                    col = col0 + j
+                    s = accs[i][j].astype("int32")
+                    if mode == "xnor":
+                        val = tirx.const(K, "int32") - s * 2
+                    elif mode == "xnor_ternary":
+                        val = NZ[col] - s * 2
+                    elif mode == "and":
+                        val = s * 2 - rterm[i][0].astype("int32")
+                    else:
+                        val = s
+                    if epilogue == "float":
+                        val = (val.astype("float32") * RS[m]) * CS[col]
+                        if bias:
+                            val = val + BI[col]
+                    Tb.buffer_store(O, val, [*([g] if batched else []), m, col])
+
+        def emit_cols(g, rows, nb, n_full):
+            if N is not None and N % C:
+                with Tb.If(nb < n_full):
+                    with Tb.Then():
+                        emit_tile(g, rows, nb * C, C)
+                    with Tb.Else():
+                        emit_tile(g, rows, n_full * C, N % C)
+            else:
+                emit_tile(g, rows, nb * C, C)
+
+        loop = Tb.parallel if parallel else Tb.serial
+        g_count = G if batched else 1
+        n_full = n // C
+        n_blocks = n_full + (1 if N is not None and N % C else 0)
+        m_full, m_rem = M // R, M % R
+        with loop(0, g_count * n_blocks * m_full) as t:
+            g, r = t // (n_blocks * m_full), t % (n_blocks * m_full)
+            nb, mb = r // m_full, r % m_full
+            emit_cols(g, [mb * R + i for i in range(R)], nb, n_full)
+        if R > 1:  # ragged rows (all of the work when M < R, e.g. decode), parallel over column blocks
+            with loop(0, g_count * n_blocks) as t:
+                g, nb = t // n_blocks, t % n_blocks
+                for rem in range(1, R):
+                    with Tb.If(m_rem == rem):
+                        with Tb.Then():
+                            emit_cols(g, [M - rem + i for i in range(rem)], nb, n_full)
+        if N is None:  # ragged columns of a symbolic N, one column at a time
+            with loop(0, g_count * M) as t:
+                g, m = t // M, t % M
+                with Tb.serial(0, n % C) as c:
+                    emit_tile(g, [m], n_full * C + c, 1)
+
+    with IRBuilder() as ib:
+        with Tb.prim_func():
+            Tb.func_name(f"gemm_{mode}")
+            Tb.func_attr({"tir.noalias": True})
+            body()
+    return ib.get()
+
+
+def _lane0(Tb, v):
+    """Lane 0 of an int64x2 vector."""
+    from tvm import tirx
+
+    return tirx.Shuffle([v], [tirx.const(0, "int32")])
+
+
+def tvm_dtype_bytes(dtype: str) -> int:
+    import tvm
+
+    return tvm.DataType(dtype).bits // 8
+
+
+def _register() -> None:
+    from bitfx.targets.registry import register_kernel
+
+    register_kernel("arm64", "gemm")(gemm)
+
+
+_register()
