@@ -111,6 +111,19 @@ def _nvcc(source: str, arch: str, fmt: str, *, verbose: bool = False) -> tuple[b
         return out.read_bytes(), res.stderr
 
 
+def _ptxas(ptx: bytes, arch: str) -> tuple[bytes, str]:
+    """PTX -> cubin with ``ptxas -v`` (its resource report is the second value)."""
+    ptxas = os.path.join(os.path.dirname(nvcc_path()), "ptxas")
+    with tempfile.TemporaryDirectory(prefix="bitfx-ptxas-") as tmp:
+        src, out = Path(tmp) / "kernel.ptx", Path(tmp) / "kernel.cubin"
+        src.write_bytes(ptx)
+        cmd = [ptxas, f"-arch={arch}", "-O3", "-v", "-o", str(out), str(src)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"ptxas failed for {arch} ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+        return out.read_bytes(), res.stderr
+
+
 def compile_cubin(source: str, arch: str) -> bytes:
     """CUDA source -> cubin for ``arch`` with IEEE float math, cached on disk by the source's sha256."""
     key = hashlib.sha256(f"{arch}\n{source}".encode()).hexdigest()[:32]
@@ -195,7 +208,7 @@ def artifacts(op: str, *, impl: str = "cuda", arch: str = "sm_90", **params) -> 
             log.warning("bitfx CUDA artifact %s is damaged (%s); rebuilding it", root, err)
     source = kernel_source(op, impl=impl, arch=arch, **params)
     ptx, _ = _nvcc(source, arch, "ptx")
-    cubin, ptxas_log = _nvcc(source, arch, "cubin", verbose=True)
+    cubin, ptxas_log = _ptxas(ptx, arch)
     _atomic_write(files["source"], source.encode())
     _atomic_write(files["ptx"], ptx)
     _atomic_write(files["cubin"], cubin)
