@@ -59,6 +59,8 @@ def pack_weight(w_int: torch.Tensor, ternary: bool) -> PackedWeight:
 
     Raises ValueError naming any other value. Runs the `pack_rows` kernel, so it costs one pass over W.
     """
+    if w_int.is_cuda:  # packed on the GPU and kept there
+        return _cuda().pack_weight(w_int, ternary)
     if w_int.dim() != 2:
         raise ValueError(f"w_int must be [N, K], got shape {tuple(w_int.shape)}")
     codes = w_int.detach().to("cpu", torch.int8).contiguous()
@@ -92,6 +94,9 @@ def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits
     `col_scale` is `[N]` or one element. `threads=1` runs single-threaded kernels; otherwise TVM's pool
     is used, sized once (see `_parallel`: `threads`, else $TVM_NUM_THREADS, else torch.get_num_threads()). Returns float32, or x's dtype when x is float16/bfloat16.
     """
+    if x.is_cuda:
+        return _cuda().bit_linear(x, packed, act=act, bits=bits, move=move, alpha=alpha, col_scale=col_scale,
+                                  bias=bias)
     x2, lead, dtype = _rows(x, packed.K, "x")
     par = _parallel(threads)
     M, N = x2.shape[0], packed.N
@@ -116,6 +121,8 @@ def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits
 def bit_linear_int(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
                    move: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer contract: `(acc int32 [M, N], row_scale float32 [M])`, M = all leading dims of x."""
+    if x.is_cuda:
+        return _cuda().bit_linear_int(x, packed, act=act, bits=bits, move=move)
     x2, _, _ = _rows(x, packed.K, "x")
     par = _parallel()
     a, row_scale = _quantize(x2, packed.K, act, bits, move, par)
@@ -126,6 +133,8 @@ def bit_linear_int(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", 
 
 def sign_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """`S[..., i, j] = sum_d sign(q[..., i, d]) * sign(k[..., j, d])` as int32 (leading dims kept)."""
+    if q.is_cuda:
+        return _cuda().sign_scores(q, k)
     if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"sign_scores needs q [..., Lq, D] and k [..., Lk, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
     lead, (Lq, D), Lk = q.shape[:-2], q.shape[-2:], k.shape[-2]
@@ -145,6 +154,8 @@ def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
     p may be float32/16, uint8 or bool; any nonzero entry counts as 1.
     """
+    if v.is_cuda:
+        return _cuda().binary_pv(p, v)
     if p.shape[:-2] != v.shape[:-2] or p.shape[-1] != v.shape[-2]:
         raise ValueError(f"binary_pv needs p [..., Lq, Lk] and v [..., Lk, Dv]; got {tuple(p.shape)}, {tuple(v.shape)}")
     lead, (Lq, Lk), Dv = p.shape[:-2], p.shape[-2:], v.shape[-1]
@@ -166,6 +177,13 @@ def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _cuda():
+    """CUDA tensors run the CUDA kernel sets (`bitfx.targets.cuda_runtime`: same calls, same contracts)."""
+    from bitfx.targets import cuda_runtime
+
+    return cuda_runtime
+
+
 def _words(k: int) -> int:
     return (k + WORD - 1) // WORD
 
