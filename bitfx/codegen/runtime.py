@@ -283,6 +283,11 @@ class LinearPlan:
     changes (``bitfx.passes.lower_kernels`` keys it by the tensors' ``_version``).
     """
 
+    def __new__(cls, packed: PackedWeight, **kwargs):
+        if packed.planes.is_cuda:  # a weight packed on a GPU: the CUDA plan (`bitfx.targets.cuda_runtime`)
+            return _cuda().LinearPlan(packed, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
                  move: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
                  col_scale: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["pack_weight", "bit_linear", "bit_linear_int", "sign_scores", "binary_pv", "cuda_target",
            "device_arch", "artifacts", "Artifacts", "compile_cubin", "install_compiler", "NvccNotFoundError",
-           "MMA_MIN_ROWS"]
+           "MMA_MIN_ROWS", "LinearPlan"]
 
 WORD = 64
 #: GEMMs with fewer rows run on CUDA cores: a 16-row mma tile would be mostly padding.
@@ -409,3 +409,29 @@ def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     fn = _kernel("gemm", dev, impl=_gemm_set(Lq, dev), mode="and", K=None, N=Dv, signed=False, batched=True)
     _run(fn, dev, pp.view(G, Lq, -1), vp, out)
     return out.view(*lead, Lq, Dv)
+
+
+class LinearPlan:
+    """``bitfx.codegen.runtime.LinearPlan`` for a weight packed on a CUDA device (it returns this one then).
+
+    The vectors are resolved on the device once; each call quantizes and packs x, then runs the GEMM that
+    fits its row count (tensor cores from ``MMA_MIN_ROWS`` rows, CUDA cores below).
+    """
+
+    def __init__(self, packed, *, act: str = "sign", bits: int = 1, move=None, alpha=None,
+                 col_scale: torch.Tensor, bias=None, threads: int | None = None):
+        from bitfx.codegen.runtime import _check_bits
+
+        del threads
+        _check_bits(act, bits)
+        dev = packed.planes.device
+        self.packed, self.act, self.bits = packed, act, bits
+        self.move = None if (act != "sign" or move is None) else _vector(move, packed.K, "move", dev)
+        self.alpha = None if (act != "sign" or alpha is None) else _vector(alpha, 1, "alpha", dev)
+        cs = _vector(col_scale, packed.N, "col_scale", dev)
+        self.col = cs.expand(packed.N).contiguous() if cs.numel() == 1 else cs
+        self.bias = None if bias is None else _vector(bias, packed.N, "bias", dev)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return bit_linear(x, self.packed, act=self.act, bits=self.bits, move=self.move, alpha=self.alpha,
+                          col_scale=self.col, bias=self.bias)
