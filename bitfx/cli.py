@@ -4,7 +4,8 @@
     bitfx diff mypkg.models:tiny_vit --config bivit
 
 A model is named ``MODULE:FACTORY``: a dotted module name or a ``.py`` file path, and a function in
-it that takes no arguments and returns ``(model, example_inputs)`` (see :func:`load_factory`).
+it that takes no arguments and returns ``(model, args)``, ``(model, kwargs)`` or
+``(model, args, kwargs)`` (see :func:`load_example`).
 ``demo``, ``export`` and ``bench`` hand their arguments to ``bitfx.demo.main``,
 ``export_main`` (here; ``bitfx.export`` is imported when it runs) and ``bitfx.bench.main``.
 """
@@ -18,7 +19,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 #: subcommand -> (module, function) that parses and runs it; imported on use.
 DELEGATED = {
@@ -80,19 +81,44 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return fn
 
 
-def load_model(spec: str) -> tuple[Any, tuple]:
-    """Call the factory named by ``spec``; returns ``(model, example_inputs)`` with inputs as a tuple."""
+def load_example(spec: str) -> tuple[Any, tuple, dict]:
+    """Call the factory named by ``spec``; returns ``(model, args, kwargs)``.
+
+    A factory returns ``(model, args)`` (a tuple of positional inputs, or one tensor),
+    ``(model, kwargs)`` (a mapping of keyword inputs, e.g. a tokenizer's output) or
+    ``(model, args, kwargs)``.
+
+    Raises:
+        FactoryError: the factory fails or returns something else (naming what it returned).
+    """
     import torch
+
+    from bitfx.inputs import split_inputs
 
     fn = load_factory(spec)
     try:
         result = fn()
     except Exception as e:
         raise FactoryError(f"factory {spec} failed: {type(e).__name__}: {e}") from e
-    if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
-        raise FactoryError(f"factory {spec} must return (model, example_inputs), got {type(result).__name__}")
-    model, inputs = result
-    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    forms = "(model, args), (model, kwargs_dict) or (model, args, kwargs)"
+    if not (isinstance(result, (tuple, list)) and len(result) in (2, 3) and isinstance(result[0], torch.nn.Module)):
+        got = f"a {len(result)}-tuple" if isinstance(result, (tuple, list)) else type(result).__name__
+        raise FactoryError(f"factory {spec} must return (model, example_inputs), got {got} (accepted: {forms})")
+    if len(result) == 3 and not isinstance(result[2], Mapping):
+        raise FactoryError(f"factory {spec} must return {forms}; its third item is a "
+                           f"{type(result[2]).__name__}, not a mapping of keyword inputs")
+    model = result[0]
+    args, kwargs = split_inputs(result[1], result[2] if len(result) == 3 else None, model.forward)
+    return model, args, kwargs
+
+
+def load_model(spec: str) -> tuple[Any, Any]:
+    """``(model, example_inputs)`` of the factory named by ``spec``: the positional inputs as a
+    tuple, or the mapping of keyword inputs (:func:`load_example` gives both)."""
+    model, args, kwargs = load_example(spec)
+    if args and kwargs:
+        raise FactoryError(f"factory {spec} returns positional and keyword inputs: use load_example")
+    return model, (kwargs if kwargs else args)
 
 
 def _config(text: str | None):
@@ -124,15 +150,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         return _fail(args, f"invalid --config {args.config!r}: {e}", 2)
     try:
-        model, inputs = load_model(args.factory)
-    except FactoryError as e:
+        model, inputs, kwargs = load_example(args.factory)
+    except (FactoryError, ValueError, TypeError) as e:
         return _fail(args, str(e), 2)
     from rich.console import Console
 
     from bitfx.inspect import diff
 
     try:
-        result = diff(model, inputs, config)
+        result = diff(model, inputs, config, example_kwargs=kwargs)
     except Exception as e:
         return _fail(args, f"could not trace {args.factory}: {type(e).__name__}: {_first_lines(str(e))}", 1)
     console = Console()
@@ -151,7 +177,8 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitfx export", description="Binarize a model and export it as one shared "
                                 "library for a device (TVM Relax, cross compiled).")
     p.add_argument("factory", metavar="MODULE:FACTORY",
-                   help="module (dotted name or .py path) and a function in it returning (model, example_inputs)")
+                   help="module (dotted name or .py path) and a function in it returning (model, args), "
+                   "(model, kwargs) or (model, args, kwargs)")
     p.add_argument("--target", default="linux-arm64", help="device target (default linux-arm64)")
     p.add_argument("-o", "--output", default="model.so", help="the library to write (default model.so)")
     p.add_argument("--config", metavar="PRESET", help="preset name or a JSON object of BinarizeConfig fields")
@@ -204,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the bitfx pipeline on a model and show, per module, what became binary, "
                                    "what stayed float and why, and bytes and OPs (BOPs/64 + FLOPs) before and after.")
     p.add_argument("factory", metavar="MODULE:FACTORY",
-                   help="module (dotted name or .py path) and a function in it returning (model, example_inputs)")
+                   help="module (dotted name or .py path) and a function in it returning (model, args), "
+                   "(model, kwargs) or (model, args, kwargs)")
     p.add_argument("--config", metavar="PRESET", help="preset name (bipft, bit, bibert, bivit, bitnet, bitnet158) "
                    "or a JSON object of BinarizeConfig fields, e.g. '{\"preset\": \"bit\", \"keep\": [\"*head*\"]}'")
     p.add_argument("--json", metavar="PATH", help="write the diff as JSON (schema: bitfx/inspect/diff.schema.json)")

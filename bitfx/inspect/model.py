@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import networkx as nx
 import torch
@@ -127,14 +127,18 @@ class GraphDiff:
         return summary_text(self)
 
 
-def diff(model: torch.nn.Module, example_inputs: Sequence[Any], config=None) -> GraphDiff:
+def diff(model: torch.nn.Module, example_inputs: Any = (), config=None, *,
+         example_kwargs: Mapping[str, Any] | None = None) -> GraphDiff:
     """What bitfx does to ``model``: rewrites per module, what stayed float and why, bytes and OPs.
 
     Args:
         model: any ``nn.Module`` that ``torch.export`` can capture (put it in ``eval()`` mode
             first: attention dropout keeps attention in float).
-        example_inputs: a tuple of inputs; shapes and counts are for these sizes.
+        example_inputs: one batch as the model takes it: a tuple of positional inputs, one tensor,
+            or a mapping of keyword inputs (a tokenizer's output); shapes and counts are for these sizes.
         config: a :class:`BinarizeConfig`, a preset name or a dict (default ``"bipft"``).
+        example_kwargs: keyword inputs, alone or with positional ``example_inputs`` (as for
+            :func:`bitfx.binarize`).
 
     Returns:
         A :class:`GraphDiff`: ``print()`` shows a terminal summary, ``to_json(path)`` writes the
@@ -145,10 +149,9 @@ def diff(model: torch.nn.Module, example_inputs: Sequence[Any], config=None) -> 
     """
     from bitfx.api import trace
 
-    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    gm, ctx = trace(model, example_inputs, config, snapshot=True)
+    gm, ctx = trace(model, example_inputs, config, snapshot=True, example_kwargs=example_kwargs)
     snapshots = list(ctx.snapshots) or [("capture", gm)]
-    return build(type(model).__name__, ctx.config, example_inputs, snapshots, ctx.report)
+    return build(type(model).__name__, ctx.config, ctx.example_inputs, snapshots, ctx.report)
 
 
 @dataclass
