@@ -1,0 +1,135 @@
+"""bitfx on CUDA tensors: the kernels against the reference ops, bit-exact (GPU only), and what runs here.
+
+GPU tests skip without a CUDA device; ``benchmarks/bench_cuda.py`` runs the same checks and then times
+the kernels. Without a GPU this file still checks that the reference ops (``kernels="reference"``) make
+every tensor on their inputs' device (run on ``meta`` tensors: a CPU-made tensor would fail to mix).
+"""
+import copy
+
+import pytest
+import torch
+
+from bitfx.ops import attention as A
+from bitfx.ops.linear import bit_linear_reference, quantize_activation, quantize_weight
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.mark.parametrize("prob_mode", ["bivit", "elastic", "bool"])
+def test_reference_ops_stay_on_their_device(prob_mode):
+    d = torch.device("meta")
+    x, w = torch.randn(2, 5, 64, device=d), torch.randn(32, 64, device=d)
+    for wm, am, bits in [("sign_channel", "sign", 1), ("ternary", "absmax", 8)]:
+        y = bit_linear_reference(x, w, torch.randn(32, device=d), None, torch.randn(64, device=d), None, wm, am, bits)
+        assert y.device == d and y.shape == (2, 5, 32)
+    q, k, v = (torch.randn(2, 4, 7, 16, device=d) for _ in range(3))
+    one = torch.ones((), device=d)
+    prob = {"bivit": torch.tensor(0.25, device=d), "elastic": one, "bool": None}[prob_mode]
+    out = A.bit_attention_reference(q, k, v, None, one, one, one, prob, None, None, None, None, True, prob_mode)
+    assert out.device == d and out.shape == (2, 4, 7, 16)
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+def _codes(M, N, K, weight_mode, act_mode, bits, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    x[0, :3] = 0.0
+    w = torch.randn(N, K, generator=g)
+    move = torch.randn(K, generator=g) * 0.1 if act_mode == "sign" else None
+    return x.to(dtype), w, move
+
+
+LINEAR = [("sign_channel", "sign", 1), ("ternary", "sign", 1), ("sign_channel", "absmax", 8),
+          ("ternary", "absmax", 8), ("sign_channel", "absmax", 3)]
+
+
+@GPU
+@pytest.mark.parametrize("M", [1, 5, 16, 37, 130])  # CUDA cores below 16 rows, tensor cores from 16
+@pytest.mark.parametrize("K", [600, 768])
+@pytest.mark.parametrize("weight_mode,act_mode,bits", LINEAR)
+def test_bit_linear_int_is_exact(M, K, weight_mode, act_mode, bits):
+    from bitfx.codegen import runtime
+
+    N = 200
+    x, w, move = _codes(M, N, K, weight_mode, act_mode, bits, seed=M * K)
+    w_codes, _, _ = quantize_weight(w, None, weight_mode)
+    a_codes, row_scale, _ = quantize_activation(x, move, None, act_mode, bits)
+    packed = runtime.pack_weight(w_codes.to(torch.int8).cuda(), ternary=weight_mode == "ternary")
+    assert packed.planes.is_cuda
+    cpu = runtime.pack_weight(w_codes.to(torch.int8), ternary=weight_mode == "ternary")
+    assert torch.equal(packed.planes.cpu().view(torch.int64), cpu.planes.view(torch.int64))
+    acc, rs = runtime.bit_linear_int(x.cuda(), packed, act=act_mode, bits=bits,
+                                     move=None if move is None else move.cuda())
+    assert acc.is_cuda and acc.dtype == torch.int32
+    torch.testing.assert_close(acc.cpu(), (a_codes.double() @ w_codes.double().t()).to(torch.int32), rtol=0, atol=0)
+    torch.testing.assert_close(rs.cpu(), row_scale.float().reshape(-1), rtol=1e-6, atol=0)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 64])
+def test_bit_linear_float_epilogue_and_dtype(dtype, M):
+    from bitfx.codegen import runtime
+
+    x, w, move = _codes(M, 96, 768, "sign_channel", "sign", 1, dtype=dtype, seed=1)
+    w_codes, col, _ = quantize_weight(w, None, "sign_channel")
+    bias = torch.randn(96)
+    packed = runtime.pack_weight(w_codes.to(torch.int8).cuda(), ternary=False)
+    y = runtime.bit_linear(x.cuda(), packed, move=move.cuda(), col_scale=col.cuda(), bias=bias.cuda())
+    assert y.dtype == dtype and y.is_cuda
+    ref = bit_linear_reference(x.float(), w, bias, None, move, None, "sign_channel", "sign", 1)
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-3)
+
+
+@GPU
+@pytest.mark.parametrize("Lq,Lk,D", [(1, 50, 64), (128, 128, 64), (37, 200, 32)])
+def test_attention_products_are_exact(Lq, Lk, D):
+    from bitfx.codegen import runtime
+
+    g = torch.Generator().manual_seed(Lq + Lk)
+    q, k, v = torch.randn(2, 3, Lq, D, generator=g), torch.randn(2, 3, Lk, D, generator=g), torch.randn(2, 3, Lk, D, generator=g)
+    p = (torch.rand(2, 3, Lq, Lk, generator=g) > 0.7).float()
+    s = runtime.sign_scores(q.cuda(), k.cuda())
+    o = runtime.binary_pv(p.cuda(), v.cuda())
+    assert torch.equal(s.cpu(), A.sign_scores_reference(q, k).to(torch.int32))
+    assert torch.equal(o.cpu(), A.binary_pv_reference(p, v).to(torch.int32))
+
+
+@GPU
+def test_kernels_run_on_torchs_current_stream():
+    from bitfx.codegen import runtime
+
+    x, w, _ = _codes(256, 512, 768, "sign_channel", "sign", 1, seed=2)
+    w_codes, col, _ = quantize_weight(w, None, "sign_channel")
+    packed = runtime.pack_weight(w_codes.to(torch.int8).cuda(), ternary=False)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        xc = x.cuda(non_blocking=True)
+        acc, _ = runtime.bit_linear_int(xc, packed)
+        total = acc.sum()  # same stream: ordered after the kernel without a sync
+    s.synchronize()
+    a_codes = torch.where(x < 0, -1.0, 1.0)
+    assert int(total) == int((a_codes.double() @ w_codes.double().t()).sum())
+
+
+@GPU
+@pytest.mark.parametrize("kernels", ["tvm", "reference"])
+def test_torch_compile_on_cuda(kernels, monkeypatch):
+    import bitfx  # noqa: F401  (the backend)
+    from bitfx.targets import cuda_runtime
+    from tests.models import Bert
+
+    calls = []
+    real = cuda_runtime._run
+    monkeypatch.setattr(cuda_runtime, "_run", lambda fn, dev, *a: (calls.append(dev), real(fn, dev, *a))[1])
+    torch.manual_seed(0)
+    model = Bert().cuda().eval()
+    ids = torch.randint(0, 50, (2, 16), device="cuda")
+    mask = torch.ones(2, 16, device="cuda")
+    ref = torch.compile(copy.deepcopy(model), backend="bitfx", options={"kernels": "reference"})
+    out = torch.compile(model, backend="bitfx", options={"kernels": kernels})
+    with torch.no_grad():
+        y, y_ref = out(ids, mask), ref(ids, mask)
+    assert y.is_cuda
+    torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=1e-3)
+    assert bool(calls) == (kernels == "tvm")
