@@ -10,10 +10,15 @@ actually receives (upstream layers already calibrated), then the op runs:
   BiPFT estimators by least squares on the binarization residual (a few Adam steps: the score
   residual is bilinear in the two estimator weights; the value residual is linear, solved in closed form).
 
-Statistics are averaged over batches.
+Over many batches the statistics are running means (after N batches α, α_P and β equal the mean of
+the N per-batch values); the value estimator solves the least squares of all rows seen so far
+(its normal equations are summed over batches); the score estimators continue their fit on each
+batch. ``progress=True`` shows a progress bar.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch
@@ -26,13 +31,17 @@ from bitfx.ops import quantizers as q
 from bitfx.passes.graph import getattr_path
 
 
-def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, estimator_steps: int = 30) -> fx.GraphModule:
+def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, estimator_steps: int = 30,
+              progress: bool = False) -> fx.GraphModule:
     """Initialise the binarized model's scales, thresholds and estimators from ``batches``.
 
     Args:
         gm: a GraphModule returned by :func:`bitfx.binarize`.
-        batches: an iterable of example-input tuples (as given to the model).
+        batches: an iterable of batches as given to the model: input tuples, single tensors, or
+            mappings of keyword inputs. The values are running statistics over all of them
+            (see the module docstring); the first batch replaces what ``binarize`` set.
         estimator_steps: optimisation steps of the BiPFT estimator least-squares fit per batch.
+        progress: show a progress bar (rich).
 
     Returns:
         ``gm``, with its parameters updated in place.
@@ -41,15 +50,40 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[Any], *, estimator_steps: in
     """
     calibrator = _Calibrator(gm, estimator_steps)
     count = 0
-    with torch.no_grad():
+    with torch.no_grad(), _progress(batches, progress) as advance:
         for batch in batches:
-            args = batch if isinstance(batch, (tuple, list)) else (batch,)
             calibrator.count = count
-            calibrator.run(*pytree.tree_leaves(list(args)))
+            calibrator.run(*flat_inputs(gm, batch))
             count += 1
+            advance()
     if count == 0:
         raise ValueError("calibrate: batches is empty (accepted: an iterable of example-input tuples)")
     return gm
+
+
+def flat_inputs(gm: fx.GraphModule, batch: Any) -> tuple:
+    """The flat graph inputs of one batch (a tuple, one tensor, or a mapping of keyword inputs)."""
+    args, kwargs = ((), dict(batch)) if isinstance(batch, Mapping) else (
+        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {}))
+    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if not kwargs and len(args) == n_inputs and all(isinstance(a, torch.Tensor) for a in args):
+        return args  # already the graph's flat inputs
+    call = getattr(gm, "bitfx_call", None)
+    if call is not None and hasattr(call, "flatten"):
+        return call.flatten(*args, **kwargs)
+    return tuple(pytree.tree_leaves([list(args), kwargs]))
+
+
+@contextlib.contextmanager
+def _progress(batches, enabled: bool):
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task("calibrate", total=len(batches) if hasattr(batches, "__len__") else None)
+        yield lambda: bar.update(task, advance=1)
 
 
 def _running(param: torch.Tensor, value: torch.Tensor, count: int) -> None:
@@ -62,6 +96,7 @@ class _Calibrator(fx.Interpreter):
         super().__init__(gm)
         self.estimator_steps = estimator_steps
         self.count = 0
+        self.normal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def param(self, node: Any) -> torch.Tensor | None:
         if isinstance(node, fx.Node) and node.op == "get_attr":
@@ -78,6 +113,8 @@ class _Calibrator(fx.Interpreter):
         return super().run_node(n)
 
     def linear(self, n: fx.Node, args) -> None:
+        if n.meta.get("bitfx_own_quantizer"):
+            return  # the model's own binarizer (recognize_fake_quant): its α and move stand
         x, weight, _, _, move, _ = args[:6]
         ws, alpha = self.param(n.args[3]), self.param(n.args[5])
         if ws is not None:
@@ -107,7 +144,7 @@ class _Calibrator(fx.Interpreter):
         if w_ev is not None:
             p_codes, p_scale, _ = A._probs(s, prob, mode)
             pb = p_codes if p_scale is None else p_codes * p_scale
-            self.fit_value_estimator(pb, v.float(), alpha_v, w_ev)
+            self.fit_value_estimator(pb, v.float(), alpha_v, w_ev, n.name)
 
     def fit_score_estimators(self, qt, k, alpha_q, alpha_k, w_eq, w_ek) -> None:
         # the estimator weights are shared by heads and batch items: a sample of them fits as well
@@ -117,12 +154,19 @@ class _Calibrator(fx.Interpreter):
         target = qt @ k.transpose(-2, -1) - qb @ kb.transpose(-2, -1)
         self._fit([w_eq, w_ek], lambda a, b: A._score_residual(qt @ a.t(), k @ b.t()), target)
 
-    def fit_value_estimator(self, pb, v, alpha_v, w_ev) -> None:
-        """Closed form: the value residual P_b·(v - α_v sign v) ≈ (P_b v) wᵀ 1ᵀ is linear in w."""
+    def fit_value_estimator(self, pb, v, alpha_v, w_ev, key: str) -> None:
+        """Closed form: the value residual P_b·(v - α_v sign v) ≈ (P_b v) wᵀ 1ᵀ is linear in w.
+
+        Least squares over the rows of every batch so far: the normal equations FᵀF, Fᵀt are summed.
+        """
         _, _, vb = A._value_codes(v, alpha_v)
-        target = (pb @ (v - vb)).mean(-1).reshape(-1, 1)          # rows x 1 (mean over Dv)
-        features = (pb @ v).reshape(-1, v.shape[-1])               # rows x Dv
-        w = torch.linalg.lstsq(features.double(), target.double()).solution.float().t()
+        target = (pb @ (v - vb)).mean(-1).reshape(-1, 1).double()  # rows x 1 (mean over Dv)
+        features = (pb @ v).reshape(-1, v.shape[-1]).double()      # rows x Dv
+        gram, rhs = features.t() @ features, features.t() @ target
+        if self.count > 0 and key in self.normal:
+            gram, rhs = gram + self.normal[key][0], rhs + self.normal[key][1]
+        self.normal[key] = (gram, rhs)
+        w = torch.linalg.lstsq(gram, rhs).solution.float().t()
         if torch.isfinite(w).all():
             w_ev.copy_(w.reshape(w_ev.shape))
 

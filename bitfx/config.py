@@ -29,6 +29,8 @@ ACT_MODES = ("sign", "absmax")
 ACT_SCALES = ("token", "learnable")
 PROB_MODES = ("bivit", "elastic", "bool")
 KERNELS = ("tvm", "reference")
+GLUES = ("inductor", "eager")
+OWN_BINARIZER = ("only", "extend", "ignore")
 
 #: Module-name patterns kept in full precision by default: embeddings and classifier heads,
 #: as in BiT, BiBERT, BiViT and BiPFT (matched with fnmatch against the qualified module name).
@@ -69,6 +71,11 @@ class BinarizeConfig:
         keep_first / keep_last: keep the first / last matched linear in full precision.
         min_features: linears with ``in_features * out_features`` below this stay full precision.
         kernels: ``"tvm"`` (generated kernels) or ``"reference"`` (the PyTorch definitions).
+        own_binarizer: for a model that carries its own fake-quant binarizer (BitNet ``BitLinear``,
+            BiT ``QuantizeLinear``): ``"only"`` (its fake-quant linears become ``bit_linear``
+            with its own numbers; its other layers stay as written, e.g. a float output head),
+            ``"extend"`` (the same, and the rest is binarized by this config's policy), or
+            ``"ignore"`` (not recognised: the fake-quant layers run as the model wrote them).
     """
 
     method: str = "custom"
@@ -89,6 +96,7 @@ class BinarizeConfig:
     keep_last: bool = False
     min_features: int = 0
     kernels: str = "tvm"
+    own_binarizer: str = "only"
 
     def __post_init__(self) -> None:
         self.keep = tuple(self.keep)
@@ -104,6 +112,7 @@ class BinarizeConfig:
         one_of("act_scale", ACT_SCALES)
         one_of("prob", PROB_MODES)
         one_of("kernels", KERNELS)
+        one_of("own_binarizer", OWN_BINARIZER)
         if self.act == "sign" and self.act_bits != 1:
             problems.append(f"act_bits={self.act_bits!r} (act='sign' is 1-bit: accepted: 1)")
         if self.act == "absmax" and not (isinstance(self.act_bits, int) and 2 <= self.act_bits <= 8):
@@ -180,9 +189,14 @@ class CompileOptions:
 
     config: BinarizeConfig = field(default_factory=lambda: BinarizeConfig.preset("bipft"))
     kernels: str | None = None
+    #: who runs the float parts around the kernels: "inductor" compiles them into fused C++ loops
+    #: (the kernels are extern calls in its graph); "eager" runs them as PyTorch ops.
+    glue: str = "inductor"
 
     def __post_init__(self) -> None:
         self.config = BinarizeConfig.coerce(self.config)
+        if self.glue not in GLUES:
+            raise ValueError(f"glue={self.glue!r} (accepted: {', '.join(map(repr, GLUES))})")
         if self.kernels is not None:
             if self.kernels not in KERNELS:
                 raise ValueError(

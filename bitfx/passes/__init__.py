@@ -3,6 +3,9 @@
     capture ──► canonicalize ──► binarize ──► lower
     (capture.py) (PIPELINE[:3])   (PIPELINE[3:]) (LOWERING, per target)
 
+The binarize stage first recognises a binarizer the model carries itself (fake-quant linears,
+``recognize_fake_quant``), then applies the config's policy to the rest.
+
 The pass manager lints the graph after every pass and, when ``ctx.snapshot`` is set, keeps a
 copy of each pass's output graph; ``bitfx.diff`` is built on those snapshots.
 """
@@ -20,6 +23,7 @@ from bitfx.passes.canonicalize_linear import canonicalize_linear
 from bitfx.passes.context import PassContext
 from bitfx.passes.eliminate_dead_code import eliminate_dead_code
 from bitfx.passes.lower_kernels import lower_kernels
+from bitfx.passes.recognize_fake_quant import recognize_fake_quant
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ PIPELINE: list[Pass] = [
     eliminate_dead_code,
     canonicalize_linear,
     canonicalize_attention,
+    recognize_fake_quant,
     binarize_linear,
     binarize_attention,
 ]

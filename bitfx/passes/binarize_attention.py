@@ -52,6 +52,9 @@ def _refusal(node: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
     cfg = ctx.config
     if not cfg.attention:
         return "config", "config.attention is False"
+    own = ctx.own_binarizer_keeps()
+    if own is not None:
+        return "config", own
     name = module_of(node)
     pattern = cfg.keeps(name)
     if pattern is not None:

@@ -60,6 +60,9 @@ def _refusal(node: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
     x, weight = node.args[0], node.args[1]
     if weight_source(weight, ctx) is None:
         return "unsupported", not_a_parameter(weight, ctx)
+    own = ctx.own_binarizer_keeps()
+    if own is not None:
+        return "config", own
     w = fake_value(weight)
     xv = fake_value(x)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
@@ -86,6 +89,8 @@ def binarize_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.linear.default]
     candidates = []
     for node in linears:
+        if node.meta.get("bitfx_fake_quant_refused"):
+            continue  # reported by recognize_fake_quant, with the quantizer it did not match
         refusal = _refusal(node, ctx)
         if refusal is not None:
             ctx.report.skips.append(Skip("binarize_linear", "linear", module_of(node), *refusal, [node.name]))

@@ -49,8 +49,23 @@ class Added:
     nodes: list[str]
 
 
+#: Rewrite targets that are binary ops (what "rewritten" counts); others are canonicalizations.
+BINARY_TARGETS = ("bit_linear", "bit_attention")
+
+
 @dataclass
 class Report:
+    """What the pipeline did: ``rewrites`` (canonicalizations and binary ops), ``skips`` (every
+    candidate left in float, with its reason) and ``added`` nodes.
+
+    ``summary()`` counts binary ops, one per ``bit_linear`` / ``bit_attention``; canonicalizations
+    (a spelling becoming ``aten.linear`` or ``bitfx.attention``) change no numbers and are listed
+    apart. Example (MiniLM, 6 layers)::
+
+        binary ops: 42 (36 bit_linear, 6 bit_attention); canonicalized: 6 attention; left in float: 1
+          kept linear pooler.dense: config (module 'pooler.dense' matches keep pattern '*pooler*')
+    """
+
     rewrites: list[Rewrite] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     added: list[Added] = field(default_factory=list)
@@ -58,8 +73,26 @@ class Report:
     def count(self, kind: str, target: str | None = None) -> int:
         return sum(1 for r in self.rewrites if r.kind == kind and (target is None or r.target == target))
 
+    @property
+    def binary_ops(self) -> list[Rewrite]:
+        return [r for r in self.rewrites if r.target in BINARY_TARGETS]
+
     def summary(self) -> str:
-        lines = [f"rewritten: {len(self.rewrites)}; left in float: {len(self.skips)}"]
+        binary = self.binary_ops
+        by_target = ", ".join(f"{sum(r.target == t for r in binary)} {t}" for t in BINARY_TARGETS)
+        canon: dict[str, int] = {}
+        for r in self.rewrites:
+            if r.target not in BINARY_TARGETS:
+                canon[r.kind] = canon.get(r.kind, 0) + 1
+        canon_text = ", ".join(f"{n} {kind}" for kind, n in canon.items()) or "0"
+        lines = [f"binary ops: {len(binary)} ({by_target}); canonicalized: {canon_text}; "
+                 f"left in float: {len(self.skips)}"]
+        by_pass: dict[tuple[str, str], int] = {}
+        for r in binary:
+            if r.pass_name not in ("binarize_linear", "binarize_attention"):
+                by_pass[(r.target, r.pass_name)] = by_pass.get((r.target, r.pass_name), 0) + 1
+        for (target, pass_name), n in by_pass.items():
+            lines.append(f"  {n} {target} by {pass_name}")
         for s in self.skips:
             lines.append(f"  kept {s.kind} {s.module or '<root>'}: {s.reason} ({s.detail})")
         return "\n".join(lines)
@@ -71,6 +104,9 @@ class PassContext:
 
     ``weights`` are the nodes that hold parameters (placeholders that are parameters under dynamo or
     export, and get_attr nodes); passes only binarize linears whose weight derives from one of them.
+    ``own_quantizers`` counts the model's own fake-quant linears that ``recognize_fake_quant``
+    turned into ``bit_linear``; while it is non-zero the other layers keep the author's choice
+    unless ``config.own_binarizer == "extend"`` (:meth:`own_binarizer_keeps`).
     """
 
     config: BinarizeConfig
@@ -80,6 +116,16 @@ class PassContext:
     snapshots: list[tuple[str, fx.GraphModule]] = field(default_factory=list)
     example_inputs: tuple[Any, ...] | None = None
     frozen: bool = False
+    own_quantizers: int = 0  # fake-quant linears of the model's own binarizer, recognised
+    glue: str = "eager"  # who runs the float glue of a lowered graph: "eager" PyTorch or "inductor"
+
+    def own_binarizer_keeps(self) -> str | None:
+        """The reason other candidates stay float in a model with its own binarizer, or None."""
+        if self.own_quantizers and self.config.own_binarizer == "only":
+            return (f"the model carries its own binarizer ({self.own_quantizers} fake-quant linears "
+                    "recognised): its other layers stay as its author wrote them "
+                    "(own_binarizer='extend' binarizes them too)")
+        return None
 
     def is_weight(self, node: Any) -> bool:
         return isinstance(node, fx.Node) and (node.op == "get_attr" or node.name in self.weights)
