@@ -1,0 +1,215 @@
+"""Check an exported library against the host model: every output, several inputs, two CPU models.
+
+    verify_library("model.so", gm, (ids, mask), "linux-arm64")       # max |difference|, or VerifyError
+
+The library runs under ``qemu-aarch64`` (``bitfx.targets.emulate``) once per CPU model and input set:
+
+- CPUs: ``cortex-a53`` (ARMv8.0-A, the baseline every arm64 phone and board has) and ``cortex-a76``
+  (ARMv8.2-A with dot product); targets that ask for extensions by name run on a core that has them
+  (``cpus_for``). A library with instructions the core lacks (``udot`` from ``+dotprod``) dies with
+  SIGILL, which is reported as such, with the instructions found.
+- Inputs: the example, plus ``variants`` random ones of the same shapes and dtypes (floats
+  ``mean + std * N(0, 1)`` of the example's, integers uniform in the example's ``[min, max]``, bools
+  fair coins), seeded, so a kernel that is right only for the example does not pass.
+- Outputs: all of them, flattened as ``torch.export`` flattens them (tuples, lists, dicts, Hugging
+  Face ``ModelOutput``; ``None`` dropped), each named by its path (``last_hidden_state``, ``[1]``,
+  ``encoder.attentions[0]``; a lone tensor is ``output``).
+  An output passes when ``max |device - host| <= (atol + rtol) * max(1, max |host|)``; NaNs must be
+  at the same places.
+
+A failure raises ``VerifyError`` naming the output, the input set, the CPU and the difference.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from bitfx.targets import emulate
+
+# qemu CPU model -> what it stands for. ARMv8.0 first: it is the one most likely to fail.
+CPUS = {"cortex-a53": "ARMv8.0-A", "cortex-a76": "ARMv8.2-A + dotprod", "max": "every extension qemu has"}
+# mattr features a qemu CPU model must have, beyond ARMv8.0-A + NEON: the smallest model that has them.
+_NEEDS_MAX = ("+i8mm", "+bf16", "+sve", "+sve2", "+sme")
+# Instructions beyond ARMv8.0-A + NEON that LLVM emits for the mattrs a target may name.
+_EXTENSION_OPS = re.compile(r"\t(udot|sdot|usdot|sudot|smmla|ummla|usmmla|bfdot|bfmmla|fmlal2?)\s")
+
+
+class VerifyError(AssertionError):
+    """The exported library disagrees with the host model (or dies) on an emulated CPU.
+
+    Attributes: ``output`` (name of the output, or None), ``inputs`` (which input set),
+    ``cpu`` (qemu CPU model), ``max_diff`` (float, or None when it did not run).
+    """
+
+    def __init__(self, message: str, *, output: str | None = None, inputs: str | None = None,
+                 cpu: str | None = None, max_diff: float | None = None):
+        super().__init__(message)
+        self.output, self.inputs, self.cpu, self.max_diff = output, inputs, cpu, max_diff
+
+
+def cpus_for(target) -> tuple[str, ...]:
+    """The qemu CPU models a library of ``target`` must run on.
+
+    An ARMv8.0-A target: ``cortex-a53`` and ``cortex-a76``. A target that asks for ``+dotprod`` by
+    name (``linux-arm64-dotprod``) cannot run on an ARMv8.0 core: ``cortex-a76`` only; for i8mm,
+    bf16 or SVE, qemu's ``max``.
+    """
+    from bitfx.targets import cross
+
+    mattr = set(cross.get_target(target).target.get("mattr", ()))
+    if mattr & set(_NEEDS_MAX):
+        return ("max",)
+    return ("cortex-a76",) if "+dotprod" in mattr else ("cortex-a53", "cortex-a76")
+
+
+def verify_library(path: str | Path, model: Callable | None, example_inputs: Sequence[Any],
+                   target: str = "linux-arm64", *, expected=None, variants: int = 2,
+                   cpus: Sequence[str] | None = None, rtol: float = 1e-4, atol: float = 1e-4,
+                   seed: int = 0) -> float:
+    """Run ``path`` under qemu on each CPU and input set and compare with ``model`` on the host.
+
+    Args:
+        path: a library written by ``bitfx.export`` for an aarch64 ``target``.
+        model: the host model (called under ``torch.no_grad``); None checks only ``expected``
+            on the example inputs.
+        example_inputs: the inputs the library was exported with.
+        expected: the host outputs on ``example_inputs`` (computed from ``model`` when None).
+        variants: random input sets drawn beside the example (needs ``model``).
+        cpus: qemu CPU models (``CPUS``; default ``cpus_for(target)``).
+        rtol, atol: tolerances, both scaled by ``max(1, max |host output|)``.
+
+    Returns:
+        The largest absolute difference seen.
+
+    Raises:
+        VerifyError: a mismatch (naming output, inputs, CPU, difference), a different number or
+            shape of outputs, or the library failing to run (SIGILL: with the instructions found).
+    """
+    example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if model is None and expected is None:
+        raise ValueError("verify_library needs the host model or the expected outputs")
+    cpus = cpus_for(target) if cpus is None else tuple(cpus)
+    sets = [("the example inputs", example)]
+    if model is not None:
+        gen = torch.Generator().manual_seed(seed)
+        sets += [(f"random inputs #{i + 1} (seed {seed})", random_like(example, gen))
+                 for i in range(variants)]
+    worst = 0.0
+    for label, inputs in sets:
+        if expected is not None and inputs is example:
+            want = expected
+        else:
+            with torch.no_grad():
+                want = model(*inputs)
+        names, host = flatten_outputs(want)
+        arrays = [_numpy(t) for t in inputs]
+        for cpu in cpus:
+            try:
+                outs = emulate.run_emulated(path, arrays, target, cpu=cpu)
+            except emulate.EmulationError as e:
+                raise _run_failure(path, e, label, cpu) from e
+            worst = max(worst, _compare(path, names, host, outs, label, cpu, rtol, atol))
+    return worst
+
+
+def flatten_outputs(outputs) -> tuple[list[str], list[np.ndarray]]:
+    """(names, float64 arrays) of every tensor in ``outputs``, in ``torch.export``'s order."""
+    leaves, _ = pytree.tree_flatten_with_path(outputs)
+    names, arrays = [], []
+    for key_path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            name = re.sub(r"\['([^']*)'\]", r".\1", pytree.keystr(key_path)).lstrip(".")
+            names.append(name or "output")
+            arrays.append(leaf.detach().cpu().to(torch.float64).numpy())
+    return names, arrays
+
+
+def random_like(inputs: Sequence[Any], gen: torch.Generator) -> tuple:
+    """Inputs of the same shapes and dtypes: floats around the example's mean/std, integers in its range."""
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            out.append(x)
+        elif x.dtype == torch.bool:
+            out.append(torch.randint(0, 2, x.shape, generator=gen).bool())
+        elif x.is_floating_point():
+            f = x.detach().float()
+            std = float(f.std()) if f.numel() > 1 else 1.0
+            r = torch.randn(x.shape, generator=gen) * (std or 1.0) + float(f.mean())
+            out.append(r.to(x.dtype))
+        else:
+            lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+            out.append(torch.randint(lo, hi + 1, x.shape, generator=gen).to(x.dtype))
+    return tuple(out)
+
+
+def extension_instructions(path: str | Path) -> dict[str, int]:
+    """Counts of instructions beyond ARMv8.0-A + NEON in ``path`` (``udot``...), by mnemonic.
+
+    Uses ``aarch64-linux-gnu-objdump``, which decodes every extension (LLVM 14's objdump prints
+    them as ``<unknown>`` unless told the features). Empty when objdump is not installed.
+    """
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is None:
+        return {}
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(path)], capture_output=True,
+                          text=True).stdout
+    counts: dict[str, int] = {}
+    for m in _EXTENSION_OPS.finditer(text):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
+def _compare(path, names, host, outs, label, cpu, rtol, atol) -> float:
+    lib = Path(path).name
+    if len(outs) != len(host):
+        raise VerifyError(f"{lib} on {cpu} returned {len(outs)} outputs, the host model {len(host)} "
+                          f"({', '.join(names)}), on {label}", inputs=label, cpu=cpu)
+    worst = 0.0
+    for name, o, e in zip(names, outs, host):
+        if o.shape != e.shape:
+            raise VerifyError(f"output {name} of {lib} on {cpu}: shape {o.shape} on the device, "
+                              f"{e.shape} on the host, on {label}", output=name, inputs=label, cpu=cpu)
+        o = o.astype(np.float64)
+        nan_o, nan_e = np.isnan(o), np.isnan(e)
+        if (nan_o != nan_e).any():
+            raise VerifyError(f"output {name} of {lib} on {cpu} ({CPUS.get(cpu, cpu)}): NaN at "
+                              f"{int((nan_o != nan_e).sum())} places where the host has none (or the "
+                              f"reverse), on {label}", output=name, inputs=label, cpu=cpu,
+                              max_diff=float("nan"))
+        ok = ~nan_e
+        diff = float(np.max(np.abs(o[ok] - e[ok]))) if ok.any() else 0.0
+        scale = max(1.0, float(np.max(np.abs(e[ok]))) if ok.any() else 1.0)
+        tol = (atol + rtol) * scale
+        if not diff <= tol:
+            raise VerifyError(f"output {name} of {lib} differs from the host model on {cpu} "
+                              f"({CPUS.get(cpu, cpu)}), on {label}: max |difference| = {diff:.3g} "
+                              f"(tolerance {tol:.3g})", output=name, inputs=label, cpu=cpu, max_diff=diff)
+        worst = max(worst, diff)
+    return worst
+
+
+def _run_failure(path, err: emulate.EmulationError, label: str, cpu: str) -> VerifyError:
+    lib = Path(path).name
+    if err.signal == 4:
+        found = extension_instructions(path)
+        what = (", ".join(f"{n} × {op}" for op, n in sorted(found.items())) if found
+                else "no udot/sdot/i8mm/bf16 instruction found by objdump")
+        return VerifyError(f"{lib} died with SIGILL (illegal instruction) on {cpu} "
+                           f"({CPUS.get(cpu, cpu)}), on {label}: it uses instructions this CPU lacks "
+                           f"({what}); build it without +dotprod/+i8mm for ARMv8.0 cores",
+                           inputs=label, cpu=cpu)
+    return VerifyError(f"{lib} failed to run on {cpu} ({CPUS.get(cpu, cpu)}), on {label}: "
+                       f"exit status {err.returncode}\n{err.output[-2000:]}", inputs=label, cpu=cpu)
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
