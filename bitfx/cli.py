@@ -26,6 +26,8 @@ DELEGATED = {
     "demo": ("bitfx.demo", "main", "compile a built-in BERT-shaped encoder and show what bitfx did"),
     "export": ("bitfx.cli", "export_main", "export a model to a shared library for a device"),
     "bench": ("bitfx.bench", "main", "benchmark bitfx kernels and models against their baselines"),
+    "kernels": ("bitfx.targets.show", "main", "write the kernels bitfx generates for an op and shape on a target "
+                "(CUDA source + PTX, or assembly)"),
 }
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,17 +34,20 @@ __all__ = ["export", "verify", "to_relax", "ExportError"]
 # ------------------------------------------------------------------------------------ public API
 def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any],
            target: str = "linux-arm64", path: str | Path = "model.so", config=None, *,
-           verify: bool = False, bundle: bool = True) -> Path:
+           verify: bool = False, bundle: bool = True, example_kwargs: Mapping[str, Any] | None = None) -> Path:
     """Binarize ``model`` (unless it already is), compile it for ``target`` and write ``path``.
 
     Args:
         model_or_binarized_gm: a float ``nn.Module`` (binarized here with ``config``) or the output
             of ``bitfx.binarize``.
-        example_inputs: one batch of inputs; the library is built for their shapes.
+        example_inputs: one batch as the model takes it (a tuple of positional inputs, one tensor, or
+            a mapping of keyword inputs); the library is built for their shapes and takes their flat
+            leaves (``torch.utils._pytree`` order: positional inputs, then keywords) as its inputs.
         target: a device target of ``bitfx.targets.cross`` (``linux-arm64``, ``android-arm64``, ...).
         path: the shared library to write.
         verify: run the library under qemu (aarch64 targets) and compare with the host model.
         bundle: also write the deploy bundle (loader, README, manifest) next to ``path``.
+        example_kwargs: keyword inputs, alone or with positional ``example_inputs``.
 
     Returns:
         The library path.
@@ -57,8 +60,11 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
     from bitfx.targets import cross
 
     dt = cross.get_target(target)  # raises on an unknown target, before any work
-    inputs = _as_tuple(example_inputs)
-    gm = _binarized(model_or_binarized_gm, inputs, config)
+    from bitfx.inputs import example_call, flat_module
+
+    gm = _binarized(model_or_binarized_gm, example_inputs, config, example_kwargs)
+    call = example_call(gm, example_inputs, example_kwargs)  # the graph's inputs, as flat leaves
+    inputs, gm = call.flat, flat_module(gm)
     mod = to_relax(gm, inputs, target=dt)
     try:
         exe = cross.build_relax(mod, dt)
@@ -75,7 +81,7 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
         write_bundle(path, dt.name if hasattr(dt, "name") else target)
     if verify:
         with torch.no_grad():
-            expected = gm(*inputs)
+            expected = gm(*inputs)  # the flat leaves of the model's output
         globals()["verify"](path, inputs, expected, target)
     return path
 
@@ -124,9 +130,10 @@ def _has_bitfx(gm) -> bool:
         n.op == "call_function" and str(n.target).startswith("bitfx.") for n in gm.graph.nodes)
 
 
-def _binarized(model, inputs, config):
+def _binarized(model, inputs, config, example_kwargs=None):
     if _has_bitfx(model):
         return model
     import bitfx
 
-    return bitfx.binarize(model.eval() if hasattr(model, "eval") else model, inputs, config)
+    return bitfx.binarize(model.eval() if hasattr(model, "eval") else model, inputs, config,
+                          example_kwargs=example_kwargs)

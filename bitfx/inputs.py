@@ -228,3 +228,12 @@ def pytree_codegen(call: ExampleCall, out_spec):
     from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
     return _PyTreeCodeGen(_PyTreeInfo(list(call.names), call.spec, out_spec))
+
+
+def flat_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` as a function of the flat leaves of its inputs, returning the flat leaves of its
+    output (a tuple): the form a device library takes. Shares ``gm``'s parameters."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(tuple(pytree.tree_leaves(out)) if isinstance(out, (tuple, list)) else (out,))
+    return torch.fx.GraphModule(gm, graph)
