@@ -7,10 +7,13 @@ from bitfx import ops as _ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.api import binarize
 from bitfx.calibrate import calibrate
 from bitfx.config import BinarizeConfig
+from bitfx.distill import distill
 from bitfx.export import export
 from bitfx.inputs import CaptureError
 from bitfx.inspect import diff
+from bitfx.serialize import LoadError, load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["BinarizeConfig", "CaptureError", "binarize", "calibrate", "diff", "export", "__version__"]
+__all__ = ["BinarizeConfig", "CaptureError", "LoadError", "binarize", "calibrate", "diff", "distill", "export",
+           "load", "save", "__version__"]
