@@ -450,11 +450,16 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                 for i in range(size):
                     for s in (1, 2):
                         _store(buf, buf[i] + _shfl_xor(buf[i], s, "int32"), i)
-            gq, tq = lane // 4, lane % 4
+            tq = lane % 4
+            cpl = _local(2 * nt, "int32") if need_cpop else None
+            for j in range(nt if need_cpop else 0):
+                # the columns this lane stores (2t, 2t+1) were counted by quads 2t and 2t+1; every lane
+                # shuffles here, outside the store guards (a partial warp in __shfl_sync is undefined)
+                for h in range(2):
+                    _store(cpl, _shfl(cpop[j], (2 * tq + h) * 4), 2 * j + h)
             for i in range(mt):
                 for j in range(nt):
-                    # column popcount of the columns this lane stores (2t, 2t+1) lives in quad 2t (2t+1)
-                    cps = [_shfl(cpop[j], (2 * tq + h) * 4) for h in range(2)] if need_cpop else [None, None]
+                    cps = [cpl[2 * j], cpl[2 * j + 1]] if need_cpop else [None, None]
                     for r in range(4):
                         rrow, rcol = c_fragment(lane, r)
                         row, col = m0 + 16 * i + rrow, n0 + 8 * j + rcol
