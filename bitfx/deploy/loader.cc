@@ -1,11 +1,13 @@
 // bitfx loader: run a Relax module exported by `bitfx` on a device, with no Python.
 //
-//   bitfx_loader MODEL.so OUT_DIR [INPUT ...] [--func main] [--repeat N] [--warmup N]
+//   bitfx_loader MODEL.so OUT_DIR [INPUT ...] [--func main] [--repeat N] [--warmup N] [--maps FILE]
 //
 // INPUT is a .npy file (little-endian, C order) or a raw file spelled `path:dtype:d0xd1x...`
 // (e.g. `x.bin:float32:1x128x768`). Outputs are written as OUT_DIR/output_<i>.npy, in the order of
 // the (flattened) result tuple. With --repeat N the function is timed over N runs after --warmup
 // runs and the mean/min latency is printed as `bitfx_loader: <func> mean_ms=... min_ms=...`.
+// --maps FILE copies /proc/self/maps to FILE at the end, so that a profiler can map code addresses
+// to the model's symbols (benchmarks/arm_profile.py; under qemu-user the addresses are the guest's).
 //
 // What it does is what `tvm.runtime.vm.VirtualMachine` does in Python:
 //   exe = Module::LoadFromFile(model)        // libtvm_ffi's dlopen loader; the Relax bytecode blob
@@ -208,13 +210,14 @@ void Flatten(const ffi::Any& v, std::vector<ffi::Tensor>* out) {
 
 int Run(int argc, char** argv) {
   std::vector<std::string> pos;
-  std::string func = "main";
+  std::string func = "main", maps;
   int repeat = 0, warmup = 1;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if ((a == "--func" || a == "--repeat" || a == "--warmup") && i + 1 < argc) {
+    if ((a == "--func" || a == "--repeat" || a == "--warmup" || a == "--maps") && i + 1 < argc) {
       std::string v = argv[++i];
       if (a == "--func") func = v;
+      if (a == "--maps") maps = v;
       if (a == "--repeat") repeat = std::stoi(v);
       if (a == "--warmup") warmup = std::stoi(v);
     } else {
@@ -224,7 +227,7 @@ int Run(int argc, char** argv) {
   if (pos.size() < 2) {
     std::cerr << "usage: " << argv[0]
               << " MODEL.so OUT_DIR [INPUT.npy | RAW:dtype:d0xd1 ...] [--func main] [--repeat N]"
-                 " [--warmup N]\n";
+                 " [--warmup N] [--maps FILE]\n";
     return 2;
   }
   std::vector<ffi::Tensor> inputs;
@@ -267,6 +270,11 @@ int Run(int argc, char** argv) {
     SaveNpy(pos[1] + "/output_" + std::to_string(i) + ".npy", outs[i]);
   }
   std::printf("bitfx_loader: wrote %zu output(s) to %s\n", outs.size(), pos[1].c_str());
+  if (!maps.empty()) {
+    std::ifstream in("/proc/self/maps");  // size 0 to stat: streamed, not ReadFile
+    std::ofstream out(maps, std::ios::binary);
+    if (!(out << in.rdbuf())) throw std::runtime_error("cannot copy /proc/self/maps to " + maps);
+  }
   return 0;
 }
 
