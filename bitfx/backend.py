@@ -1,8 +1,9 @@
 """The ``torch.compile`` backend: ``torch.compile(model, backend="bitfx", options={...})``.
 
 Registered through the ``torch_dynamo_backends`` entry point, so no ``import bitfx`` is needed.
-Options: ``config`` (a BinarizeConfig, preset name or dict) and ``kernels`` (``"tvm"`` or
-``"reference"``).
+Options: ``config`` (a BinarizeConfig, preset name or dict), ``kernels`` (``"tvm"`` or
+``"reference"``) and ``glue`` (``"inductor"``, default: the float parts around the kernels are
+compiled by inductor; ``"eager"``: they run as PyTorch ops).
 
 Flow: the dynamo graph is re-traced to pre-dispatch ATen (``capture_dynamo``), the pipeline
 rewrites it (a graph that already holds bitfx ops, e.g. from ``bitfx.binarize``, is lowered as
@@ -47,14 +48,34 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     log.info("bitfx: %d rewrites, %d left in float", len(ctx.report.rewrites), len(ctx.report.skips))
     traced.bitfx_report = ctx.report
 
+    ctx.glue = opts.glue if opts.config.kernels == "tvm" else "eager"
+
     def fw_compiler(fw: fx.GraphModule, inputs):
-        return make_boxed_func(run_passes(fw, ctx, LOWERING))
+        lowered = run_passes(fw, ctx, LOWERING)
+        if ctx.glue == "inductor":
+            return compile_glue(lowered, inputs)
+        return make_boxed_func(lowered)
 
     # (dynamo may abort this attempt, e.g. TensorifyScalarRestartAnalysis, and call again)
     compiled = aot_module_simplified(traced, example_inputs, fw_compiler=fw_compiler)
     REPORTS.append(ctx.report)
     del REPORTS[:-64]
     return compiled
+
+
+def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
+    """Inductor compiles the float parts of a lowered forward graph; the kernel ops stay extern calls.
+
+    The graph is re-traced to the ATen subset inductor lowers (its decomposition table), so the
+    Python-level attention formula becomes ATen ops around ``bitfx_kernels::sign_scores`` /
+    ``binary_pv``; softmax, masks, scales and the probability binarizer fuse into C++ loops.
+    """
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lowered, decomposition_table=select_decomp_table())(*inputs)
+    return compile_fx_inner(graph, inputs)
 
 
 def _initialise(traced: fx.GraphModule, before: set[str], example_inputs) -> None:

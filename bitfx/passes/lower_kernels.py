@@ -16,6 +16,8 @@ slice's own and its ``_version`` is the parameter's. A weight the graph *compute
 slice of an input) is a fresh tensor each call, whose address may be reused: it is packed per call.
 ``bit_attention`` becomes ``tvm_bit_attention``: the two integer products (sign(q)·sign(k)ᵀ and
 P_b·sign(v)) run as kernels, the float parts (scales, estimators, mask, softmax) in PyTorch.
+With ``glue="inductor"`` (``PassContext.glue``) both become the opaque kernel ops of
+``bitfx.ops.kernel_ops`` instead, and the backend compiles the float parts around them with inductor.
 With ``kernels="reference"`` the graph is left as it is and the ops run their PyTorch reference.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from bitfx.ops import BIT_ATTENTION, BIT_LINEAR
+from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops
 from bitfx.ops import attention as A
 from bitfx.ops.linear import quantize_weight
 from bitfx.passes.context import PassContext
@@ -96,16 +98,20 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if node.op != "call_function":
             continue
         if node.target == BIT_LINEAR:
-            name = f"bitfx_kernel_{count}"
-            count += 1
             src, _ = trace_back(node.args[1], ALIASING_OPS)
             persistent = isinstance(src, fx.Node) and src.op in ("placeholder", "get_attr")
-            gm.add_submodule(name, BitLinearKernel(*node.args[6:9], cache=persistent))
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(name, tuple(node.args[:6]))
+                if ctx.glue == "inductor":  # an opaque op inductor calls as an extern kernel
+                    new = gm.graph.call_function(kernel_ops.BIT_LINEAR_KERNEL, (*node.args[:9], persistent))
+                else:
+                    name = f"bitfx_kernel_{count}"
+                    count += 1
+                    gm.add_submodule(name, BitLinearKernel(*node.args[6:9], cache=persistent))
+                    new = gm.graph.call_module(name, tuple(node.args[:6]))
         elif node.target == BIT_ATTENTION:
+            fn = kernel_ops.bit_attention_on_kernels if ctx.glue == "inductor" else tvm_bit_attention
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(tvm_bit_attention, tuple(node.args))
+                new = gm.graph.call_function(fn, tuple(node.args))
         else:
             continue
         copy_meta(node, new)

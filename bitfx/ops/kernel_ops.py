@@ -1,0 +1,120 @@
+"""The host kernels as ``torch.library`` ops, so that a compiled graph calls them as extern kernels.
+
+    y = torch.ops.bitfx_kernels.bit_linear(x, W, b, s, move, alpha, "sign_tensor", "sign", 1)
+    S = torch.ops.bitfx_kernels.sign_scores(q, k)        # int32: sign(q) · sign(k)ᵀ
+    O = torch.ops.bitfx_kernels.binary_pv(p_codes, v)     # int32: P_b · sign(v)
+
+They are *implementations* of ``bit_linear`` and of the two integer products of ``bit_attention``
+(DESIGN §2), opaque to the compiler (fake functions give their shapes): with ``glue="inductor"``
+the lowering puts them in the forward graph and inductor compiles everything around them (softmax,
+LayerNorm, GELU, residual adds, scales, masks, probability binarizers) into fused C++ loops, while
+these stay calls of the TVM kernels. ``bit_linear`` with ``cache=True`` (a weight that is a parameter
+or a view/slice of one) keeps one ``runtime.LinearPlan`` per weight, weakly keyed by the parameter (a
+slice such as MHA's ``in_proj_weight[E:]`` is a new view each call: its base, offset and strides key
+it), rebuilt when the weight or one of its vectors changes (storage pointer and ``_version``: every
+in-place update, e.g. ``optimizer.step()``, bumps it), so a packed weight is never stale. A weight
+the graph computes (``cache=False``) is packed per call. No autograd: forward graphs only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from bitfx.ops.linear import quantize_weight
+
+__all__ = ["linear_plan", "BIT_LINEAR_KERNEL", "SIGN_SCORES_KERNEL", "BINARY_PV_KERNEL",
+           "bit_attention_on_kernels"]
+
+#: parameter (a view's base) -> {view geometry: (key, LinearPlan)}; weak: dropped with the parameter.
+_PLANS: "WeakIdKeyDictionary[Tensor, dict]" = WeakIdKeyDictionary()
+
+
+def _key(*tensors) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in tensors)
+
+
+def linear_plan(weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[Tensor], move: Optional[Tensor],
+                alpha: Optional[Tensor], weight_mode: str, act_mode: str, act_bits: int, cache: bool = True):
+    """The ``runtime.LinearPlan`` of this layer: the weight binarized and packed once per version."""
+    if not cache:
+        return _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits)
+    base = weight if weight._base is None else weight._base
+    views = _PLANS.get(base)
+    if views is None:
+        views = _PLANS[base] = {}
+    geometry = (weight.storage_offset(), tuple(weight.shape), weight.stride())
+    key = (_key(weight, bias, weight_scale, move, alpha), weight_mode, act_mode, act_bits)
+    hit = views.get(geometry)
+    if hit is None or hit[0] != key:
+        hit = views[geometry] = (key, _new_plan(weight, bias, weight_scale, move, alpha, weight_mode,
+                                                act_mode, act_bits))
+    return hit[1]
+
+
+def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits):
+    from bitfx.codegen import runtime
+
+    with torch.no_grad():
+        codes, col_scale, _ = quantize_weight(weight.detach().float(), None, weight_mode)
+        packed = runtime.pack_weight(codes.to(torch.int8), ternary=weight_mode == "ternary")
+        col = col_scale.float() if weight_scale is None else weight_scale.detach().float().reshape(-1)
+        plan = runtime.LinearPlan(packed, act=act_mode, bits=act_bits,
+                                  move=None if move is None else move.detach(),
+                                  alpha=None if alpha is None else alpha.detach(),
+                                  col_scale=col, bias=None if bias is None else bias.detach())
+    return plan
+
+
+@torch.library.custom_op("bitfx_kernels::bit_linear", mutates_args=())
+def bit_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[Tensor],
+               move: Optional[Tensor], alpha: Optional[Tensor], weight_mode: str, act_mode: str,
+               act_bits: int, cache: bool = True) -> Tensor:
+    """``bitfx.bit_linear`` on the host kernels (same arguments, same result to float rounding)."""
+    return linear_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache)(x)
+
+
+@bit_linear.register_fake
+def _(x, weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache=True):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("bitfx_kernels::sign_scores", mutates_args=())
+def sign_scores(q: Tensor, k: Tensor) -> Tensor:
+    """``S[..., i, j] = Σ_d sign(q[..., i, d]) · sign(k[..., j, d])`` as int32, on the popcount kernel."""
+    from bitfx.codegen import runtime
+
+    return runtime.sign_scores(q, k)
+
+
+@sign_scores.register_fake
+def _(q, k):
+    return q.new_empty((*q.shape[:-1], k.shape[-2]), dtype=torch.int32)
+
+
+@torch.library.custom_op("bitfx_kernels::binary_pv", mutates_args=())
+def binary_pv(p: Tensor, v: Tensor) -> Tensor:
+    """``O[..., i, d] = Σ_j p[..., i, j] · sign(v[..., j, d])`` as int32 for p in {0, 1}."""
+    from bitfx.codegen import runtime
+
+    return runtime.binary_pv(p, v)
+
+
+@binary_pv.register_fake
+def _(p, v):
+    return v.new_empty((*p.shape[:-1], v.shape[-1]), dtype=torch.int32)
+
+
+BIT_LINEAR_KERNEL = torch.ops.bitfx_kernels.bit_linear.default
+SIGN_SCORES_KERNEL = torch.ops.bitfx_kernels.sign_scores.default
+BINARY_PV_KERNEL = torch.ops.bitfx_kernels.binary_pv.default
+
+
+def bit_attention_on_kernels(*args):
+    """``bit_attention``'s one formula with its integer products on the kernel ops (traceable)."""
+    from bitfx.ops.attention import bit_attention_formula
+
+    return bit_attention_formula(*args, sign_scores=torch.ops.bitfx_kernels.sign_scores,
+                                 binary_pv=torch.ops.bitfx_kernels.binary_pv)
