@@ -7,8 +7,8 @@ Every entry point that captures with ``torch.export`` (``binarize``, ``diff``, `
   ...}``), and/or ``example_kwargs=`` (as ``torch.export`` takes ``kwargs``);
 * models whose ``forward`` takes ``*args`` / ``**kwargs``.
 
-A mapping is keyword inputs when its keys are names of ``forward`` (or ``forward`` takes
-``**kwargs``); otherwise it is the single positional input. The inputs are bound to the
+A mapping is keyword inputs when one of its keys names a parameter of ``forward`` (or ``forward``
+takes ``**kwargs``); otherwise it is the single positional input (``forward(self, batch)``). The inputs are bound to the
 signature (a mismatch raises ``TypeError`` naming both) and flattened with ``torch.utils._pytree``
 (nested tuples, dicts, Hugging Face caches). Keyword inputs that hold no tensor (``use_cache=False``)
 are constants of the capture: the captured graph is specialised on them.
@@ -109,7 +109,7 @@ def _are_keywords(mapping: Mapping, forward) -> bool:
     params = inspect.signature(forward).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return True
-    return all(k in params for k in mapping)
+    return any(k in params for k in mapping)
 
 
 def example_call(model: torch.nn.Module, example_inputs: Any = (), example_kwargs: Any = None) -> ExampleCall:

@@ -367,6 +367,16 @@ register_target(DeviceTarget(
     # dotprod: ARMv8.2-A, every arm64 phone core since Cortex-A55/A75 (SIGILL on Cortex-A53/A72).
     {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+dotprod"]},
     "android", _elf.EM_AARCH64, "Android API 24+, ARMv8.2-A (NEON, dotprod)", kernels="arm64"))
+# CUDA machines: the bitfx ops run the "cuda" kernel set (b1 tensor cores); the float ops get TVM's GPU
+# default schedules (dlight). The library carries the kernels as CUDA C++ that TVM's CUDA runtime compiles on
+# the device when the library is loaded (tvm_callback_cuda_compile: NVRTC, or nvcc with
+# TVM_CUDA_COMPILE_MODE=nvcc): the device needs the apache-tvm package (libtvm_runtime_cuda) and a CUDA driver.
+for _name, _triple, _arch, _compiler, _machine, _what in (
+        ("cuda-sm80", "x86_64-pc-linux-gnu", "sm_80", "host", _elf.EM_X86_64, "x86-64 Linux + CUDA, Ampere (A100)"),
+        ("cuda-sm90", "x86_64-pc-linux-gnu", "sm_90", "host", _elf.EM_X86_64, "x86-64 Linux + CUDA, Hopper (H100/H200)"),
+        ("jetson-orin", "aarch64-linux-gnu", "sm_87", "gnu", _elf.EM_AARCH64, "Jetson AGX/Orin (aarch64 + CUDA, sm_87)")):
+    register_target(DeviceTarget(_name, _triple, {"kind": "cuda", "arch": _arch, "host": {"kind": "llvm", "mtriple": _triple}},
+                                 _compiler, _machine, _what, kernels="cuda"))
 register_target(DeviceTarget(
     "android-armv7", "armv7a-linux-androideabi",
     {"kind": "llvm", "mtriple": "armv7a-linux-androideabi", "mattr": ["+neon"]},
