@@ -60,7 +60,8 @@ def test_calibrate_leaves_the_models_alpha_and_move():
     assert torch.equal(gm.get_parameter(node.args[4].target), layer.move)
 
 
-@pytest.mark.parametrize("layer", [BitLinear, QuantizeLinear], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("layer", [BitLinear, pytest.param(QuantizeLinear, marks=pytest.mark.slow)],
+                         ids=lambda c: c.__name__)
 def test_compiled_on_kernels_matches_the_model(layer):
     model = randomize(BitNetLM(layer, depth=1))
     torch._dynamo.reset()

@@ -20,7 +20,8 @@ After::
 
 ``mask'`` keeps SDPA's convention: boolean True = attend (``masked_fill(m, -inf)`` becomes
 ``logical_not(m)``, ``masked_fill(x == 0, -inf)`` becomes ``x != 0``), additive masks are added to
-the scaled scores (a mask added *before* a scale is multiplied by that scale). A finite fill
+the scaled scores (a mask added *before* a scale is multiplied by that scale; two additive masks,
+such as T5's position bias and its padding mask, are summed first: equal to float rounding). A finite fill
 ``c <= -1e4`` (``finfo.min``, ``-1e9``) on float32/float64 scores becomes the additive mask
 ``where(m, finfo.min, 0)``: both give masked keys probability exactly 0 on a row that keeps a key
 (exp underflows while the row's largest kept score exceeds ``c + 104``) and a uniform row when every
@@ -112,6 +113,7 @@ class _Match:
     mask: fx.Node | None = None
     mask_kind: str | None = None  # "add" | "masked" (True = masked) | "attend" (True = attend)
     mask_factor: float = 1.0  # scale applied to an additive mask after it was added
+    extra: list[list] = field(default_factory=list)  # further additive masks: [node, factor] (T5's bias + mask)
     fill: float = float("-inf")  # value of a masked_fill / where mask (finite: finfo.min additive mask)
     scores_dtype: Any = None
     dropout_p: Any = 0.0
@@ -317,7 +319,12 @@ def _apply(op: fx.Node, m: _Match) -> None:
         f = 1.0 / c if op.target in (aten.div.Tensor, aten.div.Scalar) else c
         m.scale *= f
         m.mask_factor *= f
+        for e in m.extra:
+            e[1] *= f
         return
+    if m.mask is not None and m.mask_kind == "add" and op.target in ADDS and op.kwargs.get("alpha", 1) == 1:
+        m.extra.append([op.args[1] if op.args[0] is _chain_input(op) else op.args[0], 1.0])
+        return  # (s + m1) + m2 becomes s + (m1 + m2): equal to float rounding
     if m.mask is not None:
         raise _Mismatch(f"two masks ({_op(op)} after {m.mask_kind} mask {m.mask.name})")
     if op.target in ADDS:
@@ -346,8 +353,11 @@ def _rewrite(gm: fx.GraphModule, softmax: fx.Node, m: _Match, ctx: PassContext) 
                for x, perm in ((m.q, m.q_perm), (m.k, m.k_perm), (m.v, m.v_perm)))
     k = k if m.k_transposed else call(gm, aten.transpose.int, (k, -2, -1), before=anchor)
     mask = m.mask
-    if m.mask_kind == "add" and m.mask_factor != 1.0:
-        mask = call(gm, aten.mul.Tensor, (mask, m.mask_factor), before=anchor)
+    if m.mask_kind == "add" and (m.mask_factor != 1.0 or m.extra):
+        mask = mask if m.mask_factor == 1.0 else call(gm, aten.mul.Tensor, (mask, m.mask_factor), before=anchor)
+        for extra, factor in m.extra:
+            extra = extra if factor == 1.0 else call(gm, aten.mul.Tensor, (extra, factor), before=anchor)
+            mask = call(gm, aten.add.Tensor, (mask, extra), before=anchor, like=anchor)
     elif m.mask_kind in ("masked", "attend") and m.fill != float("-inf"):
         lowest = torch.finfo(m.scores_dtype).min  # additive, exactly the fill's meaning (_check_fill)
         pair = (lowest, 0.0) if m.mask_kind == "masked" else (0.0, lowest)

@@ -112,6 +112,8 @@ SPELLINGS = {
     "einsum_ellipsis": (lambda q, k, v: torch.einsum("...ij,...jd->...id",
                                                      torch.einsum("...id,...jd->...ij", q, k).softmax(-1), v), ()),
     "sdpa_gqa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), ()),
+    "two_additive_masks": (lambda q, k, v, bias, m: (q @ kT(k) + bias + m).softmax(-1) @ v,  # T5: bias, mask
+                           (torch.randn(1, H, L, L, generator=torch.Generator().manual_seed(5)), ADD_MASK)),
 }
 
 FULL_MASK = BOOL_MASK.clone()
