@@ -104,7 +104,8 @@ def _build(body, name: str) -> tirx.PrimFunc:
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"tir.noalias": True})
+            # scheduled already: Relax's GPU pipeline (dlight) must leave it as it is
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             body()
     return ib.get()
 

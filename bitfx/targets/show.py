@@ -4,9 +4,10 @@
     bitfx kernels --target linux-arm64 --op bit_linear --shape 1x768x768 --act absmax --bits 8 -o out/
     bitfx kernels --target host --op bit_attention --shape 128x128x64 -o out/
 
-CUDA targets (``cuda-sm80``, ``cuda-sm90``) write, per kernel, the CUDA C++ TVM generates (``.cu``), the PTX
-(``.ptx``, nvcc), the cubin and ``ptxas -v``'s report (``.ptxas.txt``: registers, spills). LLVM targets (every
-``bitfx.targets.cross`` target: ``host``, ``linux-arm64``, ``android-arm64``, ...) write the assembly (``.s``)
+CUDA targets (``cuda-sm80``, ``cuda-sm90``, ``jetson-orin``: device targets of ``bitfx.targets.cross`` whose
+TVM target is CUDA) write, per kernel, the CUDA C++ TVM generates (``.cu``), the PTX
+(``.ptx``, nvcc), the cubin and ``ptxas -v``'s report (``.ptxas.txt``: registers, spills). LLVM targets (``host``,
+``linux-arm64``, ``android-arm64``, ...) write the assembly (``.s``)
 of the kernel set that target runs. Shapes: ``bit_linear`` MxKxN (tokens, in, out features); ``bit_attention``
 LqxLkxD (query length, key length, head dim). The same kernel parameters as the torch-process lowering use.
 """
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-CUDA_TARGETS = {"cuda-sm80": "sm_80", "cuda-sm90": "sm_90"}
 OPS = ("bit_linear", "bit_attention")
 
 
@@ -77,9 +77,12 @@ def write_kernels(target: str, op: str, shape: tuple[int, int, int], out: str | 
     """Write the kernels of ``op`` at ``shape`` for ``target`` into ``out``; returns the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from bitfx.targets.cross import get_target
+
     specs = kernel_specs(op, shape, **opts)
-    if target in CUDA_TARGETS:
-        return _write_cuda(CUDA_TARGETS[target], specs, out)
+    device = get_target(target)
+    if device.target.get("kind") == "cuda":
+        return _write_cuda(device.target["arch"], specs, out)
     return _write_llvm(target, specs, out)
 
 
@@ -124,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bitfx.targets.cross import list_targets
 
     parser = argparse.ArgumentParser(prog="bitfx kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True, help=f"{', '.join(CUDA_TARGETS)}, or one of {', '.join(list_targets())}")
+    parser.add_argument("--target", required=True, help=f"one of {', '.join(list_targets())}")
     parser.add_argument("--op", required=True, choices=OPS)
     parser.add_argument("--shape", required=True, help="bit_linear: MxKxN; bit_attention: LqxLkxD")
     parser.add_argument("--weight", choices=("binary", "ternary"), default="binary")
@@ -133,9 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-o", "--output", required=True, help="directory to write into")
     args = parser.parse_args(argv)
     bits = args.bits if args.bits is not None else (8 if args.act == "absmax" else 1)
-    if args.target not in CUDA_TARGETS and args.target not in list_targets():
-        print(f"bitfx kernels: unknown target {args.target!r}; expected one of "
-              f"{', '.join([*CUDA_TARGETS, *list_targets()])}", file=sys.stderr)
+    if args.target not in list_targets():
+        print(f"bitfx kernels: unknown target {args.target!r}; expected one of {', '.join(list_targets())}",
+              file=sys.stderr)
         return 2
     try:
         files = write_kernels(args.target, args.op, parse_shape(args.shape), args.output,

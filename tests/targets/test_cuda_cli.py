@@ -54,3 +54,20 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     assert cli.main(["kernels", "--target", "host", "--op", "bit_linear", "--shape", "1x64x64", "--act", "absmax",
                      "--bits", "9", "-o", str(tmp_path)]) == 1
     assert "bits in 2..8; got 9" in capsys.readouterr().err
+
+
+@needs_nvcc
+def test_device_export_for_a_cuda_machine_builds_here(tmp_path):
+    """TVM builds a CUDA device library without a driver: the kernels travel as CUDA C++ (compiled on load)."""
+    import torch
+
+    import bitfx
+    from bitfx.targets import _elf, cross
+    from tests.models import MLP
+
+    torch.manual_seed(0)
+    path = bitfx.export(MLP().eval(), (torch.randn(4, 16),), "cuda-sm90", tmp_path / "mlp.so", bundle=False)
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == _elf.EM_X86_64
+    assert cuda.MMA_INSTRUCTION.encode() in data and b"__ballot_sync" in data
+    assert cross.get_target("jetson-orin").kernels == "cuda"
