@@ -121,6 +121,7 @@ def distill(student: fx.GraphModule, teacher: torch.nn.Module, batches: Iterable
                 log.append(row)
             bar.update(row)
     student.bitfx_distill_log = log
+    student.bitfx_distill_world = _world()
     return student
 
 
@@ -325,9 +326,14 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _maybe_ddp(net: torch.nn.Module, example: tuple) -> torch.nn.Module:
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if _world() == 1:
         return net
     dev = next((t.device for t in pytree.tree_leaves(list(example)) if isinstance(t, torch.Tensor)), None)
     ids = [dev] if dev is not None and dev.type == "cuda" else None
