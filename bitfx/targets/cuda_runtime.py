@@ -57,6 +57,7 @@ class NvccNotFoundError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ targets
+@functools.cache
 def cuda_target(arch: str):
     """The TVM target of one GPU architecture, e.g. ``cuda_target("sm_90")``."""
     import tvm
@@ -68,7 +69,16 @@ def cuda_target(arch: str):
 
 def device_arch(device: torch.device | int | None = None) -> str:
     """``"sm_XY"`` of a CUDA device (the current one by default)."""
-    major, minor = torch.cuda.get_device_capability(device)
+    if isinstance(device, int):
+        return _arch(device)
+    if device is None or device.index is None:
+        return _arch(torch.cuda.current_device())
+    return _arch(device.index)
+
+
+@functools.cache
+def _arch(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
     return f"sm_{major}{minor}"
 
 
@@ -218,13 +228,22 @@ def artifacts(op: str, *, impl: str = "cuda", arch: str = "sm_90", **params) -> 
 
 
 # ---------------------------------------------------------------------------------------- dispatch
+_KERNELS: dict = {}
+
+
 def _kernel(op: str, device: torch.device, impl: str = "cuda", **params):
-    from bitfx.codegen.build import kernel
+    """The compiled kernel for ``device``'s arch; memoised on a cheap key (this is the per-call path)."""
+    arch = device_arch(device)
+    key = (op, impl, arch, tuple(sorted(params.items())))
+    fn = _KERNELS.get(key)
+    if fn is None:
+        from bitfx.codegen.build import kernel
 
-    import bitfx.targets.cuda  # noqa: F401
+        import bitfx.targets.cuda  # noqa: F401
 
-    install_compiler()
-    return kernel(op, impl=impl, target=cuda_target(device_arch(device)), **params)
+        install_compiler()
+        fn = _KERNELS[key] = kernel(op, impl=impl, target=cuda_target(arch), **params)
+    return fn
 
 
 def _run(fn, device: torch.device, *args) -> None:
@@ -237,7 +256,7 @@ def _run(fn, device: torch.device, *args) -> None:
 
 
 def _gemm_set(rows: int, device: torch.device) -> str:
-    major, _ = torch.cuda.get_device_capability(device)
+    major = int(device_arch(device)[3:-1])
     return "cuda" if major >= 8 and rows >= MMA_MIN_ROWS else "cuda-popc"
 
 

@@ -133,3 +133,36 @@ def test_torch_compile_on_cuda(kernels, monkeypatch):
     assert y.is_cuda
     torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=1e-3)
     assert bool(calls) == (kernels == "tvm")
+
+
+# ------------------------------------------------------------------------- the dispatch logic, on CPU
+def test_gemm_set_follows_rows_and_architecture(monkeypatch):
+    from bitfx.targets import cuda_runtime as cr
+
+    caps = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    cr._arch.cache_clear()
+    try:
+        assert cr.device_arch(0) == "sm_90" and cr.device_arch(torch.device("cuda", 1)) == "sm_75"
+        assert cr._gemm_set(cr.MMA_MIN_ROWS, torch.device("cuda", 0)) == "cuda"
+        assert cr._gemm_set(cr.MMA_MIN_ROWS - 1, torch.device("cuda", 0)) == "cuda-popc"  # M = 1 decode
+        assert cr._gemm_set(4096, torch.device("cuda", 1)) == "cuda-popc"  # no b1 mma before sm_80
+    finally:
+        cr._arch.cache_clear()
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+def test_tvm_compiles_cuda_source_through_bitfx_nvcc(monkeypatch, tmp_path):
+    """The callback TVM's CUDA runtime calls on module load: nvcc, IEEE math, the device's arch, cached."""
+    import tvm_ffi
+
+    from bitfx.targets import cuda_runtime as cr
+
+    monkeypatch.setenv("BITFX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cr, "device_arch", lambda device=None: "sm_80")
+    cr.install_compiler()
+    source = cr.kernel_source("pack_rows", mode="sign", K=96, arch="sm_80")
+    cubin = bytes(tvm_ffi.get_global_func("tvm_callback_cuda_compile")(source))
+    assert cubin[:4] == b"\x7fELF"
+    assert list((tmp_path / "cuda" / "cubin").glob("*.cubin"))  # cached: the next process loads it
+    assert cr.compile_cubin(source, "sm_80") == cubin
