@@ -156,20 +156,52 @@ class Symbolizer:
     def _table(self, path: str) -> tuple[list[int], list[str]]:
         if path not in self.symbols:
             nm = shutil.which("aarch64-linux-gnu-nm") or shutil.which("llvm-nm") or "nm"
-            rows = []
+            rows, sized = [], []
             for flags in (["--defined-only"], ["-D", "--defined-only"]):
-                out = subprocess.run([nm, "-n", *flags, path], capture_output=True, text=True).stdout
-                rows = [(int(a, 16), n) for a, t, n in (ln.split(None, 2) for ln in out.splitlines()
-                        if len(ln.split()) == 3) if t in "tTwWiI"]
+                out = subprocess.run([nm, "-n", "-S", *flags, path], capture_output=True, text=True).stdout
+                for ln in out.splitlines():
+                    f = ln.split()
+                    if len(f) in (3, 4) and f[-2] in "tTwWiI":
+                        rows.append((int(f[0], 16), re.sub(r"@.*$", "", f[-1])))
+                        if len(f) == 4:
+                            sized.append((int(f[0], 16), int(f[0], 16) + int(f[1], 16)))
                 if rows:
+                    static = flags == ["--defined-only"]
                     break
+            if rows and static:
+                rows += self._lambdas(path, rows, sized)
             rows.sort()
-            self.symbols[path] = ([a for a, _ in rows], [re.sub(r"@.*$", "", n) for _, n in rows])
+            self.symbols[path] = ([a for a, _ in rows], [n for _, n in rows])
             objdump = shutil.which("aarch64-linux-gnu-objdump") or "llvm-objdump"
             heads = subprocess.run([objdump, "-h", path], capture_output=True, text=True).stdout
             m = re.search(r"\s\.plt\s+([0-9a-f]+)\s+([0-9a-f]+)", heads)
             self.plt[path] = (int(m.group(2), 16), int(m.group(2), 16) + int(m.group(1), 16)) if m else (0, 0)
         return self.symbols[path]
+
+    @staticmethod
+    def _lambdas(path: str, rows, sized) -> list[tuple[int, str]]:
+        """Unnamed functions (TVM's parallel lambdas have private linkage, so no symbol) as
+        ``PARENT@lambda``: PARENT is the function whose ``adrp``+``add`` computes their address."""
+        import bisect
+
+        starts = sorted(sized)
+        def inside(addr):
+            i = bisect.bisect_right(starts, (addr, float("inf"))) - 1
+            return i >= 0 and starts[i][0] <= addr < starts[i][1]
+
+        objdump = shutil.which("aarch64-linux-gnu-objdump") or "llvm-objdump"
+        text = subprocess.run([objdump, "-d", "--no-show-raw-insn", path], capture_output=True, text=True).stdout
+        found, func, page = {}, None, {}
+        for ln in text.splitlines():
+            if m := re.match(r"^[0-9a-f]+ <(.+)>:$", ln):
+                func, page = m.group(1), {}
+            elif m := re.search(r"\tadrp\s+(x\d+), ([0-9a-f]+)", ln):
+                page[m.group(1)] = int(m.group(2), 16)
+            elif (m := re.search(r"\tadd\s+(x\d+), (x\d+), #0x([0-9a-f]+)", ln)) and m.group(2) in page:
+                target = page[m.group(2)] + int(m.group(3), 16)
+                if func and not inside(target) and target not in {a for a, _ in rows}:
+                    found.setdefault(target, f"{func}@lambda")
+        return sorted(found.items())
 
     def lookup(self, addr: int) -> tuple[str, str]:
         import bisect
@@ -186,7 +218,7 @@ class Symbolizer:
 
 def kernel_name(symbol: str) -> str:
     """``__tvm_ffi_reshape12`` / ``reshape12_compute_`` -> ``reshape``; bitfx kernels keep their shape."""
-    name = re.sub(r"^__tvm_ffi_|_compute_$", "", symbol)
+    name = re.sub(r"^__tvm_ffi_|_compute_$", "", re.sub(r"@lambda$", "", symbol))
     name = re.sub(r"\.(part|cold|constprop|isra)\.\d+$", "", name)
     return name if name.startswith("bitfx") else re.sub(r"(?<=[a-z_])\d+$", "", name)
 
@@ -238,6 +270,63 @@ def mca_cycles(mca: str, asm: list[str], cpu: str, iterations: int = 200) -> flo
     return int(m.group(1)) / iterations if m else None
 
 
+# ------------------------------------------------------------------------------ hand-written kernels
+def standalone_kernel(kind: str, m: int, n: int, k: int, target: str, work: Path) -> tuple[Path, list[Path]]:
+    """``bitfx.targets.arm``'s hand-tiled binary GEMM (``kind="bit"``) or fp32 NEON GEMM as a Relax
+    library of one ``call_tir``, with random inputs saved beside it."""
+    from tvm import relax
+
+    from bitfx.targets import arm, cross
+
+    rng = np.random.default_rng(0)
+    if kind == "bit":
+        kb = arm.packed_bytes(k)
+        prim, dtype, shapes = arm.binary_gemm_neon(m, n, k), "uint8", [(m, kb), (n, kb)]
+        arrays = [rng.integers(0, 256, sh, dtype=np.uint8) for sh in shapes]
+        out = relax.TensorType((m, n), "int32")
+    else:
+        prim, dtype, shapes = arm.fp32_gemm_neon(m, n, k), "float32", [(m, k), (k, n)]
+        arrays = [rng.standard_normal(sh).astype(np.float32) for sh in shapes]
+        out = relax.TensorType((m, n), "float32")
+    bb = relax.BlockBuilder()
+    params = [relax.Var(name, relax.TensorType(sh, dtype)) for name, sh in zip("aw", shapes)]
+    with bb.function("main", params):
+        gv = bb.add_func(prim, f"{kind}_gemm_neon")
+        bb.emit_func_output(bb.emit(relax.call_tir(gv, params, out)))
+    lib = cross.export_library(cross.build_relax(bb.get(), target), work / f"{kind}_{m}x{n}x{k}.so", target)
+    paths = []
+    for name, x in zip("aw", arrays):
+        paths.append(work / f"{kind}_{m}x{n}x{k}_{name}.npy")
+        np.save(paths[-1], x)
+    return lib, paths
+
+
+def kernel_instructions(plugin: Path, lib: Path, inputs: list[Path], target: str, cpu: str, work: Path) -> int:
+    """Dynamic instructions inside ``lib`` (its kernels) for one call of its ``main``."""
+    one, maps = run_counts(plugin, lib, inputs, target, cpu, 1, work)
+    two, _ = run_counts(plugin, lib, inputs, target, cpu, 2, work)
+    sym = Symbolizer(maps)
+    return sum(n * (e - one.get(v, (n, 0))[1]) for v, (n, e) in two.items()
+               if Path(sym.lookup(v)[0]).name == lib.name)
+
+
+def compare_with_hand_tiled(plugin: Path, args, gemms: dict[str, tuple[int, int, int, int]], tokens: int,
+                            work: Path) -> None:
+    """Exported GEMMs vs the hand-tiled kernel (instructions per call) and vs fp32 NEON (per MAC)."""
+    print(f"\nexported binary GEMMs vs bitfx.targets.arm's hand-tiled kernel and its fp32 NEON GEMM "
+          f"(same M, N, K; one call each)")
+    print(f"{'GEMM (M x N x K)':<22} {'exported':>10} {'hand-tiled':>10} {'ratio':>6} "
+          f"{'fp32 NEON':>10} {'insns/MAC fp32 / binary':>24}")
+    for name, (k, n, insns, ncalls) in sorted(gemms.items()):
+        per_call = insns / ncalls
+        hand = kernel_instructions(plugin, *standalone_kernel("bit", tokens, n, k, args.target, work),
+                                   args.target, args.cpu, work)
+        fp32 = kernel_instructions(plugin, *standalone_kernel("fp32", tokens, n, k, args.target, work),
+                                   args.target, args.cpu, work)
+        print(f"{f'{tokens} x {n} x {k}':<22} {per_call / 1e6:>9.2f}M {hand / 1e6:>9.2f}M "
+              f"{per_call / hand:>5.2f}x {fp32 / 1e6:>9.2f}M {fp32 / per_call:>23.1f}x")
+
+
 # ------------------------------------------------------------------------------ main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -253,6 +342,8 @@ def main() -> None:
     p.add_argument("--inputs", type=Path, nargs="*", default=[])
     p.add_argument("--tokens", type=int, default=128, help="with --lib: M of the GEMMs (batch * seq)")
     p.add_argument("--no-fetch", action="store_true", help="never download qemu's source for the header")
+    p.add_argument("--no-hand-tiled", action="store_true", help="skip the comparison with the hand-tiled "
+                   "and fp32 NEON kernels")
     p.add_argument("--keep", type=Path, default=None, help="keep the work files here")
     args = p.parse_args()
 
@@ -319,13 +410,18 @@ def main() -> None:
     for cat, v in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"{cat:<42} {v / 1e6:>9.2f} {100 * v / total:>5.1f}%")
     print(f"\n{'kernel (top 25)':<62} {'M insns':>9} {'share':>6} {'calls':>5} {'insns/word':>10}")
+    gemms = {}
     for (cat, name), v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
         per_word = ""
         m = re.search(r"_k(\d+)_n(\d+)", name)
         if cat == "binary GEMM" and m and tokens and calls.get(name):
             words = calls[name] * tokens * int(m.group(2)) * -(-int(m.group(1)) // 64)
             per_word = f"{v / words:.2f}"
+            gemms[name] = (int(m.group(1)), int(m.group(2)), v, calls[name])
         print(f"{name[:62]:<62} {v / 1e6:>9.2f} {100 * v / total:>5.1f}% {calls.get(name, ''):>5} {per_word:>10}")
+
+    if gemms and tokens and not args.no_hand_tiled:
+        compare_with_hand_tiled(plugin, args, gemms, tokens, work)
 
     mca = find_mca()
     if mca is None:
