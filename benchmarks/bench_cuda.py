@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cuda.py                  # checks, bit_linear table, encoder layer
     python benchmarks/bench_cuda.py --skip-layer     # checks and the bit_linear table only
+    python benchmarks/bench_cuda.py --sweep-tiles    # also: the tensor-core GEMM alone under other MmaTiles
 
 1. Checks: ``bit_linear``'s integer result (every weight/activation mode; M = 1 on the CUDA-core kernel,
    M = 37 and 256 on the tensor-core kernel) equals ``codes_a @ codes_w.T`` exactly; the two integer products
@@ -109,6 +110,31 @@ def linear_table() -> None:
             print(f"{M:5d} {K:5d} {N:5d} | {t_bitfx:9.4f} {t_fp16:9.4f} {i8} | {t_fp16 / t_bitfx:7.2f} {r8}")
 
 
+def sweep_tiles() -> None:
+    """The b1 GEMM alone (packed activations in, float epilogue) under several warp/block tilings."""
+    from bitfx.targets.cuda import MmaTile
+    from bitfx.targets.cuda_runtime import _kernel, _run
+
+    tiles = [MmaTile(2, 4, 4), MmaTile(1, 4, 4), MmaTile(2, 2, 4), MmaTile(4, 4, 4), MmaTile(4, 2, 4),
+             MmaTile(2, 4, 2), MmaTile(1, 2, 4), MmaTile(2, 8, 2)]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    print("\nb1 GEMM alone (xnor, float epilogue) per MmaTile(mt, nt, warps), ms; * = the default")
+    print(f"{'M':>5} {'K':>5} {'N':>5} | " + " ".join(f"{f'{t.mt},{t.nt},{t.warps}':>8}" for t in tiles))
+    for K, N in BERT_LINEARS:
+        w = torch.randint(0, 2 ** 62, ((K + 63) // 64, N), dtype=torch.int64, device=dev).view(torch.uint64)
+        cs = torch.rand(N, device=dev)
+        for M in ROWS[1:]:
+            a = torch.randint(0, 2 ** 62, (M, (K + 63) // 64), dtype=torch.int64, device=dev).view(torch.uint64)
+            rs, y = torch.rand(M, device=dev), torch.empty(M, N, device=dev)
+            times = []
+            for t in tiles:
+                fn = _kernel("gemm", dev, mode="xnor", K=K, N=N, planes=1, epilogue="float", bias=False, tile=t)
+                times.append(cuda_ms(lambda: _run(fn, dev, a, w, rs, cs, y)))
+            best = min(times)
+            cells = " ".join(f"{ms:7.4f}{'*' if i == 0 else ('<' if ms == best else ' ')}" for i, ms in enumerate(times))
+            print(f"{M:5d} {K:5d} {N:5d} | {cells}")
+
+
 # ---------------------------------------------------------------------------------------------- layer
 def encoder_layer(seq: int = 128, batch: int = 8) -> None:
     from bitfx.models import BertConfig, Layer
@@ -143,6 +169,7 @@ def encoder_layer(seq: int = 128, batch: int = 8) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-layer", action="store_true", help="skip the encoder-layer comparison")
+    parser.add_argument("--sweep-tiles", action="store_true", help="also time the GEMM under other MmaTiles")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA GPU here (torch.cuda.is_available() is False); nothing to measure. "
@@ -157,6 +184,8 @@ def main(argv=None) -> int:
         return 1
     print("kernel checks: every bit_linear mode, sign_scores and binary_pv bit-exact against the reference")
     linear_table()
+    if args.sweep_tiles:
+        sweep_tiles()
     if not args.skip_layer:
         encoder_layer()
     return 0

@@ -62,7 +62,7 @@ def test_bit_linear_int_is_exact(M, K, weight_mode, act_mode, bits):
                                      move=None if move is None else move.cuda())
     assert acc.is_cuda and acc.dtype == torch.int32
     torch.testing.assert_close(acc.cpu(), (a_codes.double() @ w_codes.double().t()).to(torch.int32), rtol=0, atol=0)
-    torch.testing.assert_close(rs.cpu(), row_scale.float().reshape(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rs.cpu(), row_scale.float().reshape(-1), rtol=2e-5, atol=0)  # sum order differs
 
 
 @GPU
