@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from bitfx.relax.importer import ExportError, to_relax
+from bitfx.relax.importer import ExportError, fused, to_relax
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,13 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
     inputs, gm = call.flat, flat_module(gm)
     mod = to_relax(gm, inputs, target=dt)
     try:
-        exe = cross.build_relax(mod, dt)
+        exe = cross.build_relax(fused(mod), dt)
     except Exception as e:  # noqa: BLE001 — a symbolic-shape build failure is retried static
         if not to_relax.last_dynamic:
             raise
         log.warning("bitfx.export: building with symbolic shapes failed (%s: %s); building at the example shapes",
                     type(e).__name__, (str(e).strip().splitlines() or [""])[-1][:200])
-        exe = cross.build_relax(to_relax(gm, inputs, dynamic=False, target=dt), dt)
+        exe = cross.build_relax(fused(to_relax(gm, inputs, dynamic=False, target=dt)), dt)
     path = cross.export_library(exe, path, dt)
     if bundle:
         from bitfx.deploy import write_bundle

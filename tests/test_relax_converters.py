@@ -65,3 +65,12 @@ def test_a_target_lowers_to_its_kernel_set(monkeypatch):
     asked.clear()
     to_relax(gm, inputs)
     assert ("reference", "gemm") in asked
+
+
+def test_gelu_rational_erf_is_within_its_error_floor():
+    from bitfx.relax.importer import erf_rational, gelu
+
+    x = torch.linspace(-12, 12, 100001)
+    assert float((erf_rational(x) - torch.erf(x)).abs().max()) < 5e-7
+    assert float((gelu(x) - torch.nn.functional.gelu(x)).abs().max()) < 2e-6
+    assert float((gelu(x, "tanh") - torch.nn.functional.gelu(x, approximate="tanh")).abs().max()) < 2e-6

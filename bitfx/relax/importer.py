@@ -5,7 +5,7 @@
 The steps: ``torch.export`` (batch and sequence dims symbolic where the model allows) →
 decompositions (``bit_attention`` into its formula with its integer products as ops of their own,
 ``bitfx.attention`` into its float reference, ``aten.amax`` into argmax + gather, which the importer
-takes) → a check that names every op the importer has no converter for, all at once →
+takes; ``aten.gelu`` into a rational erf that vectorises, instead of a libm ``erff`` call per element) → a check that names every op the importer has no converter for, all at once →
 ``from_exported_program`` with the converters of ``bitfx/relax/converters.py``.
 """
 from __future__ import annotations
@@ -89,6 +89,34 @@ def _import(gm, inputs: tuple, dynamic_shapes, kernels: str):
                           f"torch importer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
+# erf(x) ~= x P(x^2) / Q(x^2) on [-4, 4] (clamped: erf is +-1 in float32 beyond), |error| < 5e-7: the
+# rational form of Eigen's and XLA's float erf. Only multiply-adds and one divide, so the fused loop
+# vectorises on the device; TVM's own erf is a libm erff call per element.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def erf_rational(x: torch.Tensor) -> torch.Tensor:
+    """``erf(x)`` as a rational polynomial in ATen multiply-adds (max |error| 4.2e-7 in float32)."""
+    x = x.clamp(-4.0, 4.0)
+    x2 = x * x
+    p, q = x2 * _ERF_P[0] + _ERF_P[1], x2 * _ERF_Q[0] + _ERF_Q[1]
+    for c in _ERF_P[2:]:
+        p = x2 * p + c
+    for c in _ERF_Q[2:]:
+        q = x2 * q + c
+    return x * p / q
+
+
+def gelu(x, approximate: str = "none"):
+    """``GELU(x) = x/2 (1 + erf(x/sqrt 2))`` with ``erf_rational``; the tanh form spelled out."""
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + erf_rational(x * 0.7071067811865476))
+
+
 def _decompose(ep, integer_kernels: bool = True):
     """bit_attention → ATen float ops, with its integer matmuls as ``sign_scores``/``binary_pv``
     (``integer_kernels``, lowered to call_tir) or as plain float matmuls (its reference formula)."""
@@ -118,7 +146,8 @@ def _decompose(ep, integer_kernels: bool = True):
 
     table = {torch.ops.bitfx.bit_attention.default: decomp,
              torch.ops.bitfx.attention.default: float_attention,
-             torch.ops.aten.amax.default: amax}
+             torch.ops.aten.amax.default: amax,
+             torch.ops.aten.gelu.default: gelu}
     if not any(n.target in table for n in ep.graph.nodes):
         return ep
     return ep.run_decompositions(table)
@@ -186,3 +215,19 @@ def _layer(node, gm) -> str:
         stack = node.meta.get("stack_trace") or ""
         return f"node {node.name} (no module path recorded{'; ' + stack.strip().splitlines()[-1] if stack else ''})"
     return f"layer {path!r} ({kind}), node {node.name}"
+
+
+def fused(mod):
+    """``mod`` with its float Relax ops legalized and fused into TIR loops (``FuseOps`` + ``FuseTIR``).
+
+    ``relax.build``'s default pipeline legalizes but does not fuse: without this, every elementwise
+    op (each multiply-add of ``gelu``'s polynomial, each residual add) is a loop of its own over memory.
+    The bitfx ``call_tir`` kernels stay as they are (opaque to the fusion).
+    """
+    import tvm
+    from tvm import relax
+
+    seq = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                    relax.transform.FuseTIR()])
+    return seq(mod)
