@@ -22,9 +22,11 @@ A failure raises ``VerifyError`` naming the output, the input set, the CPU and t
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,21 +104,33 @@ def verify_library(path: str | Path, model: Callable | None, example_inputs: Seq
         gen = torch.Generator().manual_seed(seed)
         sets += [(f"random inputs #{i + 1} (seed {seed})", random_like(example, gen))
                  for i in range(variants)]
-    worst = 0.0
+    hosts = []
     for label, inputs in sets:
         if expected is not None and inputs is example:
             want = expected
         else:
             with torch.no_grad():
                 want = model(*inputs)
-        names, host = flatten_outputs(want)
-        arrays = [_numpy(t) for t in inputs]
-        for cpu in cpus:
-            try:
-                outs = emulate.run_emulated(path, arrays, target, cpu=cpu)
-            except emulate.EmulationError as e:
-                raise _run_failure(path, e, label, cpu) from e
-            worst = max(worst, _compare(path, names, host, outs, label, cpu, rtol, atol))
+        hosts.append(flatten_outputs(want))
+    # The qemu runs are independent processes: run them side by side, judge them in a fixed order
+    # (example first, ARMv8.0 first), so the error reported does not depend on timing.
+    jobs = [(label, [_numpy(t) for t in inputs], cpu) for label, inputs in sets for cpu in cpus]
+
+    def run(job):
+        label, arrays, cpu = job
+        try:
+            return emulate.run_emulated(path, arrays, target, cpu=cpu)
+        except emulate.EmulationError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(run, jobs))
+    worst = 0.0
+    for (label, _, cpu), outs in zip(jobs, results):
+        if isinstance(outs, emulate.EmulationError):
+            raise _run_failure(path, outs, label, cpu) from outs
+        names, host = hosts[[lbl for lbl, _ in sets].index(label)]
+        worst = max(worst, _compare(path, names, host, outs, label, cpu, rtol, atol))
     return worst
 
 
