@@ -75,7 +75,7 @@ def cpus_for(target) -> tuple[str, ...]:
 def verify_library(path: str | Path, model: Callable | None, example_inputs: Sequence[Any],
                    target: str = "linux-arm64", *, expected=None, variants: int = 2,
                    cpus: Sequence[str] | None = None, rtol: float = 1e-4, atol: float = 1e-4,
-                   seed: int = 0) -> float:
+                   seed: int = 0, output_names: Sequence[str] | None = None) -> float:
     """Run ``path`` under qemu on each CPU and input set and compare with ``model`` on the host.
 
     Args:
@@ -87,6 +87,8 @@ def verify_library(path: str | Path, model: Callable | None, example_inputs: Seq
         variants: random input sets drawn beside the example (needs ``model``).
         cpus: qemu CPU models (``CPUS``; default ``cpus_for(target)``).
         rtol, atol: tolerances, both scaled by ``max(1, max |host output|)``.
+        output_names: names for the flat outputs when ``model`` returns them flat (as the graph
+            ``bitfx.export`` builds does); ``output_names(structured_gm)`` gives the model's own.
 
     Returns:
         The largest absolute difference seen.
@@ -111,7 +113,10 @@ def verify_library(path: str | Path, model: Callable | None, example_inputs: Seq
         else:
             with torch.no_grad():
                 want = model(*inputs)
-        hosts.append(flatten_outputs(want))
+        names, host = flatten_outputs(want)
+        if output_names is not None and len(output_names) == len(names):
+            names = list(output_names)
+        hosts.append((names, host))
     # The qemu runs are independent processes: run them side by side, judge them in a fixed order
     # (example first, ARMv8.0 first), so the error reported does not depend on timing.
     jobs = [(label, [_numpy(t) for t in inputs], cpu) for label, inputs in sets for cpu in cpus]
@@ -144,6 +149,17 @@ def flatten_outputs(outputs) -> tuple[list[str], list[np.ndarray]]:
             names.append(name or "output")
             arrays.append(leaf.detach().cpu().to(torch.float64).numpy())
     return names, arrays
+
+
+def output_names(gm) -> list[str] | None:
+    """Names of the outputs of a captured GraphModule, from its output structure (pytree codegen),
+    or None when it has none (``[0]``... then)."""
+    info = getattr(getattr(getattr(gm, "graph", None), "_codegen", None), "pytree_info", None)
+    spec = getattr(info, "out_spec", None)
+    if spec is None:
+        return None
+    dummy = pytree.tree_unflatten([torch.zeros(())] * spec.num_leaves, spec)
+    return flatten_outputs(dummy)[0]
 
 
 def random_like(inputs: Sequence[Any], gen: torch.Generator) -> tuple:

@@ -156,3 +156,21 @@ def test_outputs_flatten_like_torch_export_and_are_named():
     assert names == ["a", "b[0]", "b[2]"]
     np.testing.assert_array_equal(arrays[2], np.full(2, 3.0))
     assert flatten_outputs(t)[0] == ["output"] and flatten_outputs((t, t))[0] == ["[0]", "[1]"]
+
+
+def test_output_names_come_from_the_captured_structure():
+    import bitfx
+    from bitfx.deploy.verify import output_names
+    from bitfx.inputs import flat_module
+
+    class Dicty(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return {"logits": self.fc(x), "aux": (x * 2, self.fc(x).relu())}
+
+    gm = bitfx.binarize(Dicty().eval(), (torch.randn(2, 64),))
+    assert output_names(gm) == ["logits", "aux[0]", "aux[1]"]
+    assert output_names(flat_module(gm)) is None  # the device form: flat, unnamed
