@@ -165,7 +165,8 @@ class Seq2Seq(nn.Module):
         self.transformer = nn.Transformer(d, HEADS, layers, layers, FFN, dropout=0.1, batch_first=True)
 
     def forward(self, src, tgt, src_key_padding_mask=None, tgt_key_padding_mask=None):
-        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], device=tgt.device)
+        n = tgt.shape[1]  # a boolean causal mask, like the boolean padding masks (True = masked)
+        causal = torch.ones(n, n, dtype=torch.bool, device=tgt.device).triu(1)
         return self.transformer(src, tgt, tgt_mask=causal, src_key_padding_mask=src_key_padding_mask,
                                 tgt_key_padding_mask=tgt_key_padding_mask,
                                 memory_key_padding_mask=src_key_padding_mask, tgt_is_causal=True)

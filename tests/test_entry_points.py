@@ -353,3 +353,28 @@ def test_cli_factory_return_forms(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, SCHEMA)
     assert [i["shape"] for i in doc["inputs"]] == [[2, 8], [2, 8]]
+
+
+@pytest.mark.parametrize("mask_type", [0, 1, 2])
+def test_fused_encoder_layer_with_masks_decomposes_to_its_python_path(mask_type):
+    """Under no_grad dynamo records nn.TransformerEncoderLayer's fused op, with the merged mask;
+    capture decomposes it (so that compile binarizes it as binarize does) to the same numbers."""
+    from bitfx.passes.capture import FUSED_DECOMPOSITIONS
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    x = torch.randn(2, 6, 32)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    mask = {0: causal, 1: pad, 2: causal | pad[:, None, None, :].expand(2, 4, 6, 6)}[mask_type]
+    mask = torch.zeros(mask.shape).masked_fill(mask, float("-inf"))  # as merge_masks hands it over
+    sa = layer.self_attn
+    weights = (sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias, False, False, 1e-5,
+               layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
+               layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    op = torch.ops.aten._transformer_encoder_layer_fwd.default
+    with torch.no_grad():
+        fused = op(x, 32, 4, *weights, mask, mask_type)
+        decomposed = FUSED_DECOMPOSITIONS[op](x, 32, 4, *weights, mask, mask_type)
+    torch.testing.assert_close(decomposed, fused, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@
   so both entry points see the same ops (``aten.linear``, ``aten.scaled_dot_product_attention``,
   ``aten.matmul``...), and composite ops keep their autograd meaning for the binarized graph.
   Fused module fast paths that dynamo records (``aten._transformer_encoder_layer_fwd``, taken by
-  ``nn.TransformerEncoderLayer`` under ``no_grad``) are decomposed back into those ops.
+  ``nn.TransformerEncoderLayer`` under ``no_grad``, with or without masks) are decomposed back into
+  those ops.
 
 Inputs as users hold them (:func:`example_call`): positional inputs, keyword inputs (a mapping
 such as a tokenizer's output, and/or ``example_kwargs``), and ``*args``/``**kwargs`` forwards.
@@ -127,10 +128,24 @@ def _encoder_layer_fwd(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_wei
                        ffn1_weight, ffn1_bias, ffn2_weight, ffn2_bias, mask=None, mask_type=None):
     """``aten._transformer_encoder_layer_fwd`` (the no_grad fast path of a batch-first
     ``nn.TransformerEncoderLayer``, which dynamo traces as one op) in the ops of its Python path,
-    so that its linears and attention can be rewritten; masked calls stay fused (and are reported)."""
-    if mask is not None or src.is_nested or src.dim() != 3:
+    so that its linears and attention can be rewritten.
+
+    ``mask`` is the merged mask of ``nn.MultiheadAttention.merge_masks``: ``mask_type`` 0 an
+    ``[S, S]`` attention mask, 1 a ``[B, S]`` key padding mask, 2 a ``[B, H, S, S]`` merged mask;
+    a nonzero float (``-inf``) or True entry is masked, as in the fused kernel. It becomes the
+    additive mask of the attention (0 / -inf), which is what the Python path computes."""
+    if src.is_nested or src.dim() != 3:
         return NotImplemented
     F = torch.nn.functional
+    b, n, _ = src.shape
+    bias = None
+    if mask is not None:
+        shape = {0: (1, 1, n, n), 1: (b, 1, 1, n)}.get(mask_type) if mask.dim() == 2 else None
+        if shape is None and mask.dim() != 4:
+            return NotImplemented
+        masked = (mask if mask.dtype == torch.bool else mask != 0)
+        masked = masked.view(shape) if shape is not None else masked
+        bias = torch.zeros(masked.shape, dtype=src.dtype, device=src.device).masked_fill(masked, float("-inf"))
 
     def norm(x, w, b):
         return F.layer_norm(x, (embed_dim,), w, b, eps)
@@ -139,7 +154,7 @@ def _encoder_layer_fwd(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_wei
         b, n, _ = x.shape
         qkv = F.linear(x, qkv_weight, qkv_bias).view(b, n, 3, num_heads, embed_dim // num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return F.linear(y.transpose(1, 2).reshape(b, n, embed_dim), proj_weight, proj_bias)
 
     def ffn(x):
