@@ -35,12 +35,14 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 # Bump when a generator below changes the code it emits (part of every CUDA kernel-cache key).
-SCHEDULE_VERSION = 1
+SCHEDULE_VERSION = 2
 
 WORD = 64
 MMA_SHAPE = "m16n8k256"
 MMA_INSTRUCTION = "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc"
 ARCHS = ("sm_80", "sm_90")
+UNROLL_MMA = 16  # k-steps (x planes) of 256 bits unrolled in the tensor-core GEMM
+UNROLL_POPC = 64  # words (x planes) unrolled in the CUDA-core GEMM
 _GEMM_MODES = ("xnor", "xnor_ternary", "and", "and_ternary")
 _FULL = 0xFFFFFFFF
 
@@ -409,7 +411,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                             _store(acc[c], acc[c][i] * _i32(2), i)
                     for i in range(2 * mt if need_rpop else 0):
                         _store(rpop, rpop[i] * _i32(2), i)
-                with T.serial(0, ksteps) as ks:
+                # unrolled when short (static K): nvcc can then issue the next k-step's loads early
+                with (T.unroll if K is not None and ksteps * P <= UNROLL_MMA else T.serial)(0, ksteps) as ks:
                     for i in range(mt):
                         for r in range(4):
                             row, u = a_fragment(lane, r)
@@ -523,7 +526,8 @@ def gemm_popc(*, mode: str, K: int | None, N: int | None, planes: int = 1, signe
                             _store(acc, acc[i] * _i32(2), i)
                             if need_rterm:
                                 _store(rterm, rterm[i] * _i32(2), i)
-                    with T.serial(0, kw) as w:
+                    # unrolled when short: the weight loads of a column are independent, let them all fly
+                    with (T.unroll if K is not None and kw * P <= UNROLL_POPC else T.serial)(0, kw) as w:
                         w0 = a.W[(*pre, *([0] if a.ternary else []), w, col)]
                         w1 = a.W[(*pre, 1, w, col)] if a.ternary else None
                         for i in range(rows):
