@@ -166,3 +166,59 @@ def test_tvm_compiles_cuda_source_through_bitfx_nvcc(monkeypatch, tmp_path):
     assert cubin[:4] == b"\x7fELF"
     assert list((tmp_path / "cuda" / "cubin").glob("*.cubin"))  # cached: the next process loads it
     assert cr.compile_cubin(source, "sm_80") == cubin
+
+
+_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8",
+                 torch.uint8: "uint8", torch.int32: "int32", torch.uint64: "uint64"}
+
+
+@pytest.mark.parametrize("weight_mode,act_mode,bits", LINEAR)
+@pytest.mark.parametrize("M", [1, 40])
+def test_runtime_calls_match_the_kernel_signatures(monkeypatch, weight_mode, act_mode, bits, M):
+    """Every kernel call of the CUDA runtime passes the buffers its generator declares (count, dtype, rank,
+    static sizes), checked on CPU tensors with the launches recorded instead of run."""
+    from bitfx.codegen import runtime
+    from bitfx.targets import cuda_runtime as cr
+    from bitfx.targets import registry
+
+    calls = []
+
+    def fake_kernel(op, device, impl="cuda", **params):
+        return (op, impl, params)
+
+    def fake_run(fn, device, *args):
+        op, impl, params = fn
+        func = registry.implementation(impl, op)(**params)
+        bufs = list(func.params)  # TVM 0.27: a PrimFunc's params are its buffers
+        assert len(bufs) == len(args), (op, params, [tuple(a.shape) for a in args])
+        for buf, arg in zip(bufs, args):
+            assert str(buf.dtype) == _TORCH_DTYPES[arg.dtype], (op, buf.name, arg.dtype)
+            assert len(buf.shape) == arg.dim(), (op, buf.name, tuple(arg.shape))
+            for dim, size in zip(buf.shape, arg.shape):
+                if isinstance(dim, int) or hasattr(dim, "value"):
+                    assert int(dim) == size, (op, buf.name, tuple(buf.shape), tuple(arg.shape))
+            assert arg.is_contiguous(), (op, buf.name)
+        calls.append((op, impl))
+
+    monkeypatch.setattr(cr, "_kernel", fake_kernel)
+    monkeypatch.setattr(cr, "_run", fake_run)
+    monkeypatch.setattr(cr, "_gemm_set", lambda rows, device: "cuda" if rows >= cr.MMA_MIN_ROWS else "cuda-popc")
+    monkeypatch.setattr(cr, "_rows", lambda x, K, name: (x.reshape(-1, K).contiguous(), x.shape[:-1], x.dtype))
+    K, N = 600, 72
+    w_codes, col, _ = quantize_weight(torch.randn(N, K), None, weight_mode)
+    packed = cr.pack_weight(w_codes.to(torch.int8), ternary=weight_mode == "ternary")
+    assert packed.planes.shape == (2 if weight_mode == "ternary" else 1, (K + 63) // 64, N)
+    x = torch.randn(2, M, K, dtype=torch.float16)
+    y = cr.bit_linear(x, packed, act=act_mode, bits=bits, move=torch.zeros(K) if act_mode == "sign" else None,
+                      col_scale=col, bias=torch.zeros(N))
+    assert y.shape == (2, M, N) and y.dtype == torch.float16
+    cr.bit_linear_int(x.float(), packed, act=act_mode, bits=bits)
+    cr.LinearPlan(packed, act=act_mode, bits=bits, alpha=torch.ones(()) if act_mode == "sign" else None,
+                  col_scale=col)(x)
+    q, k = torch.randn(2, 3, M, 64), torch.randn(2, 3, 50, 64)
+    cr.sign_scores(q, k)
+    cr.binary_pv(torch.rand(2, 3, M, 50) > 0.5, torch.randn(2, 3, 50, 64))
+    gemm = "cuda" if 2 * M >= cr.MMA_MIN_ROWS else "cuda-popc"
+    assert ("gemm", gemm) in calls and ("pack_cols", "cuda") in calls
+    assert sum(op == "gemm" for op, _ in calls) == 5
+    assert isinstance(runtime.LinearPlan(packed, col_scale=col), runtime.LinearPlan)  # a CPU weight: the host plan
