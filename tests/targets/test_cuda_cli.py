@@ -71,3 +71,20 @@ def test_device_export_for_a_cuda_machine_builds_here(tmp_path):
     assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == _elf.EM_X86_64
     assert cuda.MMA_INSTRUCTION.encode() in data and b"__ballot_sync" in data
     assert cross.get_target("jetson-orin").kernels == "cuda"
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
+def test_device_export_for_jetson_links_for_aarch64(tmp_path):
+    import torch
+
+    import bitfx
+    from bitfx.targets import _elf
+    from tests.models import MLP
+
+    torch.manual_seed(0)
+    path = bitfx.export(MLP().eval(), (torch.randn(4, 16),), "jetson-orin", tmp_path / "mlp.so", bundle=False)
+    data = path.read_bytes()
+    assert int.from_bytes(data[18:20], "little") == _elf.EM_AARCH64
+    assert cuda.MMA_INSTRUCTION.encode() in data
