@@ -35,7 +35,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 # Bump when a generator below changes the code it emits (part of every CUDA kernel-cache key).
-SCHEDULE_VERSION = 2
+SCHEDULE_VERSION = 3
 
 WORD = 64
 MMA_SHAPE = "m16n8k256"
@@ -309,8 +309,19 @@ def absmax_planes(*, K: int, bits: int, parallel: bool = True) -> tirx.PrimFunc:
 
 
 # --------------------------------------------------------------------------------------- GEMM shapes
-def _gemm_args(mode, K, N, planes, batched, epilogue, bias):
-    """Declare the GEMM's buffers exactly as ``compute.gemm`` does; returns a namespace of them."""
+_OUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _gemm_args(mode, K, N, planes, batched, epilogue, bias, out_dtype="float32"):
+    """Declare the GEMM's buffers exactly as ``compute.gemm`` does; returns a namespace of them.
+
+    ``out_dtype`` (float epilogue only) is the one CUDA extension: the epilogue computes in float32 and
+    rounds once into float16/bfloat16, as the reference's final ``.to(dtype)`` does, so a half-precision
+    model's output is written once, in half (no float32 round trip through memory, no cast kernel).
+    """
+    if out_dtype not in _OUT_DTYPES or (out_dtype != "float32" and epilogue != "float"):
+        raise ValueError(f"out_dtype={out_dtype!r} with epilogue={epilogue!r}; expected one of {_OUT_DTYPES} "
+                         "(half precision only with the float epilogue)")
     if mode not in _GEMM_MODES:
         raise ValueError(f"unknown GEMM mode {mode!r}; expected one of {_GEMM_MODES}")
     if mode.startswith("xnor") and (K is None or planes != 1):
@@ -333,7 +344,7 @@ def _gemm_args(mode, K, N, planes, batched, epilogue, bias):
     ns["A"] = _match(a_h, (*bat, M, *P, kw), "uint64")
     ns["W"] = _match(w_h, (*bat, *([2] if ternary else []), kw, n), "uint64")
     ns["NZ"] = _match(nz_h, (n,), "int32") if nz_h is not None else None
-    ns["O"] = _match(out_h, (*bat, M, n), "float32" if epilogue == "float" else "int32")
+    ns["O"] = _match(out_h, (*bat, M, n), out_dtype if epilogue == "float" else "int32")
     ns["RS"] = _match(rs_h, (M,), "float32") if rs_h is not None else None
     ns["CS"] = _match(cs_h, (n,), "float32") if cs_h is not None else None
     ns["BI"] = _match(b_h, (n,), "float32") if b_h is not None else None
@@ -346,13 +357,14 @@ def _finish(args, val, g, row, col, K):
         val = (val.astype("float32") * args.RS[row]) * args.CS[col]
         if args.BI is not None:
             val = val + args.BI[col]
+        val = val.astype(args.O.dtype)
     _store(args.O, val, [*([g] if args.batched else []), row, col])
 
 
 # ------------------------------------------------------------------------------ GEMM on tensor cores
 def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
          batched: bool = False, epilogue: str = "int", bias: bool = False, tile: MmaTile | None = None,
-         parallel: bool = True) -> tirx.PrimFunc:
+         parallel: bool = True, out_dtype: str = "float32") -> tirx.PrimFunc:
     """``acc[m, n] = sum_k a[m, k] * w[n, k]`` on binary tensor cores (modes as ``bitfx.targets.host.gemm``).
 
     Per k-step of 256 bits a warp loads ``mt`` A fragments and ``nt`` B fragments straight from the packed
@@ -369,7 +381,7 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
     mt, nt, warps = tile.mt, tile.nt, tile.warps
 
     def body():
-        a = _gemm_args(mode, K, N, planes, batched, epilogue, bias)
+        a = _gemm_args(mode, K, N, planes, batched, epilogue, bias, out_dtype)
         G, M, n, kw, P = a.G, a.M, a.N, a.KW, planes
         A32 = _flat32(a.A, G * M * P * kw)
         W32 = _flat32(a.W, G * (2 if a.ternary else 1) * kw * n)
@@ -490,7 +502,7 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
 # ------------------------------------------------------------------------------ GEMM on CUDA cores
 def gemm_popc(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
               batched: bool = False, epilogue: str = "int", bias: bool = False, tile: int | None = None,
-              parallel: bool = True) -> tirx.PrimFunc:
+              parallel: bool = True, out_dtype: str = "float32") -> tirx.PrimFunc:
     """The same GEMM on CUDA cores: thread = one column x ``tile`` rows (default 4), ``__popcll`` per word.
 
     The formulas of ``bitfx.targets.host.gemm`` (XOR exists on CUDA cores): for M = 1 decode the weights,
@@ -501,7 +513,7 @@ def gemm_popc(*, mode: str, K: int | None, N: int | None, planes: int = 1, signe
     threads = 128
 
     def body():
-        a = _gemm_args(mode, K, N, planes, batched, epilogue, bias)
+        a = _gemm_args(mode, K, N, planes, batched, epilogue, bias, out_dtype)
         G, M, n, kw, P = a.G, a.M, a.N, a.KW, planes
         need_rterm = mode == "and"
         with T.launch_thread("blockIdx.z", G) as g, \

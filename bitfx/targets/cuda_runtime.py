@@ -7,7 +7,7 @@ The same five calls as ``bitfx.codegen.runtime`` (which hands CUDA tensors here)
 ``bit_linear``, ``bit_linear_int``, ``sign_scores``, ``binary_pv``. Tensors go to the kernels through
 DLPack (zero copy), on torch's current stream of the tensor's device; outputs are allocated by torch on that
 device; nothing is copied to the host. float16/bfloat16 activations are read by the sign-and-pack kernel
-as they are, and the float32 result is cast back to their dtype.
+as they are, and the GEMM's float epilogue writes its result in their dtype (computed in float32, rounded once).
 
 Which GEMM: the binary tensor-core kernel (set ``"cuda"``, ``mma ... m16n8k256 ... and.popc``) when the
 device is sm_80 or newer and the GEMM has at least ``MMA_MIN_ROWS`` rows; the CUDA-core ``popc`` kernel
@@ -334,10 +334,11 @@ def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move):
     return planes, rs
 
 
-def _gemm(packed, act: str, bits: int, M: int, device, *, epilogue: str, bias: bool):
+def _gemm(packed, act: str, bits: int, M: int, device, *, epilogue: str, bias: bool, out=torch.float32):
     mode = ("xnor" if act == "sign" else "and") + ("_ternary" if packed.ternary else "")
+    extra = {} if out == torch.float32 else {"out_dtype": _TVM_DTYPE[out]}  # half out: written once, in half
     return _kernel("gemm", device, impl=_gemm_set(M, device), mode=mode, K=packed.K, N=packed.N, planes=bits,
-                   epilogue=epilogue, bias=bias)
+                   epilogue=epilogue, bias=bias, **extra)
 
 
 def _weights(packed, act: str, device) -> list:
@@ -367,11 +368,10 @@ def bit_linear(x: torch.Tensor, packed, *, act: str = "sign", bits: int = 1, mov
     args = [a, *_weights(packed, act, dev), row_scale, cs]
     if bias is not None:
         args.append(_vector(bias, N, "bias", dev))
-    y = torch.empty(M, N, dtype=torch.float32, device=dev)
+    y = torch.empty(M, N, dtype=dtype, device=dev)  # the epilogue rounds into x's dtype once
     if M and N:
-        _run(_gemm(packed, act, bits, M, dev, epilogue="float", bias=bias is not None), dev, *args, y)
-    y = y.view(*lead, N)
-    return y if dtype == torch.float32 else y.to(dtype)
+        _run(_gemm(packed, act, bits, M, dev, epilogue="float", bias=bias is not None, out=dtype), dev, *args, y)
+    return y.view(*lead, N)
 
 
 def bit_linear_int(x: torch.Tensor, packed, *, act: str = "sign", bits: int = 1, move=None):

@@ -21,6 +21,10 @@ KERNELS = {
     "linear_ternary_mma": ("gemm", "cuda", dict(mode="xnor_ternary", **BERT, epilogue="float", bias=True)),
     "linear_absmax8_mma": ("gemm", "cuda", dict(mode="and", **BERT, planes=8, epilogue="float", bias=True)),
     "linear_ternary_absmax8_mma": ("gemm", "cuda", dict(mode="and_ternary", **BERT, planes=8, epilogue="float")),
+    "linear_sign_mma_fp16_out": ("gemm", "cuda", dict(mode="xnor", **BERT, epilogue="float", bias=True,
+                                                     out_dtype="float16")),
+    "linear_ternary_popc_bf16_out": ("gemm", "cuda-popc", dict(mode="xnor_ternary", **BERT, epilogue="float",
+                                                               out_dtype="bfloat16")),
     "linear_sign_int_mma": ("gemm", "cuda", dict(mode="xnor", K=3072, N=768)),
     "scores_mma": ("gemm", "cuda", dict(mode="xnor", K=64, N=None, batched=True)),
     "pv_mma": ("gemm", "cuda", dict(mode="and", K=None, N=64, signed=False, batched=True)),
@@ -38,7 +42,7 @@ KERNELS = {
     "pack_cols": ("pack_cols", "cuda", dict(K=None, N=64)),
     "absmax8": ("absmax_planes", "cuda", dict(K=768, bits=8)),
 }
-FAST = {("linear_sign_mma", "sm_80"), ("linear_sign_mma", "sm_90"), ("linear_absmax8_mma", "sm_90"),
+FAST = {("linear_sign_mma", "sm_80"), ("linear_sign_mma_fp16_out", "sm_90"), ("linear_absmax8_mma", "sm_90"),
         ("linear_sign_popc", "sm_90"), ("pack_sign_mean_move", "sm_90"), ("absmax8", "sm_90")}
 CASES = [pytest.param(name, arch, id=f"{name}-{arch}",
                       marks=() if (name, arch) in FAST else pytest.mark.slow)
@@ -54,6 +58,8 @@ def test_kernel_builds_without_spills(name, arch):
     assert art.cubin.read_bytes()[:4] == b"\x7fELF"
     assert (art.spill_stores, art.spill_loads, art.stack_frame) == (0, 0, 0), art.ptxas_log
     assert 0 < art.registers <= 255
+    if params.get("out_dtype") in ("float16", "bfloat16"):
+        assert f"cvt.rn.{'f16' if params['out_dtype'] == 'float16' else 'bf16'}.f32" in ptx  # rounded once
     if op == "gemm" and impl == "cuda":
         mt, nt = cuda.MmaTile().mt, cuda.MmaTile().nt
         assert ptx.count(cuda.MMA_INSTRUCTION) >= mt * nt * (2 if "ternary" in params["mode"] else 1)
@@ -77,3 +83,5 @@ def test_bad_mode_is_refused_with_the_accepted_ones():
         cuda.gemm(mode="xor", K=64, N=8)
     with pytest.raises(ValueError, match="needs a static K"):
         cuda.gemm(mode="xnor", K=None, N=8)
+    with pytest.raises(ValueError, match="out_dtype='float16' with epilogue='int'"):
+        cuda.gemm(mode="xnor", K=64, N=8, out_dtype="float16")
