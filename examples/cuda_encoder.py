@@ -4,9 +4,10 @@
     bitfx kernels --target cuda-sm90 --op bit_linear --shape 128x768x3072 -o kernels/   # the generated code
 
 The binarized layer runs its linears and attention products on the bitfx CUDA kernels (binary tensor
-cores from 16 rows, CUDA-core popcounts below), in fp16, on torch's current stream; ``kernels="reference"``
-runs the PyTorch definitions of the same ops on the GPU. The two agree to fp16 rounding. Without a GPU
-this script says so and exits.
+cores from 16 rows, CUDA-core popcounts below) on torch's current stream; ``kernels="reference"`` runs the
+PyTorch definitions of the same ops on the GPU. The two agree to float rounding. (A float32 model: in a
+``.half()`` model the BiPFT estimators that binarize adds are float32 and the compile fails; the kernels
+themselves take fp16/bf16 activations and write fp16/bf16.) Without a GPU this script says so and exits.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ def main() -> int:
         print("cuda_encoder: no CUDA GPU here; see `bitfx kernels --target cuda-sm90 ...` for the generated code")
         return 0
     torch.manual_seed(0)
-    layer = Layer(BertConfig()).cuda().eval().half()
-    x = torch.randn(4, 128, 768, device="cuda", dtype=torch.float16)
-    mask = torch.zeros(4, 1, 1, 128, device="cuda", dtype=torch.float16)
+    layer = Layer(BertConfig()).cuda().eval()
+    x = torch.randn(4, 128, 768, device="cuda")
+    mask = torch.zeros(4, 1, 1, 128, device="cuda")
     reference = torch.compile(copy.deepcopy(layer), backend="bitfx", options={"kernels": "reference"})
     fast = torch.compile(layer, backend="bitfx")
     with torch.no_grad():
