@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 
 from bitfx.ops import BIT_ATTENTION, BIT_LINEAR
 from bitfx.ops import attention as A
+from bitfx.ops import methods
 from bitfx.ops import quantizers as q
 from bitfx.passes.graph import getattr_path
 
@@ -117,11 +118,12 @@ class _Calibrator(fx.Interpreter):
             return  # the model's own binarizer (recognize_fake_quant): its α and move stand
         x, weight, _, _, move, _ = args[:6]
         ws, alpha = self.param(n.args[3]), self.param(n.args[5])
-        if ws is not None:
-            ws.copy_(weight.detach().float().abs().mean(dim=1))
-        if alpha is not None:
+        wm, am = methods.weight_method(n.args[6]), methods.act_method(n.args[7])  # the registry's inits
+        if ws is not None and wm.scale_init is not None:
+            ws.copy_(wm.scale_init(weight.detach().float()))
+        if alpha is not None and am.alpha_init is not None:
             u = x.float() if move is None else x.float() + move
-            _running(alpha, 2.0 * u.abs().mean(), self.count)
+            _running(alpha, am.alpha_init(u), self.count)
 
     def attention(self, n: fx.Node, args) -> None:
         qt, k, v, mask, _, _, _, _, eq, ek, ev, scale, causal, mode = args
@@ -137,10 +139,9 @@ class _Calibrator(fx.Interpreter):
             eq, ek = qt.float() @ w_eq.t(), k.float() @ w_ek.t()
         s = A.bit_attention_scores(qt, k, alpha_q, alpha_k, eq, ek, mask, scale, causal)
         prob = self.param(n.args[7])
-        if prob is not None and mode == "elastic":
-            _running(prob, 4.0 * torch.softmax(s, -1).mean(), self.count)
-        elif prob is not None and mode == "bivit":
-            _running(prob, bivit_beta(torch.softmax(s, -1)), self.count)
+        init = methods.prob_method(mode).calibrate  # elastic α_P = 4·mean(P), BiViT β
+        if prob is not None and init is not None:
+            _running(prob, init(torch.softmax(s, -1)), self.count)
         if w_ev is not None:
             p_codes, p_scale, _ = A._probs(s, prob, mode)
             pb = p_codes if p_scale is None else p_codes * p_scale

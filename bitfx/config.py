@@ -24,10 +24,13 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 
-WEIGHT_MODES = ("sign_channel", "sign_tensor", "ternary")
-ACT_MODES = ("sign", "absmax")
+from bitfx.ops import methods
+
+#: The registered methods (bitfx.ops.methods): a new method registered there is accepted here.
+WEIGHT_MODES = tuple(methods.WEIGHT)
+ACT_MODES = tuple(methods.ACT)
 ACT_SCALES = ("token", "learnable")
-PROB_MODES = ("bivit", "elastic", "bool")
+PROB_MODES = tuple(methods.PROB)
 KERNELS = ("tvm", "reference")
 GLUES = ("inductor", "eager")
 OWN_BINARIZER = ("only", "extend", "ignore")
@@ -107,16 +110,17 @@ class BinarizeConfig:
             if value not in accepted:
                 problems.append(f"{name}={value!r} (accepted: {', '.join(map(repr, accepted))})")
 
-        one_of("weight", WEIGHT_MODES)
-        one_of("act", ACT_MODES)
+        one_of("weight", tuple(methods.WEIGHT))  # the registries as they are now (methods.register)
+        one_of("act", tuple(methods.ACT))
         one_of("act_scale", ACT_SCALES)
-        one_of("prob", PROB_MODES)
+        one_of("prob", tuple(methods.PROB))
         one_of("kernels", KERNELS)
         one_of("own_binarizer", OWN_BINARIZER)
-        if self.act == "sign" and self.act_bits != 1:
-            problems.append(f"act_bits={self.act_bits!r} (act='sign' is 1-bit: accepted: 1)")
-        if self.act == "absmax" and not (isinstance(self.act_bits, int) and 2 <= self.act_bits <= 8):
-            problems.append(f"act_bits={self.act_bits!r} (act='absmax' accepts integers 2..8)")
+        if self.act in methods.ACT:
+            lo, hi = methods.act_method(self.act).bits
+            if not (isinstance(self.act_bits, int) and lo <= self.act_bits <= hi):
+                accepted = f"{lo}" if lo == hi else f"integers {lo}..{hi}"
+                problems.append(f"act_bits={self.act_bits!r} (act={self.act!r} accepts {accepted})")
         if not (0.0 < float(self.prob_beta) <= 1.0):
             problems.append(f"prob_beta={self.prob_beta!r} (accepted: 0 < beta <= 1)")
         if not (isinstance(self.estimator_rank, int) and self.estimator_rank >= 1):

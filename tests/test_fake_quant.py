@@ -146,6 +146,6 @@ def test_xnor_sign_activations_per_token_are_recognised():
     gm, x = fake_quant_linear(per_channel, lambda t: torch.sign(t) * t.abs().mean(-1, keepdim=True))
     before, after, ctx = run(gm, x)
     (node,) = bit_linears(gm)
-    assert node.args[3:9] == (None, None, None, "sign_channel", "sign", 1) and node.meta[OWN] == "sign_token/sign_channel"
+    assert node.args[3:9] == (None, None, None, "sign_channel", "sign", 1) and node.meta[OWN] == "sign1/sign_channel"
     assert [n.op for n in gm.graph.nodes].count("call_function") == 1  # the quantizer subgraphs are gone
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

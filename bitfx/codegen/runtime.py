@@ -100,7 +100,7 @@ def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits
     x2, lead, dtype = _rows(x, packed.K, "x")
     par = _parallel(threads)
     M, N = x2.shape[0], packed.N
-    if act == "sign" and alpha is not None:
+    if _act_kernel(act) == "xnor" and alpha is not None:  # a given α: sign codes, one row scale
         _check_bits(act, bits)
         a = _pack_sign(x2, packed.K, move, mean=False, par=par)
         row_scale = _vector(alpha, 1, "alpha").expand(M).contiguous()
@@ -207,12 +207,17 @@ def _vector(t: torch.Tensor, n: int, name: str) -> torch.Tensor:
 
 
 def _check_bits(act: str, bits: int) -> None:
-    if act == "sign" and bits != 1:
-        raise ValueError(f"act='sign' is 1-bit; got bits={bits} (use act='absmax' for 2..8 bits)")
-    if act == "absmax" and not 2 <= bits <= 8:
-        raise ValueError(f"act='absmax' takes bits in 2..8; got bits={bits}")
-    if act not in ("sign", "absmax"):
-        raise ValueError(f"unknown activation quantizer act={act!r}; expected 'sign' or 'absmax'")
+    """``act`` is a registered activation method (``bitfx.ops.methods``) and ``bits`` fits it."""
+    from bitfx.ops import methods
+
+    methods.check_act_bits(act, bits)
+
+
+def _act_kernel(act: str) -> str:
+    """The GEMM family of an activation method: "xnor" (±1 codes) or "and" (k-bit planes)."""
+    from bitfx.ops import methods
+
+    return methods.act_method(act).kernel
 
 
 def _pack_sign(x2: torch.Tensor, K: int, move, mean: bool, par: bool):
@@ -230,7 +235,7 @@ def _pack_sign(x2: torch.Tensor, K: int, move, mean: bool, par: bool):
 def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move, par: bool):
     """Activation codes, packed, and the per-row scale (`move` is used by act="sign" only)."""
     _check_bits(act, bits)
-    if act == "sign":
+    if _act_kernel(act) == "xnor":  # ±1 codes (sign); else k-bit absmax planes
         return _pack_sign(x2, K, move, mean=True, par=par)
     planes = torch.empty(x2.shape[0], bits, _words(K), dtype=torch.uint64)
     rs = torch.empty(x2.shape[0], dtype=torch.float32)
@@ -239,13 +244,13 @@ def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move, par: bool):
 
 
 def _gemm(packed: PackedWeight, act: str, bits: int, par: bool, *, epilogue: str, bias: bool):
-    mode = ("xnor" if act == "sign" else "and") + ("_ternary" if packed.ternary else "")
+    mode = _act_kernel(act) + ("_ternary" if packed.ternary else "")
     return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias,
                   parallel=par)
 
 
 def _nnz(packed: PackedWeight, act: str) -> list:
-    return [packed.nnz] if packed.ternary and act == "sign" else []
+    return [packed.nnz] if packed.ternary and _act_kernel(act) == "xnor" else []
 
 
 _pool_size: int | None = None

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch.fx as fx
 
 from bitfx.inspect.graphs import short_name, target_name
+from bitfx.ops import methods
 
 Shape = Optional[list]
 ShapeOf = Callable[[object], Shape]
@@ -69,7 +70,7 @@ def numel(shape: Shape) -> int:
 
 
 def weight_bits(weight_mode: str) -> int:
-    return 2 if weight_mode == "ternary" else 1
+    return methods.weight_method(weight_mode).planes
 
 
 def node_cost(node: fx.Node, shape_of: ShapeOf) -> Cost:
@@ -124,17 +125,13 @@ def _bit_linear(node: fx.Node, shape_of: ShapeOf) -> Cost:
     k, n = xs[-1], shape_of(weight)[0]
     m = numel(xs) // k
     bops = m * k * n * act_bits * weight_bits(weight_mode)
-    if act_mode == "sign":
-        per_in = (1 if move is not None else 0) + (2 if alpha is None else 0)
-        row_is_scalar = alpha is not None
-    else:  # absmax: |x|, max, multiply by Qp/γ
-        per_in, row_is_scalar = 3, False
-    col_is_scalar = weight_mode != "sign_channel"
+    per_in = methods.act_method(act_mode).flops_per_input(move is not None, alpha is not None)
+    row_is_scalar = alpha is not None  # one α per tensor; else a scale per token
+    col_is_scalar = not methods.weight_method(weight_mode).per_channel
     per_out = (1 if row_is_scalar and col_is_scalar else 2) + (1 if bias is not None else 0)
     return Cost(flops=per_in * m * k + per_out * m * n, bops=bops)
 
 
-PROB_FLOPS = {"bool": 1, "elastic": 2, "bivit": 2}  # compare | divide+round | rowmax+compare
 
 
 def _bit_attention(node: fx.Node, shape_of: ShapeOf) -> Cost:
@@ -148,14 +145,15 @@ def _bit_attention(node: fx.Node, shape_of: ShapeOf) -> Cost:
     flops += 2 * numel(shape_of(k)) if alpha_k is None else 0
     flops += 2 * numel(shape_of(v)) if alpha_v is None else 0
     flops += (1 if alpha_q is not None and alpha_k is not None else 2) * s  # α_q·α_k·scale
-    flops += 0 if prob_mode == "bool" else SOFTMAX_FLOPS * s
-    flops += PROB_FLOPS.get(prob_mode, 1) * s
+    prob = methods.prob_method(prob_mode)
+    flops += SOFTMAX_FLOPS * s if prob.softmax else 0
+    flops += prob.flops_per_score * s
     if est_q is not None and est_k is not None:
         r = shape_of(est_q)[-1] // 2
         flops += 2 * 2 * s * r + bh * lq * r + 2 * s  # (u_q + r_q)·r_kᵀ + r_q·u_kᵀ, added to S
     if est_v is not None:
         flops += 2 * s + bh * lq * dv  # P_b·r_v, broadcast over Dv
-    flops += (2 if prob_mode == "elastic" else 1) * bh * lq * dv  # α_P, α_v
+    flops += (2 if prob.scaled else 1) * bh * lq * dv  # α_P, α_v
     return Cost(flops=flops, bops=bops)
 
 
@@ -164,7 +162,7 @@ def derived_scale_bytes(node: fx.Node, shape_of: ShapeOf) -> int:
     weight, weight_scale, weight_mode = node.args[1], node.args[3], node.args[6]
     if weight_scale is not None:
         return 0  # a learnable scale is a parameter, counted as one
-    if weight_mode == "sign_channel":
+    if methods.weight_method(weight_mode).per_channel:
         return SCALE_BYTES * shape_of(weight)[0]
     return SCALE_BYTES
 

@@ -24,10 +24,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bitfx.ops import methods
 from bitfx.ops import quantizers as q
 from bitfx.ops._autograd import register_ste
 
-PROB_MODES = ("bivit", "elastic", "bool")
+PROB_MODES = tuple(methods.PROB)  # registered probability methods (bitfx.ops.methods)
 
 
 def _default_scale(qt: Tensor, scale: Optional[float]) -> float:
@@ -100,17 +101,13 @@ def _score_residual(est_q: Optional[Tensor], est_k: Optional[Tensor]) -> Optiona
 
 
 def _probs(s: Tensor, prob_param: Optional[Tensor], prob_mode: str):
-    if prob_mode == "bool":
-        return q.prob_bool(s)
-    p = torch.softmax(s, dim=-1)
-    if prob_mode == "bivit":
-        return q.prob_bivit(p, 0.25 if prob_param is None else prob_param)
-    return q.prob_elastic(p, prob_param)
+    method = methods.prob_method(prob_mode)
+    return method.binarize(torch.softmax(s, dim=-1) if method.softmax else s, prob_param)
 
 
 def check_prob_mode(prob_mode: str) -> None:
-    if prob_mode not in PROB_MODES:
-        raise ValueError(f"bit_attention: prob_mode={prob_mode!r} (accepted: {', '.join(map(repr, PROB_MODES))})")
+    if prob_mode not in methods.PROB:
+        raise ValueError(f"bit_attention: prob_mode={prob_mode!r} (accepted: {', '.join(map(repr, methods.PROB))})")
 
 
 def sign_scores_reference(qt: Tensor, k: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bitfx.ops import methods
 from bitfx.ops.linear import quantize_weight
 
 __all__ = ["linear_plan", "BIT_LINEAR_KERNEL", "SIGN_SCORES_KERNEL", "BINARY_PV_KERNEL",
@@ -59,7 +60,7 @@ def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, ac
 
     with torch.no_grad():
         codes, col_scale, _ = quantize_weight(weight.detach().float(), None, weight_mode)
-        packed = runtime.pack_weight(codes.to(torch.int8), ternary=weight_mode == "ternary")
+        packed = runtime.pack_weight(codes.to(torch.int8), ternary=methods.weight_method(weight_mode).ternary)
         col = col_scale.float() if weight_scale is None else weight_scale.detach().float().reshape(-1)
         plan = runtime.LinearPlan(packed, act=act_mode, bits=act_bits,
                                   move=None if move is None else move.detach(),

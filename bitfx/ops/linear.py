@@ -15,31 +15,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bitfx.ops import quantizers as q
+from bitfx.ops import methods
 from bitfx.ops._autograd import register_ste
 
 
 def check_modes(weight_mode: str, act_mode: str, act_bits: int) -> None:
-    if weight_mode not in q.WEIGHT_QUANTIZERS:
-        raise ValueError(f"bit_linear: weight_mode={weight_mode!r} (accepted: {sorted(q.WEIGHT_QUANTIZERS)})")
-    if act_mode == "sign":
-        if act_bits != 1:
-            raise ValueError(f"bit_linear: act_bits={act_bits} with act_mode='sign' (accepted: 1)")
-    elif act_mode == "absmax":
-        if not 2 <= act_bits <= 8:
-            raise ValueError(f"bit_linear: act_bits={act_bits} with act_mode='absmax' (accepted: 2..8)")
-    else:
-        raise ValueError(f"bit_linear: act_mode={act_mode!r} (accepted: 'sign', 'absmax')")
+    """``weight_mode`` / ``act_mode`` name registered methods (``bitfx.ops.methods``); bits fit the act method."""
+    if weight_mode not in methods.WEIGHT:
+        raise ValueError(f"bit_linear: weight_mode={weight_mode!r} (accepted: {', '.join(map(repr, methods.WEIGHT))})")
+    if act_mode not in methods.ACT:
+        raise ValueError(f"bit_linear: act_mode={act_mode!r} (accepted: {', '.join(map(repr, methods.ACT))})")
+    try:
+        methods.check_act_bits(act_mode, act_bits)
+    except ValueError as e:
+        raise ValueError(f"bit_linear: {e}") from None
 
 
 def quantize_activation(x: Tensor, move: Optional[Tensor], alpha: Optional[Tensor], act_mode: str, act_bits: int):
-    if act_mode == "sign":
-        return q.act_sign(x, move, alpha)
-    return q.act_absmax(x, act_bits)
+    return methods.act_method(act_mode).quantize(x, move, alpha, act_bits)
 
 
 def quantize_weight(weight: Tensor, weight_scale: Optional[Tensor], weight_mode: str):
-    return q.WEIGHT_QUANTIZERS[weight_mode](weight, weight_scale)
+    return methods.weight_method(weight_mode).quantize(weight, weight_scale)
 
 
 def bit_linear_reference(x, weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits):

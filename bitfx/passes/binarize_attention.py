@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from bitfx.ops import ATTENTION, BIT_ATTENTION
+from bitfx.ops import ATTENTION, BIT_ATTENTION, methods
 from bitfx.passes.context import Added, PassContext, Rewrite, Skip, fake_value, module_of
 from bitfx.passes.graph import add_parameter, call, last_dim
 
@@ -95,10 +95,10 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     alpha_q = alpha_k = alpha_v = prob = None
     if cfg.act_scale == "learnable":
         alpha_q, alpha_k, alpha_v = (param(n, torch.ones(())) for n in ("alpha_q", "alpha_k", "alpha_v"))
-    if cfg.prob == "bivit":
-        prob = param("beta", torch.tensor(float(cfg.prob_beta)), trainable=False)
-    elif cfg.prob == "elastic":
-        prob = param("alpha_p", torch.ones(()))
+    prob_param = methods.prob_method(cfg.prob).param  # e.g. BiViT's β, BiT's α_P
+    if prob_param is not None:
+        name, init, trainable = prob_param
+        prob = param(name, init(cfg), trainable)
 
     est_q = est_k = est_v = None
     if cfg.estimators:

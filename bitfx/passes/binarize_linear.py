@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from bitfx.ops import BIT_LINEAR
+from bitfx.ops import BIT_LINEAR, methods
 from bitfx.passes.context import PassContext, Rewrite, Skip, fake_value, module_of
 from bitfx.passes.graph import SLICE_OPS, VIEW_OPS, add_parameter, call, trace_back
 
@@ -119,11 +119,12 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     device = w.device if w.device.type != "meta" else torch.device("cpu")
 
     weight_scale = move = alpha = None
-    if cfg.learnable_weight_scale and cfg.weight == "sign_channel":
+    wm, am = methods.weight_method(cfg.weight), methods.act_method(cfg.act)
+    if cfg.learnable_weight_scale and wm.scale_init is not None:
         weight_scale = add_parameter(gm, f"bitfx_wscale__{tag}", torch.ones(n, device=device), node)
-    if cfg.act == "sign" and cfg.act_move:
+    if am.takes_move and cfg.act_move:
         move = add_parameter(gm, f"bitfx_move__{tag}", torch.zeros(k, device=device), node)
-    if cfg.act == "sign" and cfg.act_scale == "learnable":
+    if am.takes_alpha and cfg.act_scale == "learnable":
         alpha = add_parameter(gm, f"bitfx_alpha__{tag}", torch.ones((), device=device), node)
     new = call(
         gm, BIT_LINEAR,

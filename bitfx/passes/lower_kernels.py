@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops
+from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops, methods
 from bitfx.ops import attention as A
 from bitfx.ops.linear import quantize_weight
 from bitfx.passes.context import PassContext
@@ -53,7 +53,7 @@ class BitLinearKernel(torch.nn.Module):
         if key != self._key or not self.cache:
             with torch.no_grad():
                 codes, col_scale, _ = quantize_weight(weight.detach().float(), None, self.weight_mode)
-                self._packed = runtime.pack_weight(codes.to(torch.int8), ternary=self.weight_mode == "ternary")
+                self._packed = runtime.pack_weight(codes.to(torch.int8), ternary=methods.weight_method(self.weight_mode).ternary)
                 # one per-tensor scale is expanded to [N] here, once, not by the runtime per call
                 self._col_scale = col_scale.float().expand(codes.shape[0]).contiguous()
             self._key = key

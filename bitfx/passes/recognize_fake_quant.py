@@ -33,13 +33,12 @@ output head) unless ``config.own_binarizer == "extend"``; ``"ignore"`` turns thi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from bitfx.ops import BIT_LINEAR
-from bitfx.ops import quantizers as Q
+from bitfx.ops import BIT_LINEAR, methods
 from bitfx.passes.binarize_linear import weight_source
 from bitfx.passes.context import PassContext, Rewrite, Skip, fake_value, module_of
 from bitfx.passes.graph import call, erase_unused, getattr_path
@@ -116,8 +115,8 @@ class _Found:
 
     @property
     def method(self) -> str:
-        act = f"absmax{self.act_bits}" if self.act_mode == "absmax" else (
-            "sign_alpha" if self.alpha is not None else "sign_token") + ("_move" if self.move is not None else "")
+        act = f"{self.act_mode}{self.act_bits}" + ("_alpha" if self.alpha is not None else "") + (
+            "_move" if self.move is not None else "")
         return f"{act}/{self.weight_mode}"
 
 
@@ -145,38 +144,29 @@ def _recognise(gm, node, act: _STE | None, wgt: _STE | None, ctx: PassContext) -
             if _agree(model_a, ref(probe)):
                 x, move = _outer_move(act.base, move, ctx)
                 return _Found(wgt.base, weight_mode, act_mode, bits, x, move, alpha, w_cone + a_cone)
-    return ("activation quantizer matches none of absmax 2..8 bits per token, sign with mean|x| per "
-            f"token, sign with the model's α (+ move) (values {_few(model_a)})")
+    return (f"activation quantizer matches none of {', '.join(methods.ACT)} (any accepted bits, the "
+            f"model's α and move) (values {_few(model_a)})")
 
 
-def _codes_times_scale(fn) -> Callable:
-    def ref(w):
-        codes, scale, _ = fn(w)
-        return codes * (scale.reshape(-1, 1) if scale.dim() else scale)
-    return ref
-
-
-#: bitfx's weight methods, as the dequantized weight each one computes.
-WEIGHT_METHODS = {mode: _codes_times_scale(fn) for mode, fn in Q.WEIGHT_QUANTIZERS.items()}
+#: bitfx's weight methods (the registry), as the dequantized weight each one computes.
+WEIGHT_METHODS = {name: m.dequantized for name, m in methods.WEIGHT.items()}
 
 
 def _act_candidates(gm, act: _STE, leaves: list[fx.Node], ctx: PassContext):
-    """(act_mode, bits, move node, alpha node, reference fn of the probe) for every plausible method."""
+    """(act_mode, bits, move node, alpha node, reference fn of the probe) for every registered
+    activation method, every bit width it accepts, and the model's scalar (α) / [K] (move) parameters."""
     k = _probe(act.base).shape[-1]
-    for bits in range(8, 1, -1):
-        yield "absmax", bits, None, None, lambda x, b=bits: _dequant(Q.act_absmax(x.float(), b))
     scalars = [n for n in leaves if _value(gm, n, ctx).numel() == 1]
     vectors = [n for n in leaves if tuple(_value(gm, n, ctx).shape) == (k,)]
-    for alpha in [None, *scalars]:
-        for move in [None, *vectors]:
-            a = None if alpha is None else _value(gm, alpha, ctx).detach().float()
-            m = None if move is None else _value(gm, move, ctx).detach().float()
-            yield "sign", 1, move, alpha, lambda x, a=a, m=m: _dequant(Q.act_sign(x.float(), m, a))
-
-
-def _dequant(result) -> torch.Tensor:
-    codes, scale, _ = result
-    return codes * (scale[..., None] if scale.dim() else scale)
+    for name, method in methods.ACT.items():
+        lo, hi = method.bits
+        for bits in range(hi, lo - 1, -1):
+            for alpha in [None, *scalars] if method.takes_alpha else [None]:
+                for move in [None, *vectors] if method.takes_move else [None]:
+                    a = None if alpha is None else _value(gm, alpha, ctx).detach().float()
+                    mv = None if move is None else _value(gm, move, ctx).detach().float()
+                    yield name, bits, move, alpha, (
+                        lambda x, f=method.dequantized, a=a, mv=mv, b=bits: f(x.float(), mv, a, b))
 
 
 def _outer_move(base: fx.Node, move: fx.Node | None, ctx: PassContext) -> tuple[fx.Node, fx.Node | None]:

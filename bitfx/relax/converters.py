@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from bitfx.ops import methods
 from bitfx.relax.importer import ExportError
 
 __all__ = ["converter", "converted_ops", "convert_map", "ConvertContext"]
@@ -150,7 +151,7 @@ def convert_bit_linear(node: fx.Node, importer, ctx: ConvertContext):
         codes, col_scale, _ = L.quantize_weight(weight, wscale, weight_mode)
     codes = codes.numpy()
     N, K = codes.shape
-    ternary = weight_mode == "ternary"
+    ternary = methods.weight_method(weight_mode).ternary  # the method registry (bitfx.ops.methods)
     w_packed = (np.stack([pack_k_major(codes > 0), pack_k_major(codes < 0)]) if ternary
                 else pack_k_major(codes > 0))
     cs = np.ascontiguousarray(np.broadcast_to(col_scale.reshape(-1).numpy().astype(np.float32), (N,)))
@@ -167,7 +168,7 @@ def convert_bit_linear(node: fx.Node, importer, ctx: ConvertContext):
     KW = (K + WORD - 1) // WORD
     tag = f"{act_mode}{act_bits}_k{K}_n{N}"
 
-    if act_mode == "sign":
+    if methods.act_method(act_mode).kernel == "xnor":  # ±1 codes: sign-and-pack; else k-bit absmax planes
         mv = [relax.const(move.reshape(-1).expand(K).contiguous().numpy().astype(np.float32))] if move is not None else []
         mean = alpha is None
         f = ctx.kernel("pack_rows", mode="sign", K=K, move=move is not None, mean=mean)
