@@ -331,11 +331,10 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _maybe_ddp(net: torch.nn.Module, example: tuple) -> torch.nn.Module:
-    dist = torch.distributed
+def _maybe_ddp(net: torch.nn.Module, example: Any) -> torch.nn.Module:
     if _world() == 1:
         return net
-    dev = next((t.device for t in pytree.tree_leaves(list(example)) if isinstance(t, torch.Tensor)), None)
+    dev = next((t.device for t in pytree.tree_leaves(example) if isinstance(t, torch.Tensor)), None)
     ids = [dev] if dev is not None and dev.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
