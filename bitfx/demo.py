@@ -13,6 +13,7 @@ import bitfx
 from bitfx import backend
 from bitfx.config import BinarizeConfig
 from bitfx.models import bert_encoder
+from bitfx.perf import ceiling
 
 
 def _median_ms(fn, repeat: int) -> float:
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         # (a second torch.compile of the same model would share dynamo's cache entry)
         y_ref = bitfx.binarize(model, inputs, config)(*inputs)
     # bytes as `bitfx diff` counts them: 1 bit per binary weight (2 ternary) + fp32 scales, bias, move
-    totals = bitfx.diff(model, inputs, config).totals
+    d = bitfx.diff(model, inputs, config)
+    totals = d.totals
+    linears = [ly for ly in d.layers if ly.target == "bit_linear"]
     before, after = totals["bytes_before"], totals["bytes_after"]
 
     table = Table(title="what bitfx did")
@@ -71,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("compile time", f"{compile_s:.1f} s")
     table.add_row("float eager", f"{t_float:.2f} ms")
     table.add_row(f"bitfx ({args.kernels} kernels)", f"{t_bitfx:.2f} ms ({t_float / t_bitfx:.2f}× vs float)")
+    try:  # the same-run ceiling of this CPU (DESIGN §5): what the linears could cost at best
+        c = ceiling.measure(128, 768, 3072)
+        macs = sum(ly.before.macs for ly in linears)
+        at_ceiling = macs / (c.gbit_per_s * 1e9 * torch.get_num_threads()) * 1e3
+        table.add_row("binary-GEMM ceiling (this CPU, same run)", f"{c.gbit_per_s:.0f} G bit-MACs/s per core ({c.isa})")
+        table.add_row("linears at the ceiling", f"{at_ceiling:.2f} ms ({macs / 1e6:.0f} M bit-MACs; "
+                      f"the rest of bitfx's {t_bitfx:.2f} ms is float parts and overhead)")
+    except ceiling.CeilingUnavailable as err:
+        table.add_row("binary-GEMM ceiling", f"not measured: {err}")
     table.add_row("max |compiled − reference|", f"{(y - y_ref).abs().max().item():.2e}")
     table.add_row("max |compiled − float model|", f"{(y - y_float).abs().max().item():.2e} (binarized: differs)")
     console.print(table)
