@@ -113,12 +113,16 @@ def _build(body, name: str) -> tirx.PrimFunc:
 
 
 def _match(handle, shape, dtype: str):
-    return T.match_buffer(handle, shape, dtype, align=tvm.DataType(dtype).bits // 8)
+    buf = T.match_buffer(handle, shape, dtype, align=tvm.DataType(dtype).bits // 8)
+    IRBuilder.name(handle.name, buf)  # the CUDA kernel's parameters keep the buffers' names
+    return buf
 
 
 def _flat32(buf, words):
-    """A uint64 buffer seen as ``2 * words`` uint32 (the same memory)."""
-    return T.decl_buffer((words * 2,), "uint32", data=buf.data)
+    """A uint64 buffer seen as ``2 * words`` uint32 (the same memory, the same parameter name)."""
+    view = T.decl_buffer((words * 2,), "uint32", data=buf.data)
+    IRBuilder.name(buf.name, view)
+    return view
 
 
 def _ballot(pred):
