@@ -8,7 +8,7 @@ from bitfx.api import binarize
 from bitfx.calibrate import calibrate
 from bitfx.config import BinarizeConfig
 from bitfx.distill import distill
-from bitfx.export import export
+from bitfx.export import VerifyError, export
 from bitfx.inputs import CaptureError
 from bitfx.inspect import diff
 from bitfx.serialize import LoadError, load, save
@@ -16,4 +16,4 @@ from bitfx.serialize import LoadError, load, save
 __version__ = "0.1.0"
 
 __all__ = ["BinarizeConfig", "CaptureError", "LoadError", "binarize", "calibrate", "diff", "distill", "export",
-           "load", "save", "__version__"]
+           "load", "save", "VerifyError", "__version__"]

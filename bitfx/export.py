@@ -20,15 +20,15 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.fx as fx
 
+from bitfx.deploy.verify import VerifyError
 from bitfx.relax.importer import ExportError, fused, to_relax
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export", "verify", "to_relax", "ExportError"]
+__all__ = ["export", "verify", "to_relax", "ExportError", "VerifyError"]
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -45,7 +45,8 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
             leaves (``torch.utils._pytree`` order: positional inputs, then keywords) as its inputs.
         target: a device target of ``bitfx.targets.cross`` (``linux-arm64``, ``android-arm64``, ...).
         path: the shared library to write.
-        verify: run the library under qemu (aarch64 targets) and compare with the host model.
+        verify: run the library under qemu (aarch64 targets) on ARMv8.0 and v8.2 CPU models, on
+            the example and two random inputs, and compare every output with the host model.
         bundle: also write the deploy bundle (loader, README, manifest) next to ``path``.
         example_kwargs: keyword inputs, alone or with positional ``example_inputs``.
 
@@ -55,7 +56,8 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
     Raises:
         ValueError: unknown target (listing the known ones).
         ExportError: an op the Relax importer cannot take, naming the op and its layer.
-        AssertionError: with ``verify``, when the device output differs (max difference given).
+        VerifyError: with ``verify`` (an AssertionError), when an output differs on an emulated CPU
+            or the library dies there (``verify``).
     """
     from bitfx.targets import cross
 
@@ -64,7 +66,7 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
 
     gm = _binarized(model_or_binarized_gm, example_inputs, config, example_kwargs)
     call = example_call(gm, example_inputs, example_kwargs)  # the graph's inputs, as flat leaves
-    inputs, gm = call.flat, flat_module(gm)
+    structured, (inputs, gm) = gm, (call.flat, flat_module(gm))  # structured: output names for verify
     mod = to_relax(gm, inputs, target=dt)
     try:
         exe = cross.build_relax(fused(mod), dt)
@@ -78,51 +80,43 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
     if bundle:
         from bitfx.deploy import write_bundle
 
-        write_bundle(path, dt.name if hasattr(dt, "name") else target)
+        write_bundle(path, dt.name if hasattr(dt, "name") else target, inputs=inputs)
     if verify:
-        with torch.no_grad():
-            expected = gm(*inputs)  # the flat leaves of the model's output
-        globals()["verify"](path, inputs, expected, target)
+        from bitfx.deploy.verify import output_names
+
+        globals()["verify"](path, inputs, target=dt, model=gm, output_names=output_names(structured))
     return path
 
 
-def verify(path: str | Path, example_inputs: Sequence[Any], expected, target: str = "linux-arm64",
-           *, rtol: float = 1e-4, atol: float = 1e-4) -> float:
-    """Run ``path`` under qemu on ``example_inputs`` and compare with ``expected`` (tensor(s)).
+def verify(path: str | Path, example_inputs: Sequence[Any], expected=None, target: str = "linux-arm64",
+           *, model=None, variants: int = 2, cpus: Sequence[str] | None = None, rtol: float = 1e-4,
+           atol: float = 1e-4, output_names: Sequence[str] | None = None) -> float:
+    """Run ``path`` under qemu and compare every output with the host (``bitfx/deploy/verify.py``).
 
-    The tolerance is scaled by the largest |expected|. Returns the max absolute difference;
-    raises AssertionError naming it when the outputs differ.
+    With ``model`` (the host model, called on the library's flat inputs): on ``example_inputs`` and
+    ``variants`` seeded random inputs of the same shapes and dtypes; with only ``expected`` (the
+    host outputs on ``example_inputs``): on those inputs. Each set runs on qemu's ``cortex-a53``
+    (ARMv8.0-A) and ``cortex-a76`` (ARMv8.2-A), or on the core a target that asks for extensions
+    needs (``bitfx.deploy.verify.cpus_for``). Tolerance: ``(atol + rtol) * max(1, max |host|)``.
+
+    Returns:
+        The largest absolute difference.
+
+    Raises:
+        VerifyError: an ``AssertionError`` naming the output, the input set, the CPU and the
+            difference; or saying that the library died with SIGILL and which instructions
+            (``udot``...) the CPU lacks.
     """
-    from bitfx.targets import emulate
+    from bitfx.deploy.verify import verify_library
 
-    inputs = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-              for t in _as_tuple(example_inputs)]
-    outs = emulate.run_emulated(path, inputs, target)
-    exp = [e.detach().float().cpu().numpy() for e in _flatten(expected)]
-    if len(outs) != len(exp):
-        raise AssertionError(f"{Path(path).name}: {len(outs)} outputs on the device, {len(exp)} expected")
-    worst = 0.0
-    for i, (o, e) in enumerate(zip(outs, exp)):
-        if o.shape != e.shape:
-            raise AssertionError(f"output {i}: shape {o.shape} on the device, {e.shape} expected")
-        diff = float(np.max(np.abs(o.astype(np.float64) - e))) if e.size else 0.0
-        scale = max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
-        worst = max(worst, diff)
-        if not diff <= atol * scale + rtol * scale:
-            raise AssertionError(f"output {i} of {Path(path).name} on {target} differs from the host model: "
-                                 f"max |difference| = {diff:.3g} (tolerance {atol * scale + rtol * scale:.3g})")
-    return worst
+    return verify_library(path, model, _as_tuple(example_inputs), target, expected=expected,
+                          variants=variants if model is not None else 0, cpus=cpus, rtol=rtol,
+                          atol=atol, output_names=output_names)
 
 
 # ------------------------------------------------------------------------------------ the pipeline
 def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _flatten(x) -> list:
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _flatten(v)]
-    return [x]
 
 
 def _has_bitfx(gm) -> bool:
