@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shlex
+import shutil
 import subprocess
 
 import numpy as np
@@ -31,13 +34,27 @@ def test_linux_arm64_bundle_runs_from_its_own_directory(toy, toy_libs, arm64_run
 
     # No LD_LIBRARY_PATH: the loader finds the bundled runtime through its $ORIGIN rpath.
     np.save(tmp_path / "input_0.npy", x)
-    proc = subprocess.run(emulate.qemu_command() + [str(bundle / "bitfx_loader"),
+    proc = subprocess.run(emulate.qemu_command(cpu="cortex-a53") + [str(bundle / "bitfx_loader"),
                           str(bundle / "linux-arm64.so"), str(tmp_path), str(tmp_path / "input_0.npy")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_allclose(np.load(tmp_path / "output_0.npy"), expected, rtol=1e-5, atol=1e-5)
 
     readme = (bundle / "README.md").read_text()
+    # The README's command, in the directory it copies to (the board: the sysroot's glibc).
+    bundle2 = write_bundle(toy_libs["linux-arm64"], "linux-arm64", tmp_path / "b2", inputs=[x])
+    readme2 = (bundle2 / "README.md").read_text()
+    copied = re.search(r"scp (.*) board:bitfx/", readme2).group(1).split()
+    board = tmp_path / "board"
+    board.mkdir()
+    for name in copied:
+        shutil.copy2(bundle2 / name, board / name)
+    command = shlex.split(re.search(r"ssh board 'cd bitfx && (.*)'", readme2).group(1))
+    proc = subprocess.run(emulate.qemu_command(cpu="cortex-a53") + command, cwd=board,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"bitfx_loader: main mean_ms=[\d.]+ min_ms=[\d.]+ repeat=50", proc.stdout)
+    np.testing.assert_allclose(np.load(board / "output_0.npy"), expected, rtol=1e-5, atol=1e-5)
     assert "-L /usr/aarch64-linux-gnu ./bitfx_loader" in readme
     assert "rpc_tracker" in readme and "adb" not in readme
     # What the README says the files need is what they need (read from their ELF symbol versions).
