@@ -14,6 +14,7 @@ passes are calibrated once per model and reused when dynamo recompiles for new s
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -27,6 +28,11 @@ from bitfx.passes import LOWERING, PIPELINE, PassContext, run_passes
 from bitfx.passes.capture import _has_bitfx_ops, capture_dynamo
 
 log = logging.getLogger(__name__)
+
+# nn.MultiheadAttention warns (warnings.warn) when a float attn_mask meets a bool key_padding_mask,
+# nn.Transformer's usual pair; dynamo broke the graph there and the whole model ran float. Dynamo
+# issues a reorderable call after the graph instead: the warning is still given, the graph is whole.
+torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
 
 #: Calibrated values of added parameters, per model (keyed by its first parameter), so that a
 #: recompilation (new shapes) reuses the values of the first compile instead of refitting.

@@ -21,7 +21,7 @@ GPT-2                     4 L (c_attn packed qkv, c_proj, c_fc,    L
 Llama                     7 L (q, k, v, o, gate, up, down)         L (GQA: 4 q heads, 2 kv)
 T5 / BART                 6 L_enc + 10 L_dec (decoder: self 4,     L_enc + 2 L_dec
                           cross 4, ffn 2)
-nn.Transformer            4 L_enc + 7 L_dec                        L_enc + 2 L_dec
+nn.Transformer (2 masks)  4 L_enc + 7 L_dec                        L_enc + 2 L_dec
 nn.TransformerDecoderLyr  7                                        2
 BinaryViT pyramid         4 per block (qkv, proj, fc1, fc2)        1 per block
 ========================  =======================================  ==========================
@@ -160,21 +160,25 @@ def bart(layers: int = 1):
 class Seq2Seq(nn.Module):
     """``nn.Transformer`` as users call it: a causal target mask and key padding masks."""
 
-    def __init__(self, d: int = HIDDEN, layers: int = 1):
+    def __init__(self, d: int = HIDDEN, layers: int = 1, float_causal: bool = False):
         super().__init__()
+        self.float_causal = float_causal
         self.transformer = nn.Transformer(d, HEADS, layers, layers, FFN, dropout=0.1, batch_first=True)
 
     def forward(self, src, tgt, src_key_padding_mask=None, tgt_key_padding_mask=None):
-        n = tgt.shape[1]  # a boolean causal mask, like the boolean padding masks (True = masked)
-        causal = torch.ones(n, n, dtype=torch.bool, device=tgt.device).triu(1)
+        n = tgt.shape[1]
+        if self.float_causal:  # PyTorch's own helper (0 / -inf), beside boolean padding masks
+            causal = nn.Transformer.generate_square_subsequent_mask(n, device=tgt.device)
+        else:  # a boolean causal mask, like the boolean padding masks (True = masked)
+            causal = torch.ones(n, n, dtype=torch.bool, device=tgt.device).triu(1)
         return self.transformer(src, tgt, tgt_mask=causal, src_key_padding_mask=src_key_padding_mask,
                                 tgt_key_padding_mask=tgt_key_padding_mask,
                                 memory_key_padding_mask=src_key_padding_mask, tgt_is_causal=True)
 
 
-def nn_transformer():
+def nn_transformer(float_causal: bool = False):
     torch.manual_seed(0)
-    model = Seq2Seq().eval()
+    model = Seq2Seq(float_causal=float_causal).eval()
     src, tgt = torch.randn(BATCH, SEQ, HIDDEN), torch.randn(BATCH, SEQ // 2, HIDDEN)
     src_pad = torch.zeros(BATCH, SEQ, dtype=torch.bool)
     src_pad[0, -2:] = True
@@ -274,6 +278,8 @@ ZOO: dict[str, ZooModel] = {
     "t5": ZooModel(t5, 6 + 10, 1 + 2, "encoder-decoder", cache=True, notes="relative position bias"),
     "bart": ZooModel(bart, 6 + 10, 1 + 2, "encoder-decoder", cache=True),
     "nn_transformer": ZooModel(nn_transformer, 4 + 7, 1 + 2, "torch.nn", notes="causal + padding masks"),
+    "nn_transformer_float_mask": ZooModel(lambda: nn_transformer(float_causal=True), 4 + 7, 1 + 2, "torch.nn",
+                                          notes="float causal mask + bool padding masks"),
     "decoder_layer": ZooModel(decoder_layer, 7, 2, "torch.nn", notes="cross attention to memory"),
     "binary_vit": ZooModel(binary_vit, 4 * 2, 2, "vision", notes="avg-pool token mixer, affine"),
 }

@@ -378,3 +378,12 @@ def test_fused_encoder_layer_with_masks_decomposes_to_its_python_path(mask_type)
         fused = op(x, 32, 4, *weights, mask, mask_type)
         decomposed = FUSED_DECOMPOSITIONS[op](x, 32, 4, *weights, mask, mask_type)
     torch.testing.assert_close(decomposed, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_nn_transformer_with_a_float_causal_mask_compiles_in_one_graph():
+    """nn.MultiheadAttention warns when a float causal mask meets bool padding masks; with the
+    bitfx backend loaded, dynamo keeps the whole model in one graph (the warning moves after it)."""
+    model, args, kwargs = ZOO["nn_transformer_float_mask"].make()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(*args, **kwargs)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
