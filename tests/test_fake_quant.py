@@ -164,3 +164,21 @@ def test_own_binarizer_exports_for_arm64_and_verifies_under_qemu(layer, tmp_path
     path = bitfx.export(model, (TOKENS,), target="linux-arm64", path=tmp_path / "model.so", verify=True,
                         bundle=False)
     assert path.stat().st_size > 0
+
+
+def test_matmul_spelling_of_a_fake_quant_linear_is_recognised():
+    """``x_q @ w_q.t() + b`` (no F.linear) is canonicalized to a linear and recognised the same way."""
+    class Layer(torch.nn.Linear):
+        def forward(self, x):
+            w = self.weight
+            xq = ste(x, torch.sign(x) * x.abs().mean(-1, keepdim=True))
+            return xq @ ste(w, torch.sign(w - w.mean()) * w.abs().mean()).t() + self.bias
+
+    torch.manual_seed(0)
+    model = Layer(16, 8).eval()
+    x = torch.randn(3, 16)
+    gm = bitfx.binarize(model, (x,), {"preset": "bipft", "kernels": "reference"})
+    (node,) = bit_linears(gm)
+    assert node.meta[OWN] == "sign1/sign_tensor" and node.args[2] is not None  # the bias is the op's
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)

@@ -11,8 +11,9 @@ After::
 
     linear(x, W, b)              # linear(x, t(P), b) for the last form
 
-Only matmuls whose right operand is a parameter (possibly transposed) are linears; a matmul of
-two activations is left alone (attention is handled by ``canonicalize_attention``). The numbers
+Only matmuls whose right operand is a parameter (possibly transposed), or a model's own
+straight-through fake-quant of one (``W + (q(W) - W).detach()``, for ``recognize_fake_quant``),
+are linears; a matmul of two activations is left alone (attention is handled by ``canonicalize_attention``). The numbers
 do not change: ``linear`` computes the same products and bias addition.
 """
 from __future__ import annotations
@@ -39,6 +40,21 @@ def _is_2d_transpose(node: fx.Node) -> bool:
     return False
 
 
+def _is_weight_or_fake_quant(node, ctx: PassContext) -> bool:
+    """A parameter, or a model's own straight-through fake-quant of one, ``W + (q(W) - W).detach()``
+    (left for ``recognize_fake_quant``), so that ``x @ wq.t()`` is a linear like ``F.linear(x, wq)``."""
+    if ctx.is_weight(node):
+        return True
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.add.Tensor):
+        return False
+    for base, det in (node.args[:2], node.args[1::-1]):
+        if (isinstance(det, fx.Node) and det.target == aten.detach.default and ctx.is_weight(base)
+                and isinstance(det.args[0], fx.Node) and det.args[0].target == aten.sub.Tensor
+                and det.args[0].args[1] is base):
+            return True
+    return False
+
+
 def _weight_of(rhs, ctx: PassContext):
     """For a matmul right operand: (W [N,K] source node or None, needs_transpose)."""
     if not isinstance(rhs, fx.Node):
@@ -48,9 +64,9 @@ def _weight_of(rhs, ctx: PassContext):
         return None, False
     if rhs.op == "call_function" and rhs.target in _TRANSPOSES and _is_2d_transpose(rhs):
         src = rhs.args[0]
-        if ctx.is_weight(src):
+        if _is_weight_or_fake_quant(src, ctx):
             return src, False
-    if ctx.is_weight(rhs):
+    if _is_weight_or_fake_quant(rhs, ctx):
         return rhs, True
     return None, False
 
