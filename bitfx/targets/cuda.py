@@ -484,18 +484,17 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                         rrow, rcol = c_fragment(lane, r)
                         row, col = m0 + 16 * i + rrow, n0 + 8 * j + rcol
                         s0 = acc[0][(i * nt + j) * 4 + r]
+                        s1 = acc[1][(i * nt + j) * 4 + r] if a.ternary else None
                         if mode == "xnor":
                             val = _i32(K) - _i32(2) * (rpop[2 * i + r // 2] + cps[r % 2] - _i32(2) * s0)
-                        elif mode == "xnor_ternary":
-                            val = None  # needs nnz[col]: built under the guard
+                        elif mode == "xnor_ternary":  # nnz[col] is loaded under the store guard
+                            val = a.NZ[col] - _i32(2) * (cps[r % 2] - s0 + s1)
                         elif mode == "and":
                             val = _i32(2) * s0 - rpop[2 * i + r // 2]
                         else:
-                            val = s0 - acc[1][(i * nt + j) * 4 + r]
+                            val = s0 - s1
 
-                        def emit(val=val, row=row, col=col, s0=s0, r=r, i=i, j=j, cp=cps[r % 2]):
-                            if mode == "xnor_ternary":
-                                val = a.NZ[col] - _i32(2) * (cp - s0 + acc[1][(i * nt + j) * 4 + r])
+                        def emit(val=val, row=row, col=col):
                             _finish(a, val, g, row, col, K)
 
                         _when(tirx.And(row < M, col < n), emit)
