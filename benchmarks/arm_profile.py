@@ -152,6 +152,7 @@ class Symbolizer:
                 self.ranges.append((start, end, parts[5], base.get(parts[5], start)))
         self.symbols: dict[str, tuple[list[int], list[str]]] = {}
         self.plt: dict[str, tuple[int, int]] = {}
+        self.ends: dict[tuple[str, int], int] = {}  # (file, symbol start) -> end, when nm knows the size
 
     def _table(self, path: str) -> tuple[list[int], list[str]]:
         if path not in self.symbols:
@@ -165,6 +166,7 @@ class Symbolizer:
                         rows.append((int(f[0], 16), re.sub(r"@.*$", "", f[-1])))
                         if len(f) == 4:
                             sized.append((int(f[0], 16), int(f[0], 16) + int(f[1], 16)))
+                            self.ends[(path, int(f[0], 16))] = int(f[0], 16) + int(f[1], 16)
                 if rows:
                     static = flags == ["--defined-only"]
                     break
@@ -212,7 +214,9 @@ class Symbolizer:
                 if self.plt[path][0] <= addr - base < self.plt[path][1]:
                     return path, "<plt>"
                 i = bisect.bisect_right(addrs, addr - base) - 1
-                return path, (names[i] if i >= 0 else "?")
+                if i < 0 or addr - base >= self.ends.get((path, addrs[i]), float("inf")):
+                    return path, "?"  # past the symbol's end: a local function the table lacks
+                return path, names[i]
         return "?", "?"
 
 
