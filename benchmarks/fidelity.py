@@ -51,11 +51,15 @@ def probe(gm, batches, fn):
             Probe(gm, fn).run(*flat_inputs(gm, b))
 
 
-def _minilm_data(n_train=4, n_held=4, size=16, max_len=64):
+def _minilm_data(n_train=4, n_held=4, size=16, max_len=64, concat=1):
     from distill_minilm import batches, load_minilm, sentences
 
     tokenizer, teacher = load_minilm()
     train, held = sentences()
+    if concat > 1:  # longer inputs: `concat` consecutive sentences per input
+        train, held = ([" ".join(t[i:i + concat]) for i in range(0, len(t) - concat + 1, concat)]
+                       for t in (train, held))
+        max_len = 64 * concat
     return teacher, batches(tokenizer, train[: n_train * size], size, max_len), \
         batches(tokenizer, held[: n_held * size], size, max_len)
 
@@ -73,7 +77,7 @@ def _rows(mask_ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ (a) Table 1
 def table1(args) -> dict:
-    teacher, train_b, held_b = _minilm_data()
+    teacher, train_b, held_b = _minilm_data(concat=args.concat, size=16 // args.concat)
     cfg = bitfx.BinarizeConfig.preset("bivit", linear=False)
     gm = bitfx.binarize(teacher, train_b[0], cfg)
     betas: dict[int, list] = {}
@@ -118,7 +122,9 @@ def table1(args) -> dict:
     print("|---|---|---|---|")
     for m, r in rows.items():
         print(f"| {m} | {r['error']:.4g} | {r['error_scaled']:.4g} | {r['ones_per_row']:.1f} |")
-    out = {"figure": "table1", "fitted_beta": fitted, "elastic_alpha": alpha, "rows": rows,
+    out = {"figure": "table1", "concat": args.concat,
+           "mean_tokens": float(sum(b[1].sum() for b in held_b) / sum(b[1].shape[0] for b in held_b)),
+           "fitted_beta": fitted, "elastic_alpha": alpha, "rows": rows,
            "held_out_sentences": sum(b[0].shape[0] for b in held_b)}
     print(json.dumps(out))
     return out
@@ -181,7 +187,7 @@ def digits(args) -> dict:
 def minilm(args) -> dict:
     from distill_minilm import run
 
-    steps, batch, max_len, held = (150, 16, 48, 256) if args.quick else (args.steps, 32, 64, 512)
+    steps, batch, max_len, held = (100, 16, 40, 256) if args.quick else (args.steps, 32, 64, 512)
     out = run(args.preset, steps, batch, max_len, args.lr, held, calib=4, save=None)
     print(json.dumps({"figure": "minilm", **out}))
     return out
@@ -191,7 +197,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="bitfx fidelity figures")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     sub = ap.add_subparsers(dest="figure", required=True)
-    sub.add_parser("table1")
+    t = sub.add_parser("table1")
+    t.add_argument("--concat", type=int, default=1, help="sentences joined per input (longer sequences)")
     b = sub.add_parser("bipft")
     b.add_argument("--estimator-steps", type=int, default=200)
     c = sub.add_parser("digits")

@@ -28,6 +28,7 @@ Example: ``examples/distill_minilm.py``, ``examples/digits.py``.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import itertools
 import math
@@ -68,6 +69,8 @@ def distill(student: fx.GraphModule, teacher: torch.nn.Module, batches: Iterable
         student: a binarized GraphModule; its parameters are updated in place (AdamW).
         teacher: the float model the student was binarized from (or any model ``torch.export``
             captures with the same module paths, e.g. a W1A8 student for BiT's multi-step distillation).
+            A frozen copy is taken first: ``binarize`` shares the model's weight tensors with the
+            student, so training moves the weights of the ``teacher`` object itself, never the copy.
         batches: batches as given to the model (input tuples, tensors, or mappings of keyword
             inputs); a list is cycled, an iterator is read until ``steps`` or its end.
         steps: optimiser steps (one per batch).
@@ -141,11 +144,14 @@ def _check(weights, output_loss, attention, steps, schedule) -> dict[str, float]
 
 
 def _teacher_graph(teacher: torch.nn.Module, batch: Any) -> fx.GraphModule:
-    """The teacher captured and canonicalized as the student was (same module paths, ``bitfx.attention``)."""
+    """A frozen copy of the teacher, captured and canonicalized as the student was (same module paths,
+    ``bitfx.attention``)."""
     from bitfx.api import trace
     from bitfx.passes import PIPELINE
     from bitfx.passes.canonicalize_attention import canonicalize_attention
 
+    # binarize shares the model's weight tensors with the student: train against a frozen copy
+    teacher = copy.deepcopy(teacher)
     if hasattr(teacher, "eval"):
         teacher.eval()
     upto = PIPELINE.index(canonicalize_attention) + 1

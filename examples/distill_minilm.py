@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import json
 import os
 import re
@@ -145,7 +146,7 @@ def run(preset: str, steps: int, batch: int, max_len: int, lr: float, n_held: in
     train_b = batches(tokenizer, train[: batch * max(steps, calib)], batch, max_len)
     held_b = batches(tokenizer, held, 32, max_len)
     t0 = time.time()
-    student = bitfx.binarize(teacher, train_b[0], preset)
+    student = bitfx.binarize(copy.deepcopy(teacher), train_b[0], preset)  # binarize shares the weights
     bitfx.calibrate(student, train_b[:calib])
     before = cosine(student, teacher, held_b)
     bitfx.distill(student, teacher, train_b, steps=steps, lr=lr, weights=weights, attention=attention)
@@ -165,7 +166,7 @@ def run(preset: str, steps: int, batch: int, max_len: int, lr: float, n_held: in
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bitnet")
-    ap.add_argument("--quick", action="store_true", help="150 steps of 16 sentences (minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="100 steps of 16 sentences (minutes on 2 cores)")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=64)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.steps, args.batch, args.max_len, args.held = 150, 16, 48, 256
+        args.steps, args.batch, args.max_len, args.held = 100, 16, 40, 256
     result = run(args.preset, args.steps, args.batch, args.max_len, args.lr, args.held, calib=4, save=args.save)
     print(json.dumps(result))
     return 0

@@ -1,4 +1,6 @@
 """bitfx.distill: the loss terms are what they claim to be, and training lowers them."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ def test_pairs_blocks_and_attention_by_module_path(teacher, student):
 
 def test_distill_lowers_the_loss(teacher):
     model, example = teacher
-    student = bitfx.binarize(model, example, "bipft")
+    student = bitfx.binarize(copy.deepcopy(model), example, "bipft")  # binarize shares the weights
     batches = [batch(1), batch(2)]
     ids, mask = batches[0]
     with torch.no_grad():
@@ -84,3 +86,16 @@ def test_empty_batches(teacher, student):
     model, example = teacher
     with pytest.raises(ValueError, match="batches is empty"):
         bitfx.distill(student, model, [], steps=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_distill_on_cuda(teacher):
+    model, example = teacher
+    model = copy.deepcopy(model).cuda()
+    cuda = tuple(t.cuda() for t in example)
+    student = bitfx.binarize(copy.deepcopy(model), cuda, "bipft")
+    batches = [tuple(t.cuda() for t in batch(1))]
+    bitfx.distill(student, model, batches, steps=10, lr=3e-3, progress=False, log_every=1)
+    log = student.bitfx_distill_log
+    assert all(p.device.type == "cuda" for p in student.parameters())
+    assert log[-1]["loss"] < log[0]["loss"]
