@@ -22,7 +22,8 @@ After::
 ``logical_not(m)``, ``masked_fill(x == 0, -inf)`` becomes ``x != 0``), additive masks are added to
 the scaled scores (a mask added *before* a scale is multiplied by that scale; two additive masks,
 such as T5's position bias and its padding mask, are summed first: equal to float rounding). A finite fill
-``c <= -1e4`` (``finfo.min``, ``-1e9``) on float32/float64 scores becomes the additive mask
+``c <= -1e4`` (``finfo.min``, ``-1e9``; a number or a 0-d constant such as GPT-2's
+``full([], finfo.min)``) on float32/float64 scores becomes the additive mask
 ``where(m, finfo.min, 0)``: both give masked keys probability exactly 0 on a row that keeps a key
 (exp underflows while the row's largest kept score exceeds ``c + 104``) and a uniform row when every
 key is masked (``s + finfo.min == finfo.min``), where -inf would give NaN. ``einsum`` operands are
@@ -70,8 +71,8 @@ SOFTMAX = {aten.softmax.int, aten._softmax.default}
 PRODUCTS = {aten.matmul.default, aten.bmm.default}
 SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 ADDS = {aten.add.Tensor}
-MASKED_FILLS = {aten.masked_fill.Scalar}
-WHERES = {aten.where.ScalarOther}
+MASKED_FILLS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}  # Tensor: a 0-d constant value
+WHERES = {aten.where.ScalarOther, aten.where.self}                  # self: where(m, s, full([], c))
 EINSUM = aten.einsum.default
 DROPOUT = aten.dropout.default
 
@@ -202,7 +203,7 @@ def _match(softmax: fx.Node) -> _Match:
         raise _Mismatch(f"scale {m.mask_factor:g} applied after a -inf mask is not positive")
     if m.mask_kind in ("masked", "attend") and m.fill != float("-inf"):
         _check_fill(m, softmax)
-    m.nodes = nodes
+    m.nodes = nodes + m.nodes  # (+ the nodes building a fill constant, from _apply)
     return m
 
 
@@ -334,14 +335,17 @@ def _apply(op: fx.Node, m: _Match) -> None:
         m.mask_kind = "add"
     elif op.target in MASKED_FILLS:
         m.fill = _fill_value(op.args[2], f"masked_fill value {op.args[2]!r}")
+        m.nodes.extend(_chain_of_constant(op.args[2]))
         m.mask, m.mask_kind = op.args[1], "masked"
     else:  # where(cond, scores, -inf)
         m.fill = _fill_value(op.args[2], f"where(..., {op.args[2]!r})")
+        m.nodes.extend(_chain_of_constant(op.args[2]))
         m.mask, m.mask_kind = op.args[0], "attend"
     m.mask_factor = 1.0
 
 
 def _fill_value(c: Any, what: str) -> float:
+    c = _constant(c)
     if _is_number(c) and (c == float("-inf") or c <= FILL_LIMIT):
         return float(c)
     raise _Mismatch(f"{what}, not -inf (accepted: -inf or a value <= {FILL_LIMIT:g}, e.g. finfo.min or -1e9)")
@@ -579,6 +583,37 @@ def _swaps_last_two(node: fx.Node) -> bool:
         perm = [d % rank for d in node.args[1]]
         return perm == list(range(rank - 2)) + [rank - 1, rank - 2]
     return False
+
+
+def _constant(x: Any) -> Any:
+    """The Python number a 0-d constant node holds (``full([], c)``, ``scalar_tensor(c)``, a lifted
+    0-d tensor constant), GPT-2's ``where(causal, s, mask_value)`` spelling; else ``x`` itself."""
+    if not isinstance(x, fx.Node):
+        return x
+    if x.op == "call_function" and x.target == aten.full.default and list(x.args[0]) == []:
+        return x.args[1]
+    if x.op == "call_function" and x.target == aten.scalar_tensor.default:
+        return x.args[0]
+    if x.op == "call_function" and x.target in (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout,
+                                                aten.lift_fresh_copy.default, aten.detach_.default,
+                                                aten.detach.default):
+        return _constant(x.args[0])
+    if x.op == "get_attr" and x.graph.owning_module is not None:
+        from bitfx.passes.graph import getattr_path
+
+        t = getattr_path(x.graph.owning_module, x.target)
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point():
+            return t.item()
+    return x
+
+
+def _chain_of_constant(x: Any) -> list[fx.Node]:
+    """The call nodes that build a 0-d fill constant (erased with the match when left unused)."""
+    out = []
+    while isinstance(x, fx.Node) and x.op == "call_function":
+        out.append(x)
+        x = x.args[0] if x.args and isinstance(x.args[0], fx.Node) else None
+    return out
 
 
 def _is_number(x: Any) -> bool:

@@ -112,6 +112,11 @@ SPELLINGS = {
     "einsum_ellipsis": (lambda q, k, v: torch.einsum("...ij,...jd->...id",
                                                      torch.einsum("...id,...jd->...ij", q, k).softmax(-1), v), ()),
     "sdpa_gqa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), ()),
+    # GPT-2 (older HF): where(causal, s, full([], finfo.min)); DistilBERT: masked_fill(m, tensor(finfo.min))
+    "where_tensor_value": (lambda q, k, v, m: torch.where(m, q @ kT(k), torch.full([], torch.finfo(q.dtype).min))
+                           .softmax(-1) @ v, ("FULL_ATTEND",)),
+    "masked_fill_tensor_value": (lambda q, k, v, m: (q @ kT(k)).masked_fill(m, torch.tensor(torch.finfo(q.dtype).min))
+                                 .softmax(-1) @ v, ("FULL_MASK",)),
     "two_additive_masks": (lambda q, k, v, bias, m: (q @ kT(k) + bias + m).softmax(-1) @ v,  # T5: bias, mask
                            (torch.randn(1, H, L, L, generator=torch.Generator().manual_seed(5)), ADD_MASK)),
 }
@@ -315,3 +320,11 @@ def test_fused_encoder_layer_op_is_reported_not_crashed():
     (skip,) = ctx.report.skips
     assert skip.reason == "unrecognised" and "fused" in skip.detail
     assert count(gm, aten._transformer_encoder_layer_fwd.default) == 1
+
+
+def test_fill_constant_nodes_go_with_the_match():
+    fn, extra = SPELLINGS["where_tensor_value"]
+    args = spelling_inputs("where_tensor_value", extra)
+    gm = export(fn, args)
+    run_pass(gm, args)
+    assert aten.full.default not in {n.target for n in gm.graph.nodes}, gm.graph
