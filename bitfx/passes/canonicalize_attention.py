@@ -61,6 +61,8 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from bitfx.ops import ATTENTION
+from bitfx.passes.attention_parts import (Mismatch, chain_of_constant, constant, einsum_pv, einsum_scores,
+                                          gqa_groups, repeat_heads)
 from bitfx.passes.context import PassContext, Rewrite, Skip, fake_value, module_of
 from bitfx.passes.graph import call, erase_unused
 
@@ -97,10 +99,6 @@ FUSED = {
     aten._native_multi_head_attention.default: "nn.MultiheadAttention fast path",
     aten._transformer_encoder_layer_fwd.default: "nn.TransformerEncoderLayer fast path",
 }
-
-
-class _Mismatch(Exception):
-    """The subgraph around a softmax is not exactly an attention; the message says what differed."""
 
 
 @dataclass
@@ -150,7 +148,7 @@ def _explicit(gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext) -> None:
         return  # a classifier's softmax, say: not a candidate, nothing to report
     try:
         match = _match(softmax)
-    except _Mismatch as e:
+    except Mismatch as e:
         ctx.report.skips.append(Skip(PASS, "attention", module_of(softmax), "unrecognised", str(e), [softmax.name]))
         return
     _rewrite(gm, softmax, match, ctx)
@@ -174,12 +172,12 @@ def _match(softmax: fx.Node) -> _Match:
         nodes.append(user)
         user = _only_user(probs, "probabilities")
     if not _is_product(user):
-        raise _Mismatch(f"probabilities feed {_op(user)}, not a matmul/bmm with v")
+        raise Mismatch(f"probabilities feed {_op(user)}, not a matmul/bmm with v")
     if _operands(user)[0] is not probs:
-        raise _Mismatch(f"probabilities are the right operand of {_op(user)}")
+        raise Mismatch(f"probabilities are the right operand of {_op(user)}")
     m = _Match(q=None, k=None, v=_operands(user)[1], anchor=user, dropout_p=dropout_p)  # type: ignore[arg-type]
     if user.target == EINSUM:
-        m.v_perm, m.out_perm = _einsum_pv(user)
+        m.v_perm, m.out_perm = einsum_pv(user)
     nodes.append(user)
 
     # up: softmax input -> (scale / mask ops) -> product of q and kᵀ
@@ -187,7 +185,7 @@ def _match(softmax: fx.Node) -> _Match:
     node = softmax.args[0]
     while True:
         if not isinstance(node, fx.Node) or node.op != "call_function":
-            raise _Mismatch(f"scores come from {_op(node)}, not a matmul/bmm of q and kᵀ")
+            raise Mismatch(f"scores come from {_op(node)}, not a matmul/bmm of q and kᵀ")
         _only_user(node, "scores")
         if _is_product(node) or node.target == aten.baddbmm.default:
             break
@@ -200,7 +198,7 @@ def _match(softmax: fx.Node) -> _Match:
         _apply(op, m)
     nodes.extend(chain)
     if m.mask_kind in ("masked", "attend") and m.mask_factor <= 0:
-        raise _Mismatch(f"scale {m.mask_factor:g} applied after a -inf mask is not positive")
+        raise Mismatch(f"scale {m.mask_factor:g} applied after a -inf mask is not positive")
     if m.mask_kind in ("masked", "attend") and m.fill != float("-inf"):
         _check_fill(m, softmax)
     m.nodes = nodes + m.nodes  # (+ the nodes building a fill constant, from _apply)
@@ -214,10 +212,10 @@ def _check_fill(m: _Match, softmax: fx.Node) -> None:
     v = fake_value(softmax.args[0])
     dtype = v.dtype if isinstance(v, torch.Tensor) else None
     if dtype not in (torch.float32, torch.float64):
-        raise _Mismatch(f"masked_fill value {m.fill!r} on {dtype} scores (exact as an additive mask "
+        raise Mismatch(f"masked_fill value {m.fill!r} on {dtype} scores (exact as an additive mask "
                         "for float32/float64 only)")
     if m.fill * m.mask_factor > FILL_LIMIT:
-        raise _Mismatch(f"masked_fill value {m.fill * m.mask_factor!r} after scaling, not -inf "
+        raise Mismatch(f"masked_fill value {m.fill * m.mask_factor!r} after scaling, not -inf "
                         f"(accepted: -inf or a value <= {FILL_LIMIT:g}, e.g. finfo.min or -1e9)")
     m.scores_dtype = dtype
 
@@ -227,14 +225,14 @@ def _check_softmax(softmax: fx.Node) -> None:
     v = fake_value(x)
     rank = v.dim() if isinstance(v, torch.Tensor) else None
     if not (dim == -1 or (rank is not None and dim == rank - 1)):
-        raise _Mismatch(f"softmax over dim {dim}, not the last" + (f" of {rank}" if rank else ""))
+        raise Mismatch(f"softmax over dim {dim}, not the last" + (f" of {rank}" if rank else ""))
     if softmax.target == aten._softmax.default:
         if softmax.args[2]:
-            raise _Mismatch("softmax with half_to_float=True")
+            raise Mismatch("softmax with half_to_float=True")
         return
     dtype = softmax.args[2] if len(softmax.args) > 2 else softmax.kwargs.get("dtype")
     if dtype is not None and not (isinstance(v, torch.Tensor) and v.dtype == dtype):
-        raise _Mismatch(f"softmax to dtype {dtype}")
+        raise Mismatch(f"softmax to dtype {dtype}")
 
 
 def _product(node: fx.Node, m: _Match, nodes: list) -> float:
@@ -243,19 +241,19 @@ def _product(node: fx.Node, m: _Match, nodes: list) -> float:
     if node.target == aten.baddbmm.default:
         beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
         if beta != 1 or not _is_number(alpha):
-            raise _Mismatch(f"baddbmm with beta={beta}, alpha={alpha}")
+            raise Mismatch(f"baddbmm with beta={beta}, alpha={alpha}")
         m.mask, m.mask_kind, scale = node.args[0], "add", float(alpha)
         a, b = node.args[1], node.args[2]
     else:
         a, b = _operands(node)
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-        raise _Mismatch(f"{_op(node)} of a constant")
+        raise Mismatch(f"{_op(node)} of a constant")
     q, s = _strip_scales(a, nodes)
     scale *= s
     if node.target == EINSUM:  # q, k in any layout: permuted to [batch..., L, D], k untransposed
         k, _s = _strip_scales(b, nodes)
         m.q, m.k, m.k_transposed = q, k, True  # (m.k is k itself, as after a stripped transpose)
-        m.q_perm, m.k_perm = _einsum_scores(node)
+        m.q_perm, m.k_perm = einsum_scores(node)
         return scale * _s
     k, transposed = b, False
     while True:  # scales and one transpose of the last two dims, in any order
@@ -298,19 +296,19 @@ def _chain_input(node: fx.Node) -> fx.Node:
     if node.target in SCALES:
         x, _ = _scale_operands(node)
         if x is None:
-            raise _Mismatch(f"scores scaled by a tensor ({_op(node)}), not a constant")
+            raise Mismatch(f"scores scaled by a tensor ({_op(node)}), not a constant")
         return x
     if node.target in ADDS:
         a, b = node.args[:2]
         hits = [x for x in (a, b) if isinstance(x, fx.Node) and _reaches_product(x)]
         if len(hits) != 1:
-            raise _Mismatch(f"{_op(node)}: cannot tell the scores from the mask")
+            raise Mismatch(f"{_op(node)}: cannot tell the scores from the mask")
         return hits[0]
     if node.target in MASKED_FILLS:
         return node.args[0]
     if node.target in WHERES:
         return node.args[1]
-    raise _Mismatch(f"{_op(node)} between the scores and the softmax")
+    raise Mismatch(f"{_op(node)} between the scores and the softmax")
 
 
 def _apply(op: fx.Node, m: _Match) -> None:
@@ -327,28 +325,28 @@ def _apply(op: fx.Node, m: _Match) -> None:
         m.extra.append([op.args[1] if op.args[0] is _chain_input(op) else op.args[0], 1.0])
         return  # (s + m1) + m2 becomes s + (m1 + m2): equal to float rounding
     if m.mask is not None:
-        raise _Mismatch(f"two masks ({_op(op)} after {m.mask_kind} mask {m.mask.name})")
+        raise Mismatch(f"two masks ({_op(op)} after {m.mask_kind} mask {m.mask.name})")
     if op.target in ADDS:
         if op.kwargs.get("alpha", 1) != 1:
-            raise _Mismatch(f"{_op(op)} with alpha={op.kwargs['alpha']}")
+            raise Mismatch(f"{_op(op)} with alpha={op.kwargs['alpha']}")
         m.mask = op.args[1] if op.args[0] is _chain_input(op) else op.args[0]
         m.mask_kind = "add"
     elif op.target in MASKED_FILLS:
         m.fill = _fill_value(op.args[2], f"masked_fill value {op.args[2]!r}")
-        m.nodes.extend(_chain_of_constant(op.args[2]))
+        m.nodes.extend(chain_of_constant(op.args[2]))
         m.mask, m.mask_kind = op.args[1], "masked"
     else:  # where(cond, scores, -inf)
         m.fill = _fill_value(op.args[2], f"where(..., {op.args[2]!r})")
-        m.nodes.extend(_chain_of_constant(op.args[2]))
+        m.nodes.extend(chain_of_constant(op.args[2]))
         m.mask, m.mask_kind = op.args[0], "attend"
     m.mask_factor = 1.0
 
 
 def _fill_value(c: Any, what: str) -> float:
-    c = _constant(c)
+    c = constant(c)
     if _is_number(c) and (c == float("-inf") or c <= FILL_LIMIT):
         return float(c)
-    raise _Mismatch(f"{what}, not -inf (accepted: -inf or a value <= {FILL_LIMIT:g}, e.g. finfo.min or -1e9)")
+    raise Mismatch(f"{what}, not -inf (accepted: -inf or a value <= {FILL_LIMIT:g}, e.g. finfo.min or -1e9)")
 
 
 def _rewrite(gm: fx.GraphModule, softmax: fx.Node, m: _Match, ctx: PassContext) -> None:
@@ -403,7 +401,7 @@ def _sdpa(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     refusal = None
     if not kw:
         refusal = "unrecognised", f"cannot read the arguments of {node.target}"
-    elif kw.get("enable_gqa") and _gqa_groups(kw) is None:
+    elif kw.get("enable_gqa") and gqa_groups(kw) is None:
         refusal = "unsupported", "enable_gqa=True with head counts that are not static multiples"
     elif kw.get("dropout_mask") is not None:
         refusal = "unsupported", "explicit dropout_mask"
@@ -418,9 +416,9 @@ def _sdpa(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         return
     mask = kw.get(mask_name) if mask_name else None
     key, value = kw["key"], kw["value"]
-    groups = _gqa_groups(kw) if kw.get("enable_gqa") else 1
+    groups = gqa_groups(kw) if kw.get("enable_gqa") else 1
     if groups != 1:  # SDPA's enable_gqa: kv head h serves q heads h·g .. h·g + g - 1
-        key, value = (_repeat_heads(gm, t, groups, node) for t in (key, value))
+        key, value = (repeat_heads(gm, t, groups, node) for t in (key, value))
     new = call(
         gm, ATTENTION,
         (kw["query"], key, value, mask, kw.get("scale"),
@@ -432,81 +430,6 @@ def _sdpa(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         out.replace_all_uses_with(new)
     erase_unused(gm, outputs + [node] if is_tuple else [node])
     ctx.report.rewrites.append(Rewrite(PASS, "attention", module_of(node), replaced, new.name, "attention"))
-
-
-# -- einsum spellings ----------------------------------------------------------------------------
-def _einsum_terms(node: fx.Node) -> tuple[list[str], str, int]:
-    """(operand terms, output term, leading '...' dims) of a two-operand einsum."""
-    eq = node.args[0].replace(" ", "")
-    lhs, arrow, out = eq.partition("->")
-    terms = lhs.split(",")
-    if not arrow or len(terms) != 2:
-        raise _Mismatch(f"einsum {eq!r} is not a two-operand product with an explicit output")
-    ell = [t.startswith("...") for t in (*terms, out)]
-    if any(ell) and not all(ell):
-        raise _Mismatch(f"einsum {eq!r}: '...' must lead every term")
-    terms, out = [t.removeprefix("...") for t in terms], out.removeprefix("...")
-    if any(len(set(t)) != len(t) or not t.isalpha() for t in (*terms, out)):
-        raise _Mismatch(f"einsum {eq!r}: repeated or non-letter indices")
-    v = fake_value(node)
-    n_ell = v.dim() - len(out) if isinstance(v, torch.Tensor) else 0
-    if any(ell) and not isinstance(v, torch.Tensor):
-        raise _Mismatch(f"einsum {eq!r}: rank unknown")
-    return terms, out, n_ell
-
-
-def _perm(term: str, order: str, n_ell: int) -> list[int] | None:
-    """Dims of a tensor indexed by ``term`` (after ``n_ell`` leading dims) put into ``order``."""
-    perm = list(range(n_ell)) + [n_ell + term.index(c) for c in order]
-    return None if perm == sorted(perm) else perm
-
-
-def _einsum_scores(node: fx.Node) -> tuple[list[int] | None, list[int] | None]:
-    """``einsum("bhid,bhjd->bhij", q, k)`` in any index order: the permutes giving q [.., i, d], k [.., j, d]."""
-    (a, b), out, n_ell = _einsum_terms(node)
-    batch, i, j = out[:-2], out[-2:-1], out[-1:]
-    contracted = (set(a) & set(b)) - set(out)
-    if len(out) < 2 or len(contracted) != 1:
-        raise _Mismatch(f"einsum {node.args[0]!r} does not contract one head dimension into [.., Lq, Lk] scores")
-    d = contracted.pop()
-    if set(a) != set(batch + i + d) or set(b) != set(batch + j + d):
-        raise _Mismatch(f"einsum {node.args[0]!r} is not q·kᵀ over shared batch dimensions")
-    return _perm(a, batch + i + d, n_ell), _perm(b, batch + j + d, n_ell)
-
-
-def _einsum_pv(node: fx.Node) -> tuple[list[int] | None, list[int] | None]:
-    """``einsum("bhij,bhjd->bhid", p, v)`` in any order of v and the output: (v permute, output permute)."""
-    (p, w), out, n_ell = _einsum_terms(node)
-    if len(p) < 2:
-        raise _Mismatch(f"einsum {node.args[0]!r}: probabilities need two dimensions")
-    batch, i, j = p[:-2], p[-2:-1], p[-1:]
-    extra = set(w) - set(p)
-    if j in out or len(extra) != 1 or set(w) != set(batch + j) | extra or set(out) != set(batch + i) | extra:
-        raise _Mismatch(f"einsum {node.args[0]!r} is not P·v over the key dimension")
-    e = extra.pop()
-    back = _perm(batch + i + e, out, n_ell)  # the attention output [batch.., i, e] -> the einsum's order
-    return _perm(w, batch + j + e, n_ell), back
-
-
-def _gqa_groups(kw: dict) -> int | None:
-    """q heads per kv head (dim -3), or None when the counts are not static multiples."""
-    shapes = [fake_value(kw[n]) for n in ("query", "key", "value")]
-    if not all(isinstance(v, torch.Tensor) and v.dim() >= 3 for v in shapes):
-        return None
-    hq, hk, hv = (v.shape[-3] for v in shapes)
-    if not all(isinstance(h, int) for h in (hq, hk, hv)) or hk != hv or hk == 0 or hq % hk:
-        return None
-    return hq // hk
-
-
-def _repeat_heads(gm: fx.GraphModule, t: fx.Node, groups: int, before: fx.Node) -> fx.Node:
-    """``repeat_interleave(t, groups, dim=-3)`` as HF's ``repeat_kv`` writes it (a view, then one copy)."""
-    rank = fake_value(t).dim()
-    x = call(gm, aten.unsqueeze.default, (t, -3), before=before)
-    sizes = [-1] * (rank + 1)
-    sizes[-3] = groups
-    x = call(gm, aten.expand.default, (x, sizes), before=before)
-    return call(gm, aten.flatten.using_ints, (x, -4, -3), before=before)
 
 
 # -- small predicates -----------------------------------------------------------------------------
@@ -558,7 +481,7 @@ def _reaches_product(node: Any, depth: int = 8) -> bool:
 def _only_user(node: fx.Node, what: str) -> fx.Node:
     users = [u for u in node.users if u.target != ASSERT_META]
     if len(users) != 1:
-        raise _Mismatch(f"{what} ({node.name}) used by {len(users)} nodes ({', '.join(u.name for u in users)})")
+        raise Mismatch(f"{what} ({node.name}) used by {len(users)} nodes ({', '.join(u.name for u in users)})")
     return users[0]
 
 
@@ -583,37 +506,6 @@ def _swaps_last_two(node: fx.Node) -> bool:
         perm = [d % rank for d in node.args[1]]
         return perm == list(range(rank - 2)) + [rank - 1, rank - 2]
     return False
-
-
-def _constant(x: Any) -> Any:
-    """The Python number a 0-d constant node holds (``full([], c)``, ``scalar_tensor(c)``, a lifted
-    0-d tensor constant), GPT-2's ``where(causal, s, mask_value)`` spelling; else ``x`` itself."""
-    if not isinstance(x, fx.Node):
-        return x
-    if x.op == "call_function" and x.target == aten.full.default and list(x.args[0]) == []:
-        return x.args[1]
-    if x.op == "call_function" and x.target == aten.scalar_tensor.default:
-        return x.args[0]
-    if x.op == "call_function" and x.target in (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout,
-                                                aten.lift_fresh_copy.default, aten.detach_.default,
-                                                aten.detach.default):
-        return _constant(x.args[0])
-    if x.op == "get_attr" and x.graph.owning_module is not None:
-        from bitfx.passes.graph import getattr_path
-
-        t = getattr_path(x.graph.owning_module, x.target)
-        if isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point():
-            return t.item()
-    return x
-
-
-def _chain_of_constant(x: Any) -> list[fx.Node]:
-    """The call nodes that build a 0-d fill constant (erased with the match when left unused)."""
-    out = []
-    while isinstance(x, fx.Node) and x.op == "call_function":
-        out.append(x)
-        x = x.args[0] if x.args and isinstance(x.args[0], fx.Node) else None
-    return out
 
 
 def _is_number(x: Any) -> bool:
