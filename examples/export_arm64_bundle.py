@@ -63,10 +63,11 @@ def main(out_dir: Path) -> None:
     for target in ("linux-arm64", "android-arm64"):
         path = cross.export_library(cross.build_relax(mod, target), out_dir / target / "model.so",
                                     target)
-        (y,) = emulate.run_emulated(path, [x.numpy()], target)
+        (y,) = emulate.run_emulated(path, [x.numpy()], target, cpu="cortex-a53")  # an ARMv8.0 core
         err = np.abs(y - model(x).detach().numpy()).max()
-        print(f"{target}: {path} under qemu, max |device - torch| = {err:.2e}")
-        print(f"  bundle: {write_bundle(path, target)}")
+        print(f"{target}: {path} under qemu -cpu cortex-a53, max |device - torch| = {err:.2e}")
+        bundle = write_bundle(path, target, inputs=[x])  # its README.md: what to copy, how to run
+        print(f"  bundle: {bundle}")
 
 
 if __name__ == "__main__":
