@@ -95,9 +95,16 @@ def pack_k_major(bits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(words.T)
 
 
-def _add_prim(bb, func, name: str):
-    """Add a PrimFunc under ``name`` (generators name their functions "main", "gemm_xnor"...)."""
-    return bb.add_func(func.with_attr("global_symbol", name), name)
+def add_kernel(bb, func, name: str):
+    """Add a PrimFunc under ``name`` (generators name their functions "main", "gemm_xnor"...), marked
+    opaque (``op_pattern`` 8, ``kOpaque``): the float-op fusion before the build leaves kernels whole.
+    A generator's loop nest without a root block gets one: Relax's passes (``RewriteDataflowReshape``)
+    expect every ``call_tir`` callee to start with one."""
+    from tvm import s_tir
+
+    if not isinstance(func.body, s_tir.SBlockRealize):
+        func = func.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", func.body)))
+    return bb.add_func(func.with_attrs({"global_symbol": name, "op_pattern": 8}), name)
 
 
 def _with_shape(bb, x, fx_arg):
@@ -172,7 +179,7 @@ def convert_bit_linear(node: fx.Node, importer, ctx: ConvertContext):
         mv = [relax.const(move.reshape(-1).expand(K).contiguous().numpy().astype(np.float32))] if move is not None else []
         mean = alpha is None
         f = ctx.kernel("pack_rows", mode="sign", K=K, move=move is not None, mean=mean)
-        gv = _add_prim(bb, f, f"bitfx_pack_sign_{tag}")
+        gv = add_kernel(bb, f, f"bitfx_pack_sign_{tag}")
         packed_si = relax.TensorType([M, KW], "uint64")
         if mean:
             res = bb.emit(relax.call_tir(gv, [x2, *mv], [packed_si, relax.TensorType([M], "float32")]))
@@ -184,7 +191,7 @@ def convert_bit_linear(node: fx.Node, importer, ctx: ConvertContext):
         mode, planes = ("xnor_ternary" if ternary else "xnor"), 1
     else:
         f = ctx.kernel("absmax_planes", K=K, bits=act_bits)
-        gv = _add_prim(bb, f, f"bitfx_absmax_{tag}")
+        gv = add_kernel(bb, f, f"bitfx_absmax_{tag}")
         res = bb.emit(relax.call_tir(gv, [x2], [relax.TensorType([M, act_bits, KW], "uint64"),
                                                 relax.TensorType([M], "float32")]))
         a, row_scale = bb.emit(relax.TupleGetItem(res, 0)), bb.emit(relax.TupleGetItem(res, 1))
@@ -197,7 +204,7 @@ def convert_bit_linear(node: fx.Node, importer, ctx: ConvertContext):
     if bias is not None:
         args.append(relax.const(bias.reshape(-1).numpy().astype(np.float32)))
     g = ctx.kernel("gemm", mode=mode, K=K, N=N, planes=planes, epilogue="float", bias=bias is not None)
-    ggv = _add_prim(bb, g, f"bitfx_gemm_{mode}_{tag}{'_bias' if bias is not None else ''}")
+    ggv = add_kernel(bb, g, f"bitfx_gemm_{mode}_{tag}{'_bias' if bias is not None else ''}")
     y = bb.emit(relax.call_tir(ggv, args, relax.TensorType([M, N], "float32")))
     if len(shape) != 2:
         y = bb.emit(relax.op.reshape(y, [*lead, N]))
@@ -224,12 +231,12 @@ def convert_sign_scores(node: fx.Node, importer, ctx: ConvertContext):
     DW = (D + WORD - 1) // WORD
     q2, G, Lq, lead = _batched(bb, q)
     k2, _, Lk, _ = _batched(bb, k)
-    pack = _add_prim(bb, ctx.kernel("pack_rows", mode="sign", K=D), f"bitfx_pack_sign_k{D}")
+    pack = add_kernel(bb, ctx.kernel("pack_rows", mode="sign", K=D), f"bitfx_pack_sign_k{D}")
     qp = bb.emit(relax.call_tir(pack, [q2], relax.TensorType([G * Lq, DW], "uint64")))
     kp = bb.emit(relax.call_tir(pack, [k2], relax.TensorType([G * Lk, DW], "uint64")))
     qp = bb.emit(relax.op.reshape(qp, [G, Lq, DW]))
     kp = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(kp, [G, Lk, DW])), [0, 2, 1]))
-    gemm = _add_prim(bb, ctx.kernel("gemm", mode="xnor", K=D, N=None, batched=True), f"bitfx_sign_scores_k{D}")
+    gemm = add_kernel(bb, ctx.kernel("gemm", mode="xnor", K=D, N=None, batched=True), f"bitfx_sign_scores_k{D}")
     s = bb.emit(relax.call_tir(gemm, [qp, kp], relax.TensorType([G, Lq, Lk], "int32")))
     s = bb.emit(relax.op.astype(s, "float32"))
     return bb.emit(relax.op.reshape(s, [*lead, Lq, Lk]))
@@ -247,13 +254,13 @@ def convert_binary_pv(node: fx.Node, importer, ctx: ConvertContext):
     Lk = p.ty.shape[-1]
     v2, _, _, _ = _batched(bb, v)
     KW = (Lk + WORD - 1) // WORD
-    pack_p = _add_prim(bb, ctx.kernel("pack_rows", mode="nonzero", K=None), "bitfx_pack_nonzero")
+    pack_p = add_kernel(bb, ctx.kernel("pack_rows", mode="nonzero", K=None), "bitfx_pack_nonzero")
     pp = bb.emit(relax.call_tir(pack_p, [p2], relax.TensorType([G * Lq, KW], "uint64")))
     pp = bb.emit(relax.op.reshape(pp, [G, Lq, KW]))
     v3 = bb.emit(relax.op.reshape(v2, [G, Lk, Dv]))
-    pack_v = _add_prim(bb, ctx.kernel("pack_cols", K=None, N=Dv), f"bitfx_pack_cols_n{Dv}")
+    pack_v = add_kernel(bb, ctx.kernel("pack_cols", K=None, N=Dv), f"bitfx_pack_cols_n{Dv}")
     vp = bb.emit(relax.call_tir(pack_v, [v3], relax.TensorType([G, KW, Dv], "uint64")))
-    gemm = _add_prim(bb, ctx.kernel("gemm", mode="and", K=None, N=Dv, signed=False, batched=True),
+    gemm = add_kernel(bb, ctx.kernel("gemm", mode="and", K=None, N=Dv, signed=False, batched=True),
                      f"bitfx_binary_pv_n{Dv}")
     o = bb.emit(relax.call_tir(gemm, [pp, vp], relax.TensorType([G, Lq, Dv], "int32")))
     o = bb.emit(relax.op.astype(o, "float32"))

@@ -361,12 +361,12 @@ register_target(DeviceTarget(
 register_target(DeviceTarget(
     "linux-arm64-dotprod", "aarch64-linux-gnu",
     {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
-    "gnu", _elf.EM_AARCH64, "AArch64 Linux (glibc), ARMv8.2-A (NEON, dotprod)", kernels="arm64"))
+    "gnu", _elf.EM_AARCH64, "AArch64 Linux (glibc), ARMv8.2-A (NEON, dotprod)", kernels="arm64-dotprod"))
 register_target(DeviceTarget(
     "android-arm64-dotprod", "aarch64-linux-android",
     # dotprod: ARMv8.2-A, every arm64 phone core since Cortex-A55/A75 (SIGILL on Cortex-A53/A72).
     {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon", "+dotprod"]},
-    "android", _elf.EM_AARCH64, "Android API 24+, ARMv8.2-A (NEON, dotprod)", kernels="arm64"))
+    "android", _elf.EM_AARCH64, "Android API 24+, ARMv8.2-A (NEON, dotprod)", kernels="arm64-dotprod"))
 # CUDA machines: the bitfx ops run the "cuda" kernel set (b1 tensor cores); the float ops get TVM's GPU
 # default schedules (dlight). The library carries the kernels as CUDA C++ that TVM's CUDA runtime compiles on
 # the device when the library is loaded (tvm_callback_cuda_compile: NVRTC, or nvcc with

@@ -37,6 +37,7 @@ _MODULES: dict[str, str] = {
     "reference": "bitfx.codegen.compute",
     "host": "bitfx.targets.host",
     "arm64": "bitfx.targets.arm",
+    "arm64-dotprod": "bitfx.targets.arm",
     "cuda": "bitfx.targets.cuda",
 }
 _REGISTRY: dict[str, dict[str, Callable]] = {}

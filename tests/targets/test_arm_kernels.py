@@ -95,9 +95,9 @@ def _case_arrays(case, seed):
     return inputs, acc
 
 
-def _kernel(case):
+def _kernel(case, kernel_set: str = "arm64"):
     mode, _, k, n, planes, signed, batched, epilogue, bias = case
-    return registry.implementation("arm64", "gemm")(mode=mode, K=k, N=n, planes=planes, signed=signed,
+    return registry.implementation(kernel_set, "gemm")(mode=mode, K=k, N=n, planes=planes, signed=signed,
                                                     batched=batched, epilogue=epilogue, bias=bias)
 
 
@@ -124,7 +124,7 @@ def test_gemm_exact_on_host(case):
     _check(out.numpy(), want, case)
 
 
-def _library(cases, seed):
+def _library(cases, seed, kernel_set: str = "arm64"):
     """One Relax function: every case's kernel as call_tir on its own inputs; the outputs as a tuple."""
     bb = relax.BlockBuilder()
     arrays = [_case_arrays(c, seed + i) for i, c in enumerate(cases)]
@@ -133,7 +133,7 @@ def _library(cases, seed):
     with bb.function("main", params):
         outs, pos = [], 0
         for i, (case, (ins, want)) in enumerate(zip(cases, arrays)):
-            gv = bb.add_func(_kernel(case).with_attr("global_symbol", f"gemm_{i}"), f"gemm_{i}")
+            gv = bb.add_func(_kernel(case, kernel_set).with_attr("global_symbol", f"gemm_{i}"), f"gemm_{i}")
             args = params[pos:pos + len(ins)]
             pos += len(ins)
             outs.append(bb.emit(relax.call_tir(gv, args, relax.TensorType(list(want.shape), str(want.dtype)))))
@@ -150,7 +150,7 @@ def arm64_library(tmp_path_factory, arm64_runtime):
 
 @needs_gnu
 @needs_qemu
-@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("threads", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_every_gemm_mode_exact_under_qemu(arm64_library, threads):
     path, inputs, wants = arm64_library
     outs = emulate.run_emulated(path, inputs, "linux-arm64", env={"TVM_NUM_THREADS": str(threads)},
@@ -170,3 +170,92 @@ def test_parallel_and_no_dot_product_in_an_armv8_0_library(arm64_library):
                          capture_output=True, text=True, check=True).stdout
     assert re.search(r"\bcnt\s+v\d+\.16b", asm)
     assert not re.search(r"\b(udot|sdot|usdot|ummla|smmla|usmmla)\b", asm)
+
+
+# --- packing: pack_rows (sign with move and mean, nonzero with a symbolic K), pack_cols, absmax_planes ---
+def _bits_to_words(bits: np.ndarray) -> np.ndarray:
+    """bool [..., K] -> uint64 [..., ceil(K/64)], bit j of word w = element 64w + j."""
+    k = bits.shape[-1]
+    padded = np.zeros((*bits.shape[:-1], -(-k // WORD) * WORD), bool)
+    padded[..., :k] = bits
+    return np.packbits(padded, axis=-1, bitorder="little").view(np.uint64)
+
+
+def _pack_cases(rng):
+    """[(kernel op, params, inputs, expected outputs)] with the outputs from DESIGN §2's definitions."""
+    x = rng.standard_normal((5, 777)).astype(np.float32)
+    x[0, :4] = [0.0, -0.0, np.nan, -1.0]  # sign(0) = sign(-0) = +1, NaN -> +1
+    move = rng.standard_normal(777).astype(np.float32)
+    u = x + move
+    sign_bits = _bits_to_words(~(u < 0))
+    mean = np.abs(u).mean(-1, dtype=np.float64).astype(np.float32)  # row 0: NaN, as torch gives
+    p = np.where(rng.random((7, 150)) < 0.3, rng.random((7, 150)), 0).astype(np.float32)
+    v = rng.standard_normal((2, 150, 13)).astype(np.float32)
+    cols = np.swapaxes(_bits_to_words(np.swapaxes(~(v < 0), -1, -2)), -1, -2)  # [G, KW, N]
+    xa = (rng.standard_normal((3, 200)) * 3).astype(np.float32)
+    inv = (np.float32(1) / np.maximum(np.abs(xa).max(-1), np.float32(1e-5))) * np.float32(7)
+    q = np.clip(np.rint(xa * inv[:, None]), -8, 7).astype(np.int32)
+    planes = np.stack([_bits_to_words(((q >> b) & 1).astype(bool)) for b in range(4)], axis=1)
+    return [
+        ("pack_rows", dict(mode="sign", K=777, move=True, mean=True), [x, move], [sign_bits, mean]),
+        ("pack_rows", dict(mode="nonzero", K=None), [p], [_bits_to_words(p != 0)]),
+        ("pack_cols", dict(K=None, N=13), [v], [cols]),
+        ("absmax_planes", dict(K=200, bits=4), [xa], [planes, (np.float32(1) / inv).astype(np.float32)]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def arm64_pack_library(tmp_path_factory, arm64_runtime):
+    from bitfx.relax.converters import add_kernel
+
+    cases = _pack_cases(np.random.default_rng(5))
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}_{j}", relax.TensorType(list(v.shape), str(v.dtype)))
+              for i, (_, _, ins, _) in enumerate(cases) for j, v in enumerate(ins)]
+    with bb.function("main", params):
+        outs, pos = [], 0
+        for i, (op, kw, ins, wants) in enumerate(cases):
+            gv = add_kernel(bb, registry.implementation("arm64", op)(**kw), f"{op}_{i}")
+            types = [relax.TensorType(list(w.shape), str(w.dtype)) for w in wants]
+            res = bb.emit(relax.call_tir(gv, params[pos:pos + len(ins)], types if len(types) > 1 else types[0]))
+            pos += len(ins)
+            outs += [bb.emit(relax.TupleGetItem(res, j)) for j in range(len(types))] if len(types) > 1 else [res]
+        bb.emit_func_output(relax.Tuple(outs))
+    path = tmp_path_factory.mktemp("arm_packs") / "packs.so"
+    lib = cross.export_library(cross.build_relax(bb.get(), "linux-arm64"), path, "linux-arm64")
+    return lib, [v for c in cases for v in c[2]], [w for c in cases for w in c[3]]
+
+
+@needs_gnu
+@needs_qemu
+def test_pack_kernels_exact_under_qemu(arm64_pack_library):
+    path, inputs, wants = arm64_pack_library
+    outs = emulate.run_emulated(path, inputs, "linux-arm64", env={"TVM_NUM_THREADS": "4"}, cpu="cortex-a53")
+    assert len(outs) == len(wants) == 6
+    for i, (got, want) in enumerate(zip(outs, wants)):
+        if want.dtype == np.float32:  # row scales: a float sum in another order
+            np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"output {i}")
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=f"output {i}")
+
+
+@needs_gnu
+@needs_qemu
+@needs_llvm_tools
+def test_a_dotprod_target_gets_udot_and_needs_armv8_2(tmp_path, arm64_runtime):
+    """linux-arm64-dotprod runs the arm64-dotprod set: udot in its code, exact on a v8.2 core (cortex-a76),
+    SIGILL on an ARMv8.0 one (cortex-a53) — which is why the default targets never ask for it."""
+    assert cross.get_target("linux-arm64-dotprod").kernels == "arm64-dotprod"
+    cases = [CASES[0], CASES[4]]
+    mod, inputs, wants = _library(cases, seed=3, kernel_set="arm64-dotprod")
+    path = cross.export_library(cross.build_relax(mod, "linux-arm64-dotprod"), tmp_path / "dot.so",
+                                "linux-arm64-dotprod")
+    asm = subprocess.run(["llvm-objdump", "--mattr=+dotprod,+i8mm", "-d", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\budot\s+v\d+\.4s", asm)
+    outs = emulate.run_emulated(path, inputs, "linux-arm64-dotprod", cpu="cortex-a76")
+    for got, want, case in zip(outs, wants, cases):
+        _check(got, want, case)
+    with pytest.raises(emulate.EmulationError) as err:
+        emulate.run_emulated(path, inputs, "linux-arm64-dotprod", cpu="cortex-a53")
+    assert err.value.signal == 4  # SIGILL
