@@ -182,3 +182,13 @@ def test_matmul_spelling_of_a_fake_quant_linear_is_recognised():
     assert node.meta[OWN] == "sign1/sign_tensor" and node.args[2] is not None  # the bias is the op's
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_recognised_layers_train_through_straight_through_gradients():
+    model = randomize(BitNetLM(QuantizeLinear, depth=1))
+    gm = bitfx.binarize(model, (TOKENS,), {"preset": "bipft", "kernels": "reference"})
+    gm(TOKENS).float().pow(2).mean().backward()  # (the graph is the eval graph; its ops have STE autograd)
+    (node,) = [n for n in bit_linears(gm) if "blocks.0.q" in str(n.meta.get("nn_module_stack"))]
+    weight, move, alpha = (gm.get_parameter(node.args[i].target) for i in (1, 4, 5))
+    for p in (weight, move, alpha):  # W: identity STE; move: 1[|u| <= α]; α: sign(u) - (u/α)·1[|u| <= α]
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
