@@ -2,10 +2,11 @@
 written in the spellings people use, every projection and every attention becomes binary, and the
 canonical attention keeps the model's numbers.
 
-Default run: nn.TransformerDecoderLayer with memory (cross attention, MHA's packed in_proj split)
-and the hand-written cross-attention spellings (einsum, masked_fill with finfo.min or -1e9, SDPA
-enable_gqa). ``slow``: the rest of the zoo, and every HF model with attn_implementation="eager"
-(T5's position bias + mask, Llama's repeat_kv after rotary, GPT-2/BERT additive masks).
+Default run: the hand-written cross-attention spellings (einsum, masked_fill with finfo.min or -1e9,
+SDPA enable_gqa). ``slow``: the zoo (every model: no attention left float, only config skips; the
+fast zoo subset with counts and compile == binarize is tests/test_entry_points.py), and every HF
+model with attn_implementation="eager" (T5's position bias + mask, Llama's repeat_kv after rotary,
+GPT-2/BERT additive masks).
 """
 import math
 
@@ -20,7 +21,7 @@ from bitfx.ops import ATTENTION, BIT_ATTENTION, BIT_LINEAR
 from bitfx.passes import PIPELINE
 import hf_zoo
 
-FAST = {"decoder_layer"}
+FAST: set = set()  # tests/test_entry_points.py binarizes bert, gpt2, decoder_layer in the fast run
 HF_EAGER = ["bert", "roberta", "distilbert", "vit", "gpt2", "llama", "t5", "bart"]
 FAST_EAGER: set = set()  # each is a whole HF model: slow
 
