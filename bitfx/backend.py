@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bitfx import compile_cache
 from bitfx.calibrate import calibrate
 from bitfx.config import CompileOptions
 from bitfx.passes import LOWERING, PIPELINE, PassContext, run_passes
@@ -50,7 +51,7 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     if not _has_bitfx_ops(traced):
         before = {name for name, _ in traced.named_parameters()}
         traced = run_passes(traced, ctx, PIPELINE)
-        _initialise(traced, before, example_inputs)
+        _initialise(traced, before, example_inputs, opts.config)
     log.info("bitfx: %d rewrites, %d left in float", len(ctx.report.rewrites), len(ctx.report.skips))
     traced.bitfx_report = ctx.report
 
@@ -84,7 +85,7 @@ def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
     return compile_fx_inner(graph, inputs)
 
 
-def _initialise(traced: fx.GraphModule, before: set[str], example_inputs) -> None:
+def _initialise(traced: fx.GraphModule, before: set[str], example_inputs, config) -> None:
     added = {n: p for n, p in traced.named_parameters() if n not in before}
     added.update({n: b for n, b in traced.named_buffers() if n.startswith("bitfx_")})
     if not added:
@@ -98,6 +99,18 @@ def _initialise(traced: fx.GraphModule, before: set[str], example_inputs) -> Non
         return
     # dynamo passes SymInts for dynamic sizes: calibrate on their concrete values (hints)
     concrete = tuple(x.node.hint if isinstance(x, torch.SymInt) else x for x in example_inputs)
-    calibrate(traced, [concrete])
+    # the same model, batch and config in an earlier process: reuse its calibration from disk
+    disk_key = compile_cache.content_key(
+        "calibration", [x for x in concrete if isinstance(x, torch.Tensor)],
+        extra=repr([x for x in concrete if not isinstance(x, torch.Tensor)]) + repr(config)
+        + repr(sorted((n, tuple(p.shape)) for n, p in added.items())))
+    stored = compile_cache.load(disk_key)
+    if stored is not None and set(stored) == set(added):
+        with torch.no_grad():
+            for name, p in added.items():
+                p.copy_(stored[name])
+    else:
+        calibrate(traced, [concrete])
+        compile_cache.store(disk_key, {n: p.detach() for n, p in added.items()})
     if key is not None:
         _CALIBRATED[key] = {n: p.detach().clone() for n, p in added.items()}

@@ -41,7 +41,7 @@ def linear_plan(weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[T
                 alpha: Optional[Tensor], weight_mode: str, act_mode: str, act_bits: int, cache: bool = True):
     """The ``runtime.LinearPlan`` of this layer: the weight binarized and packed once per version."""
     if not cache:
-        return _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits)
+        return _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, False)
     base = weight if weight._base is None else weight._base
     views = _PLANS.get(base)
     if views is None:
@@ -50,18 +50,42 @@ def linear_plan(weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[T
     key = (_key(weight, bias, weight_scale, move, alpha), weight_mode, act_mode, act_bits)
     hit = views.get(geometry)
     if hit is None or hit[0] != key:
+        # the disk cache is asked for this weight's first packing in this process only
         hit = views[geometry] = (key, _new_plan(weight, bias, weight_scale, move, alpha, weight_mode,
-                                                act_mode, act_bits))
+                                                act_mode, act_bits, use_disk=hit is None))
     return hit[1]
 
 
-def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits):
+def _packed_weight(weight: Tensor, weight_mode: str, use_disk: bool):
+    """``(PackedWeight, col_scale)`` of ``weight``: binarized and packed, or read from the disk cache.
+
+    The disk is asked only for a parameter's first packing in this process (a warm start); repacks
+    after in-place updates (training) stay in memory, so an optimizer step never writes a file.
+    """
+    from bitfx import compile_cache
+    from bitfx.codegen import runtime
+
+    ternary = methods.weight_method(weight_mode).ternary
+    key = compile_cache.content_key("packed", [weight], extra=weight_mode) if use_disk else None
+    hit = compile_cache.load(key) if use_disk else None
+    if hit is not None and set(hit) >= {"planes", "col_scale"}:
+        packed = runtime.PackedWeight(hit["planes"], weight.shape[0], weight.shape[1], ternary, hit.get("nnz"))
+        return packed, hit["col_scale"]
+    codes, col_scale, _ = quantize_weight(weight.detach().float(), None, weight_mode)
+    packed = runtime.pack_weight(codes.to(torch.int8), ternary=ternary)
+    col_scale = col_scale.float()
+    if use_disk:
+        compile_cache.store(key, {"planes": packed.planes, "col_scale": col_scale,
+                                  **({"nnz": packed.nnz} if packed.nnz is not None else {})})
+    return packed, col_scale
+
+
+def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, use_disk):
     from bitfx.codegen import runtime
 
     with torch.no_grad():
-        codes, col_scale, _ = quantize_weight(weight.detach().float(), None, weight_mode)
-        packed = runtime.pack_weight(codes.to(torch.int8), ternary=methods.weight_method(weight_mode).ternary)
-        col = col_scale.float() if weight_scale is None else weight_scale.detach().float().reshape(-1)
+        packed, col_scale = _packed_weight(weight, weight_mode, use_disk)
+        col = col_scale if weight_scale is None else weight_scale.detach().float().reshape(-1)
         plan = runtime.LinearPlan(packed, act=act_mode, bits=act_bits,
                                   move=None if move is None else move.detach(),
                                   alpha=None if alpha is None else alpha.detach(),

@@ -1,0 +1,99 @@
+"""Work a warm start never does twice: calibrated values and packed weights, on disk, keyed by content.
+
+    key = content_key("calibration", tensors, extra=repr(config))
+    values = load(key)                      # dict of tensors, or None (absent or damaged)
+    if values is None:
+        values = compute(); store(key, values)
+
+Kernels have their own cache (`bitfx.codegen.build`); dynamo, AOTAutograd and inductor keep theirs
+(inductor's FX graph cache is on by default). This one holds what bitfx computes from a model's
+parameters at compile time: the first-batch calibration of added parameters (scales, `move`, α, β,
+BiPFT estimators) and the binarized, packed weights of every `bit_linear`. Keys hash the bytes, dtype
+and shape of every tensor the result depends on, the bitfx version and the caller's `extra` text, so
+an edited parameter, another batch or another config never meets a stale entry. Files are written
+atomically in NumPy's `.npz` format and read with `allow_pickle=False` (no code is executed); a damaged
+file is ignored and rewritten. `$BITFX_COMPILE_CACHE=0` turns the cache off. `STATS` counts hits, misses and
+stores for tests and logs. Directory: `$BITFX_COMPILE_CACHE_DIR`, else `compile/` under the kernel cache.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+STATS: collections.Counter = collections.Counter()
+FORMAT = 1
+
+
+def enabled() -> bool:
+    return os.environ.get("BITFX_COMPILE_CACHE", "1") != "0"
+
+
+def _root() -> Path:
+    """`$BITFX_COMPILE_CACHE_DIR`, else `compile/` in the kernel cache directory."""
+    if os.environ.get("BITFX_COMPILE_CACHE_DIR"):
+        return Path(os.environ["BITFX_COMPILE_CACHE_DIR"])
+    from bitfx.codegen.build import cache_dir
+
+    return cache_dir() / "compile"
+
+
+def content_key(kind: str, tensors: Iterable[torch.Tensor], extra: str = "") -> str:
+    """A digest of `kind`, `extra`, the bitfx version and every tensor's dtype, shape and bytes."""
+    from bitfx import __version__
+
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{kind}|{extra}|{__version__}|{FORMAT}".encode())
+    for t in tensors:
+        t = t.detach()
+        h.update(f"|{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return f"{kind}-{h.hexdigest()}"
+
+
+def load(key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors stored under `key`, or None when absent, damaged or the cache is off."""
+    if not enabled():
+        return None
+    path = _root() / f"{key}.npz"
+    if not path.exists():
+        STATS["miss"] += 1
+        return None
+    try:
+        # NumPy's format, not torch.load: no code runs on load (allow_pickle=False), and torch.load
+        # returns data-less meta tensors inside a compile (dynamo's fake mode is detected)
+        with np.load(path, allow_pickle=False) as data:
+            values = {k: torch.from_numpy(data[k].copy()) for k in data.files}
+    except Exception as err:  # noqa: BLE001 - any damage means "compute again"
+        log.warning("bitfx compile cache entry %s is damaged (%s); computing it again", path.name, err)
+        STATS["damaged"] += 1
+        return None
+    STATS["hit"] += 1
+    return values
+
+
+def store(key: str, values: dict[str, torch.Tensor]) -> None:
+    """Write `values` under `key` atomically; a read-only or full disk only logs."""
+    if not enabled():
+        return
+    root = _root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in values.items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".npz", dir=root)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, root / f"{key}.npz")
+        STATS["store"] += 1
+    except (OSError, TypeError, RuntimeError) as err:  # disk, or a dtype NumPy has no type for
+        log.warning("bitfx could not write compile cache entry %s (%s)", key, err)

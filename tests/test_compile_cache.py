@@ -1,0 +1,71 @@
+"""A warm start in a second process reuses the calibration and the packed weights from disk (counted,
+never timed); a changed parameter misses; damaged entries are recomputed."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from bitfx import compile_cache
+
+SCRIPT = r"""
+import json, torch, bitfx
+import bitfx.backend
+from bitfx import compile_cache
+calls = []
+calibrate = bitfx.backend.calibrate
+bitfx.backend.calibrate = lambda *a, **k: (calls.append(1), calibrate(*a, **k))[1]
+torch.manual_seed(0)
+layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+if {scale}:
+    with torch.no_grad():
+        layer.linear1.weight.mul_(2.0)
+x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    y = torch.compile(layer, backend="bitfx")(x)
+print(json.dumps({{"stats": dict(compile_cache.STATS), "calibrations": len(calls), "y": y.sum().item()}}))
+"""
+
+
+def _run(tmp_path, scale=False):
+    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path)}  # kernels and inductor: their usual caches
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(scale=scale)], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_warm_start_skips_calibration_and_packing(tmp_path):
+    cold = _run(tmp_path)
+    warm = _run(tmp_path)
+    # cold: 4 linears packed + 1 calibration computed and stored; warm: all read back, none computed
+    assert cold["calibrations"] == 1 and cold["stats"].get("store") == 5 and "hit" not in cold["stats"]
+    assert warm["calibrations"] == 0 and warm["stats"].get("hit") == 5 and "store" not in warm["stats"]
+    assert warm["y"] == cold["y"]
+    changed = _run(tmp_path, scale=True)  # one weight edited: its packing and the calibration miss
+    assert changed["calibrations"] == 1 and changed["stats"].get("hit") == 3
+    assert changed["stats"].get("store") == 2
+
+
+def test_content_key_follows_bytes_dtype_and_shape():
+    a = torch.arange(6.0)
+    k = compile_cache.content_key("t", [a])
+    assert k == compile_cache.content_key("t", [a.clone()])
+    assert k != compile_cache.content_key("t", [a.reshape(2, 3)])
+    assert k != compile_cache.content_key("t", [a.double()])
+    b = a.clone()
+    b[3] += 1e-6
+    assert k != compile_cache.content_key("t", [b])
+    assert k != compile_cache.content_key("t", [a], extra="bivit")
+
+
+def test_damaged_entry_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
+    compile_cache.store("x-1", {"v": torch.ones(3)})
+    assert torch.equal(compile_cache.load("x-1")["v"], torch.ones(3))
+    (tmp_path / "x-1.npz").write_bytes(b"garbage")
+    assert compile_cache.load("x-1") is None
+    monkeypatch.setenv("BITFX_COMPILE_CACHE", "0")
+    compile_cache.store("x-2", {"v": torch.ones(3)})
+    assert not (tmp_path / "x-2.npz").exists()
