@@ -9,6 +9,8 @@ For each M x N x K, builds three one-kernel Relax libraries for ``linux-arm64`` 
 ``qemu-aarch64`` with ``benchmarks/arm_profile.py``'s TCG plugin, calling ``main`` once and twice:
 the difference is one call. Checks the three outputs are equal, prints instructions per 128 bit-MACs
 and the ratio to the hand-tiled kernel (target: <= 1.15x). One thread, xnor mode, int output.
+Also counts ``arm.fp32_gemm_neon`` (4 x 16 ``fmla`` tile) at the same shape and prints how many times
+fewer instructions per multiply-accumulate the exported binary GEMM takes (target: >= 10x).
 """
 
 from __future__ import annotations
@@ -89,12 +91,19 @@ def main() -> None:
             for name, (func, types, inputs) in cases.items():
                 lib = _library(func, types, ((M, N), "int32"), Path(tmp) / f"{name}.so")
                 counts[name], outs[name] = one_call(plugin, lib, inputs, args.cpu, Path(tmp))
+            fa = rng.standard_normal((M, K), dtype=np.float32)
+            fw = rng.standard_normal((K, N), dtype=np.float32)
+            lib = _library(arm.fp32_gemm_neon(M, N, K), [((M, K), "float32"), ((K, N), "float32")],
+                           ((M, N), "float32"), Path(tmp) / "fp32.so")
+            fp32, _ = one_call(plugin, lib, [fa, fw], args.cpu, Path(tmp))
         for name in cases:
             if not np.array_equal(outs[name], outs["hand-tiled"]):
                 sys.exit(f"{shape}: {name} differs from the hand-tiled kernel")
             per = counts[name] / (M * N * K / 128)
             print(f"{shape:>16} {name:>12} {counts[name]:>14,d} {per:>17.2f} "
                   f"{counts[name] / counts['hand-tiled']:>7.2f}x", flush=True)
+        print(f"{shape:>16} {'fp32 fmla':>12} {fp32:>14,d} {fp32 / (M * N * K) * 128:>17.2f}   "
+              f"binary arm64 takes {fp32 / counts['arm64']:.1f}x fewer instructions per MAC", flush=True)
 
 
 if __name__ == "__main__":
