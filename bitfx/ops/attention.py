@@ -94,6 +94,7 @@ def _score_residual(est_q: Optional[Tensor], est_k: Optional[Tensor]) -> Optiona
     if est_q is None or est_k is None:
         return None
     r = est_q.shape[-1] // 2
+    est_q, est_k = est_q.float(), est_k.float()  # the scores are float32, whatever the model's dtype
     rq, uq = est_q[..., :r], est_q[..., r:]
     rk, uk = est_k[..., :r], est_k[..., r:]
     # u_q r_kᵀ + r_q u_kᵀ + r_q r_kᵀ = (u_q + r_q) r_kᵀ + r_q u_kᵀ
@@ -154,7 +155,7 @@ def bit_attention_formula(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_p
     out = out * v_scale
     if est_v is not None:
         pb = p_codes if p_scale is None else p_codes * p_scale
-        out = out + pb @ est_v
+        out = out + pb @ est_v.float()  # in float32, as every other term (fp16 models)
     return out.to(dtype)
 
 

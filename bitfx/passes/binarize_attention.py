@@ -103,10 +103,12 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     est_q = est_k = est_v = None
     if cfg.estimators:
         r = cfg.estimator_rank
+        # the estimators are linears of q/k/v: their weights take the activations' dtype (fp16 models)
+        dt = qv.dtype if isinstance(qv, torch.Tensor) and qv.dtype.is_floating_point else torch.float32
         weights = [
-            param("est_q", torch.zeros(2 * r, head_dim(q, q))),
-            param("est_k", torch.zeros(2 * r, head_dim(k, q))),
-            param("est_v", torch.zeros(1, head_dim(v, q))),
+            param("est_q", torch.zeros(2 * r, head_dim(q, q), dtype=dt)),
+            param("est_k", torch.zeros(2 * r, head_dim(k, q), dtype=dt)),
+            param("est_v", torch.zeros(1, head_dim(v, q), dtype=dt)),
         ]
         est_q, est_k, est_v = (
             call(gm, aten.linear.default, (src, w), before=node, like=node)

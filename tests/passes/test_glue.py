@@ -55,3 +55,16 @@ def test_kernel_op_matches_bit_linear_reference():
     args = (x, w, b, None, move, None, "sign_tensor", "sign", 1)
     ref = torch.ops.bitfx.bit_linear(*args)
     torch.testing.assert_close(kernel_ops.BIT_LINEAR_KERNEL(*args, True), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "tvm"])
+def test_half_model_with_bipft_estimators(kernels):
+    """A .half() model: the estimators follow the activations' dtype; the result tracks float32."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        ref32 = _compiled(layer, kernels="reference")(x)
+        out = _compiled(layer.half(), kernels=kernels)(x.half())
+    assert out.dtype == torch.float16
+    assert (out.float() - ref32).abs().max() <= 2e-2 * ref32.abs().max()
