@@ -73,7 +73,7 @@ def _import(gm, inputs: tuple, dynamic_shapes, kernels: str):
     from bitfx.relax.converters import ConvertContext, convert_map
 
     ep = torch.export.export(gm, inputs, dynamic_shapes=dynamic_shapes)
-    ep = _decompose(ep)
+    ep = _exact_symbolic_slices(_decompose(ep))
     _check_supported(ep, gm)
     ctx = ConvertContext(values=_constant_values(ep), kernels=kernels)
     try:
@@ -151,6 +151,37 @@ def _decompose(ep, integer_kernels: bool = True):
     if not any(n.target in table for n in ep.graph.nodes):
         return ep
     return ep.run_decompositions(table)
+
+
+def _exact_symbolic_slices(ep):
+    """``x[:, :s]`` of a static dim by a symbolic ``s`` -> ``index_select(x, dim, arange(s))``.
+
+    torch has proved ``s <= size`` (e.g. BERT's ``position_ids[:, :seq_len]`` of a 512-long buffer);
+    Relax infers ``min(s, size)`` for the slice, cannot prove it equal to ``s`` at the next broadcast
+    (the embeddings' add) and drops the shape, and a later reshape with -1 fails: the reason real
+    MiniLM exported only at the example shapes. The gather has the same values and length ``s``."""
+    aten, g = torch.ops.aten, ep.graph
+    changed = False
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target != aten.slice.Tensor:
+            continue
+        x, dim, start, end, step = (*node.args, *(None, 0, None, None, 1)[len(node.args):])
+        val, xval = node.meta.get("val"), getattr(x, "meta", {}).get("val")
+        if (not isinstance(end, fx.Node) or start not in (0, None) or step not in (1, None)
+                or val is None or xval is None or not isinstance(xval.shape[dim], int)):
+            continue
+        with g.inserting_before(node):
+            idx = g.call_function(aten.arange.start_step, (0, end, 1), {"dtype": torch.int64, "device": xval.device})
+            sel = g.call_function(aten.index_select.default, (x, dim, idx))
+        with xval.fake_mode:
+            idx.meta["val"] = torch.arange(0, val.shape[dim], dtype=torch.int64, device=xval.device)
+        sel.meta = dict(node.meta)
+        node.replace_all_uses_with(sel)
+        g.erase_node(node)
+        changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return ep
 
 
 def _constant_values(ep) -> dict[str, torch.Tensor]:
