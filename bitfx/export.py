@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from bitfx.deploy.verify import VerifyError
 from bitfx.relax.importer import ExportError, fused, to_relax
@@ -66,7 +67,8 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
 
     gm = _binarized(model_or_binarized_gm, example_inputs, config, example_kwargs)
     call = example_call(gm, example_inputs, example_kwargs)  # the graph's inputs, as flat leaves
-    structured, (inputs, gm) = gm, (call.flat, flat_module(gm))  # structured: output names for verify
+    flat = _fold_parameter_expressions(flat_module(gm))
+    structured, (inputs, gm) = gm, (call.flat, flat)  # structured: output names for verify
     mod = to_relax(gm, inputs, target=dt)
     try:
         exe = cross.build_relax(fused(mod), dt)
@@ -122,6 +124,45 @@ def _as_tuple(x) -> tuple:
 def _has_bitfx(gm) -> bool:
     return isinstance(gm, fx.GraphModule) and any(
         n.op == "call_function" and str(n.target).startswith("bitfx.") for n in gm.graph.nodes)
+
+
+def _fold_parameter_expressions(gm: fx.GraphModule) -> fx.GraphModule:
+    """Arguments of ``bit_linear`` computed from parameters alone (GPT-2's ``Conv1D`` weight ``t(P)``,
+    the ``w_q`` / ``w_kv`` slices of ``nn.MultiheadAttention``'s packed ``in_proj_weight`` in cross
+    attention) evaluated once into constants of ``gm``: the export freezes weights."""
+    from bitfx.ops import BIT_LINEAR
+    from bitfx.passes.graph import getattr_path
+
+    memo: dict[fx.Node, Any] = {}
+
+    def value(n):
+        if not isinstance(n, fx.Node):
+            return n
+        if n not in memo:
+            memo[n] = _NOT_CONSTANT
+            if n.op == "get_attr":
+                memo[n] = getattr_path(gm, n.target)
+            elif n.op == "call_function" and n.target is not BIT_LINEAR:
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), value)
+                if not any(a is _NOT_CONSTANT for a in pytree.tree_leaves((args, kwargs))):
+                    memo[n] = n.target(*args, **kwargs)
+        return memo[n]
+
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is BIT_LINEAR]:
+        for arg in [a for a in node.args[1:6] if isinstance(a, fx.Node) and a.op != "get_attr"]:
+            with torch.no_grad():
+                v = value(arg)
+            if isinstance(v, torch.Tensor):
+                name = f"bitfx_folded_{arg.name}"
+                gm.register_buffer(name, v.detach().clone())
+                with gm.graph.inserting_before(node):
+                    node.replace_input_with(arg, gm.graph.get_attr(name))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+_NOT_CONSTANT = object()  # a value that depends on the graph's inputs
 
 
 def _binarized(model, inputs, config, example_kwargs=None):
