@@ -63,8 +63,12 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
             return compile_glue(lowered, inputs)
         return make_boxed_func(lowered)
 
+    def bw_compiler(bw: fx.GraphModule, inputs):
+        # the backward holds the straight-through formulas (ATen ops), no kernels: it runs as it is
+        return make_boxed_func(bw)
+
     # (dynamo may abort this attempt, e.g. TensorifyScalarRestartAnalysis, and call again)
-    compiled = aot_module_simplified(traced, example_inputs, fw_compiler=fw_compiler)
+    compiled = aot_module_simplified(traced, example_inputs, fw_compiler=fw_compiler, bw_compiler=bw_compiler)
     REPORTS.append(ctx.report)
     del REPORTS[:-64]
     return compiled
@@ -81,8 +85,13 @@ def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    graph = make_fx(lowered, decomposition_table=select_decomp_table())(*inputs)
-    return compile_fx_inner(graph, inputs)
+    try:
+        graph = make_fx(lowered, decomposition_table=select_decomp_table())(*inputs)
+        return compile_fx_inner(graph, inputs)
+    except Exception as err:  # noqa: BLE001 - the kernels still run; only the glue stays eager
+        log.warning("bitfx: inductor could not compile the float parts (%s: %s); they run as PyTorch ops",
+                    type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+        return make_boxed_func(lowered)
 
 
 def _initialise(traced: fx.GraphModule, before: set[str], example_inputs, config) -> None:
