@@ -46,8 +46,8 @@ def test_own_binarizer_becomes_bit_linear_with_the_models_numbers(layer):
     assert report.count("linear", "bit_linear") == 6 and report.count("attention", "bit_attention") == 0
     kept = {s.module: s.reason for s in report.skips}
     assert kept["output"] == "config" and set(kept.values()) == {"config"}, report.summary()
-    with torch.no_grad():
-        assert rel_err(gm(TOKENS), model(TOKENS)) < 1e-5
+    with torch.no_grad():  # absmax: code flips across layers possible (see the kernels test); per layer 1e-5
+        assert rel_err(gm(TOKENS), model(TOKENS)) < (1e-5 if act_mode == "sign" else 2e-2)
 
 
 def test_calibrate_leaves_the_models_alpha_and_move():
