@@ -38,16 +38,24 @@ def _key(*tensors) -> tuple:
 
 
 def linear_plan(weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[Tensor], move: Optional[Tensor],
-                alpha: Optional[Tensor], weight_mode: str, act_mode: str, act_bits: int, cache: bool = True):
-    """The ``runtime.LinearPlan`` of this layer: the weight binarized and packed once per version."""
+                alpha: Optional[Tensor], weight_mode: str, act_mode: str, act_bits: int, cache: bool = True,
+                view: Optional[tuple] = None):
+    """The ``runtime.LinearPlan`` of this layer: the weight binarized and packed once per version.
+
+    ``view`` (size, stride, offset): the layer's weight is that view of ``weight`` (a parameter).
+    """
+    param = weight
+    if view is not None:
+        weight = param.as_strided(view[0], view[1], view[2])
     if not cache:
         return _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, False)
-    base = weight if weight._base is None else weight._base
+    base = param if param._base is None else param._base
     views = _PLANS.get(base)
     if views is None:
         views = _PLANS[base] = {}
     geometry = (weight.storage_offset(), tuple(weight.shape), weight.stride())
-    key = (_key(weight, bias, weight_scale, move, alpha), weight_mode, act_mode, act_bits)
+    # the version of the parameter (a view made here shares it; an alias inductor makes does not)
+    key = (_key(param, bias, weight_scale, move, alpha), weight_mode, act_mode, act_bits)
     hit = views.get(geometry)
     if hit is None or hit[0] != key:
         # the disk cache is asked for this weight's first packing in this process only
@@ -97,16 +105,24 @@ def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, ac
 # (~6 µs), where ``torch.library.custom_op``'s wrappers cost ~30 µs, the whole budget of an M=1 layer.
 _LIB = torch.library.Library("bitfx_kernels", "DEF")
 _LIB.define("bit_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_scale, Tensor? move, "
-            "Tensor? alpha, str weight_mode, str act_mode, int act_bits, bool cache=True) -> Tensor")
+            "Tensor? alpha, str weight_mode, str act_mode, int act_bits, bool cache=True, "
+            "int[]? view_size=None, int[]? view_stride=None, int view_offset=0) -> Tensor")
 _LIB.define("sign_scores(Tensor q, Tensor k) -> Tensor")
 _LIB.define("binary_pv(Tensor p, Tensor v) -> Tensor")
 
 
 def bit_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[Tensor],
                move: Optional[Tensor], alpha: Optional[Tensor], weight_mode: str, act_mode: str,
-               act_bits: int, cache: bool = True) -> Tensor:
-    """``bitfx.bit_linear`` on the host kernels (same arguments, same result to float rounding)."""
-    return linear_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache)(x)
+               act_bits: int, cache: bool = True, view_size: Optional[list[int]] = None,
+               view_stride: Optional[list[int]] = None, view_offset: int = 0) -> Tensor:
+    """``bitfx.bit_linear`` on the host kernels (same arguments, same result to float rounding).
+
+    With ``view_size``, ``weight`` is the parameter and the layer's weight is its view
+    ``weight.as_strided(view_size, view_stride, view_offset)`` (a transposed Conv1D weight, a slice of
+    a packed projection): the packed copy is keyed by the parameter, so in-place updates are seen.
+    """
+    view = None if view_size is None else (tuple(view_size), tuple(view_stride), view_offset)
+    return linear_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache, view)(x)
 
 
 def sign_scores(q: Tensor, k: Tensor) -> Tensor:
@@ -129,8 +145,10 @@ _LIB.impl("binary_pv", binary_pv, "CPU")
 
 
 @torch.library.register_fake("bitfx_kernels::bit_linear", lib=_LIB)
-def _(x, weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache=True):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x, weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache=True,
+      view_size=None, view_stride=None, view_offset=0):
+    n = weight.shape[0] if view_size is None else view_size[0]
+    return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.register_fake("bitfx_kernels::sign_scores", lib=_LIB)

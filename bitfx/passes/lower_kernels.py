@@ -90,6 +90,24 @@ def tvm_bit_attention(*args):
     return A.bit_attention_formula(*args, sign_scores=runtime.sign_scores, binary_pv=runtime.binary_pv)
 
 
+def _view_of(weight: fx.Node, src: fx.Node):
+    """``(size, stride, storage_offset)`` of a weight that is a view of parameter ``src`` (static), or None.
+
+    Inductor hands a view of a graph input to an extern op as a fresh strided alias that shares
+    neither the parameter's identity nor its version counter; passing the parameter and the view
+    lets the kernel op key its packed weight by the parameter and see every in-place update.
+    """
+    if weight is src:
+        return None
+    val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return [int(d) for d in val.shape], [int(d) for d in val.stride()], int(val.storage_offset())
+    except Exception:  # noqa: BLE001 - symbolic geometry: pass the view as it is
+        return None
+
+
 def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.config.kernels != "tvm":
         return gm
@@ -102,7 +120,11 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             persistent = isinstance(src, fx.Node) and src.op in ("placeholder", "get_attr")
             with gm.graph.inserting_before(node):
                 if ctx.glue == "inductor":  # an opaque op inductor calls as an extern kernel
-                    new = gm.graph.call_function(kernel_ops.BIT_LINEAR_KERNEL, (*node.args[:9], persistent))
+                    args = list(node.args[:9])
+                    view = _view_of(node.args[1], src) if persistent else None
+                    if view is not None:  # the parameter itself, and the view to take of it
+                        args[1] = src
+                    new = gm.graph.call_function(kernel_ops.BIT_LINEAR_KERNEL, (*args, persistent, *(view or ())))
                 else:
                     name = f"bitfx_kernel_{count}"
                     count += 1

@@ -91,3 +91,37 @@ def test_training_through_the_compiled_kernels_gives_the_reference_ste_gradients
     for name in ref:
         scale = max(1e-6, ref[name].abs().max().item())
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-3, atol=1e-3 * scale, msg=name)
+
+
+class _Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D: the weight is stored [in, out] and used as x @ W + b (a transposed linear)."""
+
+    def __init__(self, k, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(k, n))
+        self.bias = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+def test_transposed_weight_is_packed_once_and_follows_updates(monkeypatch):
+    torch.manual_seed(0)
+    # one layer: a chain would let a last-bit difference flip a near-zero sign in the next layer
+    model = torch.nn.Sequential(_Conv1D(64, 96)).eval()
+    x = torch.randn(2, 5, 64)
+    built = []
+    new_plan = kernel_ops._new_plan
+    monkeypatch.setattr(kernel_ops, "_new_plan", lambda *a, **k: (built.append(1), new_plan(*a, **k))[1])
+    with torch.no_grad():
+        fast = _compiled(model)
+        first = fast(x)
+        for _ in range(3):
+            fast(x)
+        assert len(built) == 1  # one plan for the layer, not one per call
+        model[0].weight.mul_(-1)  # in place: the packed copy must be rebuilt
+        after = fast(x)
+        assert len(built) == 2
+        ref = _compiled(model, kernels="reference")(x)
+    assert not torch.allclose(first, after)
+    torch.testing.assert_close(after, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
