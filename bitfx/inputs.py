@@ -175,6 +175,7 @@ def register_cache_pytrees() -> None:
         return
     if DynamicCache not in pytree.SUPPORTED_NODES:
         register_dynamic_cache_export_support()
+    _register_model_outputs()
     if EncoderDecoderCache not in pytree.SUPPORTED_NODES:
         pytree.register_pytree_node(
             EncoderDecoderCache,
@@ -185,6 +186,22 @@ def register_cache_pytrees() -> None:
                                              (pytree.GetAttrKey("cross_attention_cache"), c.cross_attention_cache)],
                                             None),
         )
+
+
+def _register_model_outputs() -> None:
+    """Every ``ModelOutput`` class as a pytree. transformers registers them when a class is defined,
+    except while ``torch.compiler.is_compiling()`` (a module first imported inside a trace), so such
+    classes would reach ``torch.export`` unregistered; registration is idempotent in transformers."""
+    try:
+        from transformers.utils.generic import ModelOutput, _register_model_output_pytree_node
+    except ImportError:
+        return
+    todo = list(ModelOutput.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls not in pytree.SUPPORTED_NODES:
+            _register_model_output_pytree_node(cls)
 
 
 _UNKNOWN_TYPE = re.compile(r"Found <class '([^']+)'> in (output|input)")

@@ -443,3 +443,34 @@ def test_real_minilm_exports_with_a_symbolic_sequence_length(tmp_path):
     with torch.no_grad():
         expected = gm(**other)
     assert verify(lib, example_call(gm, other).flat, expected, "linux-arm64") <= 1e-4
+
+
+def test_model_output_class_defined_inside_a_trace_is_still_carried(monkeypatch):
+    """transformers skips the pytree registration of a ModelOutput class defined while
+    torch.compiler.is_compiling() (a module first imported inside a trace); capture registers it."""
+    import dataclasses
+
+    import torch.utils._pytree as pytree
+    from transformers.utils.generic import ModelOutput
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+    @dataclasses.dataclass
+    class LateOutput(ModelOutput):
+        hidden: torch.Tensor = None
+
+    monkeypatch.undo()
+    assert LateOutput not in pytree.SUPPORTED_NODES
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return LateOutput(hidden=self.fc(x))
+
+    x = torch.randn(2, 64)
+    gm = bitfx.binarize(Model().eval(), (x,), "bipft")
+    out = gm(x)
+    assert type(out) is LateOutput and out.hidden.shape == (2, 64)
