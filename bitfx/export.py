@@ -71,13 +71,13 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
     structured, (inputs, gm) = gm, (call.flat, flat)  # structured: output names for verify
     mod = to_relax(gm, inputs, target=dt)
     try:
-        exe = cross.build_relax(fused(mod), dt)
+        exe = _build(mod, dt)
     except Exception as e:  # noqa: BLE001 — a symbolic-shape build failure is retried static
         if not to_relax.last_dynamic:
             raise
         log.warning("bitfx.export: building with symbolic shapes failed (%s: %s); building at the example shapes",
                     type(e).__name__, (str(e).strip().splitlines() or [""])[-1][:200])
-        exe = cross.build_relax(fused(to_relax(gm, inputs, dynamic=False, target=dt)), dt)
+        exe = _build(to_relax(gm, inputs, dynamic=False, target=dt), dt)
     path = cross.export_library(exe, path, dt)
     if bundle:
         from bitfx.deploy import write_bundle
@@ -88,6 +88,19 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
 
         globals()["verify"](path, inputs, target=dt, model=gm, output_names=output_names(structured))
     return path
+
+
+def _build(mod, dt):
+    """Build with the float ops fused; if TVM cannot lower the fused form for this target (seen on
+    32-bit android-armv7: an IntImm of float32 in the fused loops), build the unfused module."""
+    from bitfx.targets import cross
+
+    try:
+        return cross.build_relax(fused(mod), dt)
+    except Exception as e:  # noqa: BLE001 — the unfused module is the same computation
+        log.warning("bitfx.export: the fused float ops do not build for %s (%s: %s); building them unfused",
+                    dt.name, type(e).__name__, (str(e).strip().splitlines() or [""])[-1][:200])
+        return cross.build_relax(mod, dt)
 
 
 def verify(path: str | Path, example_inputs: Sequence[Any], expected=None, target: str = "linux-arm64",
