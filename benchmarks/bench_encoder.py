@@ -113,13 +113,21 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--skip-compile-time", action="store_true")
+    p.add_argument("--skip-bytes", action="store_true")
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
-    for t in args.threads:
-        layer_speed(args.seq, t)
+    if len(args.threads) == 1 and os.environ.get("TVM_NUM_THREADS") == str(args.threads[0]):
+        layer_speed(args.seq, args.threads[0])
+    else:
+        # TVM's pool is sized once per process: each thread count runs in a process of its own
+        for t in args.threads:
+            subprocess.run([sys.executable, __file__, "--threads", str(t), "--seq", str(args.seq),
+                            "--skip-compile-time", "--skip-bytes"], check=True,
+                           env={**os.environ, "TVM_NUM_THREADS": str(t)})
     if not args.skip_compile_time:
         compile_time(args.layers)
-    linear_bytes(args.layers)
+    if not args.skip_bytes:
+        linear_bytes(args.layers)
 
 
 if __name__ == "__main__":

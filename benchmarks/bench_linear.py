@@ -11,7 +11,9 @@ Columns (median wall time per call, microseconds):
   gemm       the bit-serial GEMM alone on pre-packed activations, int32 out; G bit-MAC/s and `ceil%`, its
              share of `threads` x the one-core ceiling measured in this run (`bitfx/perf/ceiling.c`,
              clang -O3 -march=native, same K x N at M=128: DESIGN §5)
-  e2e%       the same share for `bitfx` (packing, GEMM, epilogue and dispatch): the figure that counts
+  e2e%       the same share for `bitfx` (packing, GEMM, epilogue and dispatch)
+  plan       `runtime.LinearPlan(...)(x)`: the per-layer plan a compiled model calls (kernels and vectors
+             resolved once), and plan%, its share of the ceiling: the figure that counts
   epi        GEMM with the fused float epilogue minus `gemm`
   disp       bitfx - (pack + GEMM with epilogue): Python dispatch, argument checks, allocations
 Nothing here is asserted; tests never assert on time.
@@ -67,6 +69,8 @@ def row(M: int, K: int, N: int, threads: int, compiled, ceil: float) -> dict:
     fp32 = bench(lambda: F.linear(x, w, bias))
     ind = bench(lambda: compiled(x, w, bias))
     bit = bench(lambda: runtime.bit_linear(x, packed, col_scale=cs, bias=bias, threads=threads))
+    plan = runtime.LinearPlan(packed, col_scale=cs, bias=bias, threads=threads)
+    planned = bench(lambda: plan(x))
 
     a = torch.empty(M, (K + 63) // 64, dtype=torch.uint64)
     rs = torch.empty(M)
@@ -83,6 +87,7 @@ def row(M: int, K: int, N: int, threads: int, compiled, ceil: float) -> dict:
         "M": M, "K": K, "N": N, "thr": threads, "fp32": fp32, "inductor": ind, "bitfx": bit,
         "x_fp32": fp32 / bit, "x_ind": ind / bit, "pack": pack, "gemm": gemm, "Gbit/s": gbit,
         "ceil%": 100 * gbit / (ceil * threads), "e2e%": 100 * M * N * K / bit / 1e9 / (ceil * threads),
+        "plan": planned, "plan%": 100 * M * N * K / planned / 1e9 / (ceil * threads),
         "epi": gemm_epi - gemm, "disp": bit - pack - gemm_epi,
     }
 
@@ -99,7 +104,7 @@ def main() -> None:
     print("# same-run ceiling, 1 core: " + ", ".join(
         f"K={K} N={N}: {c.gbit_per_s:.0f} G bit-MACs/s ({c.isa})" for (K, N), c in ceilings.items()))
     cols = ["M", "K", "N", "thr", "fp32", "inductor", "bitfx", "x_fp32", "x_ind", "pack", "gemm", "Gbit/s",
-            "ceil%", "e2e%", "epi", "disp"]
+            "ceil%", "e2e%", "plan", "plan%", "epi", "disp"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for threads in (1, 2):
@@ -109,7 +114,7 @@ def main() -> None:
                 cells = []
                 for c in cols:
                     v = r[c]
-                    if c in ("fp32", "inductor", "bitfx", "pack", "gemm", "epi", "disp"):
+                    if c in ("fp32", "inductor", "bitfx", "plan", "pack", "gemm", "epi", "disp"):
                         cells.append(f"{v * 1e6:.1f}")
                     elif isinstance(v, float):
                         cells.append(f"{v:.1f}" if c.startswith("x_") or c.endswith("%") else f"{v:.0f}")
