@@ -77,7 +77,7 @@ def lowered(monkeypatch):
     return graphs
 
 
-def binarize_and_compile_agree(name, lowered, example=None):
+def assert_binarize_and_compile_agree(name, lowered, example=None):
     """binarize == compile on one zoo model; returns the model, binarized module and its inputs.
     ``example(args, kwargs)`` -> (example_inputs, example_kwargs) as handed to binarize."""
     z = ZOO[name]
@@ -103,7 +103,7 @@ def binarize_and_compile_agree(name, lowered, example=None):
     return model, gm, args, kwargs
 
 
-def diff_reports_the_same_counts(name):
+def assert_diff_reports_the_same_counts(name):
     z = ZOO[name]
     model, args, kwargs = z.make()
     d = bitfx.diff(model, args, example_kwargs=kwargs)
@@ -115,19 +115,19 @@ def diff_reports_the_same_counts(name):
 
 @pytest.mark.parametrize("name", ["gpt2", "decoder_layer"])
 def test_binarize_and_compile_agree(name, lowered):
-    binarize_and_compile_agree(name, lowered)
+    assert_binarize_and_compile_agree(name, lowered)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
 def test_binarize_and_compile_agree_on_the_whole_zoo(name, lowered):
-    binarize_and_compile_agree(name, lowered)
+    assert_binarize_and_compile_agree(name, lowered)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 def test_diff_reports_the_counts_of_binarize(name):
-    diff_reports_the_same_counts(name)
+    assert_diff_reports_the_same_counts(name)
 
 
 def test_tokenizer_dict_in_keyword_or_positional_calls(lowered):
@@ -135,7 +135,7 @@ def test_tokenizer_dict_in_keyword_or_positional_calls(lowered):
     called by name or positionally, at other batch and sequence sizes."""
     from transformers import BatchEncoding
 
-    model, gm, _, tokens = binarize_and_compile_agree("bert", lowered, lambda a, k: (BatchEncoding(k), None))
+    model, gm, _, tokens = assert_binarize_and_compile_agree("bert", lowered, lambda a, k: (BatchEncoding(k), None))
     assert gm.bitfx_call.names == ["input_ids", "attention_mask", "token_type_ids"]
     by_name = run(gm, (), tokens)
     positional = run(gm, (tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"]), {})
@@ -143,7 +143,7 @@ def test_tokenizer_dict_in_keyword_or_positional_calls(lowered):
     other = _tokens(3, 11, seed=5)
     other["token_type_ids"] = torch.zeros_like(other["input_ids"])
     assert run(gm, (), other).last_hidden_state.shape == (3, 11, 32)
-    diff_reports_the_same_counts("bert")
+    assert_diff_reports_the_same_counts("bert")
 
 
 def test_decode_step_over_a_cache_is_binary():
