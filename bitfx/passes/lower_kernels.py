@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops, methods
+from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops
 from bitfx.ops import attention as A
-from bitfx.ops.linear import quantize_weight
 from bitfx.passes.context import PassContext
 from bitfx.passes.graph import SLICE_OPS, VIEW_OPS, copy_meta, trace_back
 
@@ -47,15 +46,13 @@ class BitLinearKernel(torch.nn.Module):
         return f"{self.weight_mode}, {self.act_mode}, bits={self.act_bits}"
 
     def packed(self, weight: torch.Tensor, weight_scale: torch.Tensor | None):
-        from bitfx.codegen import runtime
-
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
         if key != self._key or not self.cache:
-            with torch.no_grad():
-                codes, col_scale, _ = quantize_weight(weight.detach().float(), None, self.weight_mode)
-                self._packed = runtime.pack_weight(codes.to(torch.int8), ternary=methods.weight_method(self.weight_mode).ternary)
+            with torch.no_grad():  # the same binarize-and-pack as the kernel ops (and their disk cache)
+                self._packed, col_scale = kernel_ops._packed_weight(weight, self.weight_mode,
+                                                                    use_disk=self._key is None and self.cache)
                 # one per-tensor scale is expanded to [N] here, once, not by the runtime per call
-                self._col_scale = col_scale.float().expand(codes.shape[0]).contiguous()
+                self._col_scale = col_scale.expand(weight.shape[0]).contiguous()
             self._key = key
         col = self._col_scale if weight_scale is None else weight_scale.detach().float().reshape(-1)
         return self._packed, col
