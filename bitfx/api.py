@@ -1,6 +1,7 @@
 """``bitfx.binarize``: a trainable binary model from a float one, through the one pass pipeline."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -57,6 +58,8 @@ def binarize(model: torch.nn.Module, example_inputs: Any = (), config=None, *,
         A ``torch.fx.GraphModule`` calling ``torch.ops.bitfx.bit_linear`` / ``bit_attention``,
         called like ``model`` (the same input names, positionally or by name) and returning the
         model's output structure (a Hugging Face ``ModelOutput``, tuples, dicts, a KV cache).
+        Its parameters and buffers are its own copies (``model`` is left as it was: training the
+        result never changes ``model``; weights tied in ``model`` stay tied in the result).
         Gradients flow (straight-through) to the weights, scales, offsets and estimators, whose
         initial values come from the example inputs (the first batch, as in the papers); refine
         them with :func:`bitfx.calibrate`. ``gm.bitfx_report`` lists what was rewritten and what
@@ -73,8 +76,37 @@ def binarize(model: torch.nn.Module, example_inputs: Any = (), config=None, *,
         out = qat(**batch)           # a BaseModelOutputWithPoolingAndCrossAttentions
     """
     gm, ctx = trace(model, example_inputs, config, example_kwargs=example_kwargs)
+    if gm is not model:
+        own_tensors(gm, model)
     if ctx.report.rewrites:
         calibrate(gm, [ctx.example_inputs])
     gm.bitfx_report = ctx.report
     gm.bitfx_config = ctx.config
     return gm
+
+
+
+def own_tensors(gm: torch.nn.Module, model: torch.nn.Module) -> int:
+    """Replace every parameter, buffer and tensor attribute of ``gm`` that shares storage with one
+    of ``model``'s by a copy (``torch.export``'s ``ep.module()`` reuses the model's tensors).
+
+    One ``copy.deepcopy`` over all of them with one memo: each storage is copied once, so tensors
+    tied in ``model`` (or views of one storage) stay tied in ``gm``; a parameter stays a
+    ``Parameter`` with its ``requires_grad``. Returns the number of tensors replaced.
+    """
+    def storage(t: torch.Tensor):
+        return (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+
+    theirs = {storage(t) for t in (*model.parameters(), *model.buffers())} - {None}
+    for mod in model.modules():
+        theirs |= {storage(v) for v in vars(mod).values() if isinstance(v, torch.Tensor)} - {None}
+    slots = []  # (owner dict, key, tensor)
+    for mod in gm.modules():
+        for table in (mod._parameters, mod._buffers, vars(mod)):
+            for key, t in list(table.items()):
+                if isinstance(t, torch.Tensor) and storage(t) in theirs:
+                    slots.append((table, key, t))
+    copies = copy.deepcopy([t for _, _, t in slots])  # one memo: shared storages are copied once
+    for (table, key, _), new in zip(slots, copies):
+        table[key] = new
+    return len(slots)

@@ -28,7 +28,6 @@ Example: ``examples/distill_minilm.py``, ``examples/digits.py``.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import itertools
 import math
@@ -69,8 +68,8 @@ def distill(student: fx.GraphModule, teacher: torch.nn.Module, batches: Iterable
         student: a binarized GraphModule; its parameters are updated in place (AdamW).
         teacher: the float model the student was binarized from (or any model ``torch.export``
             captures with the same module paths, e.g. a W1A8 student for BiT's multi-step distillation).
-            A frozen copy is taken first: ``binarize`` shares the model's weight tensors with the
-            student, so training moves the weights of the ``teacher`` object itself, never the copy.
+            It is read, never trained (its forward runs under ``no_grad``, captured in eval mode;
+            its modes are restored); ``binarize`` gave the student its own parameters.
         batches: batches as given to the model (input tuples, tensors, or mappings of keyword
             inputs); a list is cycled, an iterator is read until ``steps`` or its end.
         steps: optimiser steps (one per batch).
@@ -150,18 +149,20 @@ def _teacher_graph(teacher: torch.nn.Module, batch: Any) -> fx.GraphModule:
     from bitfx.passes import PIPELINE
     from bitfx.passes.canonicalize_attention import canonicalize_attention
 
-    # binarize shares the model's weight tensors with the student: train against a frozen copy
-    teacher = copy.deepcopy(teacher)
-    if hasattr(teacher, "eval"):
-        teacher.eval()
+    # the graph reads the teacher's own tensors (no copy: binarize gave the student its own); it runs
+    # under no_grad, and the teacher's train/eval modes are put back after the capture in eval mode
+    modes = {m: m.training for m in teacher.modules()}
+    teacher.eval()
     upto = PIPELINE.index(canonicalize_attention) + 1
-    if isinstance(batch, Mapping):
-        gm, _ = trace(teacher, (), None, passes=PIPELINE[:upto], example_kwargs=dict(batch))
-    else:
-        gm, _ = trace(teacher, tuple(batch) if isinstance(batch, (tuple, list)) else (batch,), None,
-                      passes=PIPELINE[:upto])
-    for p in gm.parameters():
-        p.requires_grad_(False)
+    try:
+        if isinstance(batch, Mapping):
+            gm, _ = trace(teacher, (), None, passes=PIPELINE[:upto], example_kwargs=dict(batch))
+        else:
+            gm, _ = trace(teacher, tuple(batch) if isinstance(batch, (tuple, list)) else (batch,), None,
+                          passes=PIPELINE[:upto])
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
     return gm
 
 

@@ -12,7 +12,6 @@ hidden state, attention scores). The first preset's student is then saved, loade
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -129,7 +128,7 @@ def run(quick: bool = False, presets=None, steps: int | None = None, lr: float =
     steps = steps or (300 if quick else 1500)
     for preset in presets or PRESETS:
         t0 = time.time()
-        student = bitfx.binarize(copy.deepcopy(teacher), (train[0][:64],), preset)  # shares weights
+        student = bitfx.binarize(teacher, (train[0][:64],), preset)  # its own copy of the weights
         bitfx.calibrate(student, batches(train[0], 8, seed=3))
         before = accuracy(student, *test)
         bitfx.distill(student, teacher, batches(train[0], steps), steps=steps, lr=lr, output_loss="kl",
@@ -156,7 +155,7 @@ def main(argv=None) -> int:
     print(f"float ViT: {accuracy(teacher, *test):.2f} % on {len(test[1])} held-out digits")
     steps = args.steps or (300 if args.quick else 1500)
     for i, preset in enumerate(args.preset or PRESETS):
-        student = bitfx.binarize(copy.deepcopy(teacher), (train[0][:64],), preset)  # shares weights
+        student = bitfx.binarize(teacher, (train[0][:64],), preset)  # its own copy of the weights
         bitfx.calibrate(student, batches(train[0], 8, seed=3))
         before = accuracy(student, *test)
         bitfx.distill(student, teacher, batches(train[0], steps), steps=steps, lr=2e-3, output_loss="kl",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
 import os
 import re
@@ -146,7 +145,7 @@ def run(preset: str, steps: int, batch: int, max_len: int, lr: float, n_held: in
     train_b = batches(tokenizer, train[: batch * max(steps, calib)], batch, max_len)
     held_b = batches(tokenizer, held, 32, max_len)
     t0 = time.time()
-    student = bitfx.binarize(copy.deepcopy(teacher), train_b[0], preset)  # binarize shares the weights
+    student = bitfx.binarize(teacher, train_b[0], preset)  # its own copy of the weights
     bitfx.calibrate(student, train_b[:calib])
     before = cosine(student, teacher, held_b)
     bitfx.distill(student, teacher, train_b, steps=steps, lr=lr, weights=weights, attention=attention)

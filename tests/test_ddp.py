@@ -5,7 +5,6 @@ exactly as one process over the same global batch: same losses and parameters to
 passes its half of every global batch. Every loss term is a mean over elements, so the mean of the
 two processes' losses is the one-process loss and DDP's averaged gradient is the one-process one.
 """
-import copy
 import os
 import socket
 
@@ -25,7 +24,7 @@ def setup():
     torch.manual_seed(0)
     model, example = tiny_bert(layers=1, seq=8)
     model.eval()
-    student = bitfx.binarize(copy.deepcopy(model), example, "bipft")  # binarize shares the weights
+    student = bitfx.binarize(model, example, "bipft")
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randint(2, 1000, (8, 8), generator=g), torch.ones(8, 8, dtype=torch.long))
                for _ in range(STEPS)]
