@@ -8,6 +8,7 @@ import torch
 
 import bitfx
 from bitfx.models import tiny_bert
+from targets.target_tools import needs_gnu, needs_qemu
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,34 @@ def test_relax_export_identical(saved):
 
     qat, example, path = saved
     tvm.ir.assert_structural_equal(to_relax(bitfx.load(path), example), to_relax(qat, example))
+
+
+@pytest.mark.slow  # two arm64 builds and four qemu runs (~3 min of CPU)
+@needs_gnu
+@needs_qemu
+def test_loaded_model_exports_verifies_and_runs_like_the_original(saved, tmp_path):
+    """save -> load -> ``bitfx.export(..., "linux-arm64", verify=True)``: the loaded model's library passes
+    verify (qemu against the loaded model on the host) and gives the original's library's outputs."""
+    import numpy as np
+
+    from bitfx.targets import emulate
+
+    try:
+        emulate.fetch_arm64_runtime()
+    except (RuntimeError, FileNotFoundError) as err:
+        pytest.skip(f"aarch64 TVM runtime unavailable (offline?): {err}")
+    qat, example, path = saved
+    loaded = bitfx.load(path)
+    got = bitfx.export(loaded, example, "linux-arm64", tmp_path / "loaded.so", verify=True, bundle=False)
+    want = bitfx.export(qat, example, "linux-arm64", tmp_path / "original.so", bundle=False)
+    with torch.no_grad():
+        host = qat(*example).numpy()
+    arrays = [t.numpy() for t in example]
+    out_loaded = emulate.run_emulated(got, arrays, "linux-arm64", cpu="cortex-a53")
+    out_original = emulate.run_emulated(want, arrays, "linux-arm64", cpu="cortex-a53")
+    assert len(out_loaded) == len(out_original) == 1
+    assert np.array_equal(out_loaded[0], out_original[0])  # the same kernels on the same parameters
+    assert np.allclose(out_loaded[0], host, atol=1e-4 * max(1.0, float(np.abs(host).max())), rtol=0)
 
 
 def rewrite(path, out, member, edit, fix_hash=False):
