@@ -22,7 +22,8 @@ over every element (so a data-parallel run over shards equals one process over t
 
 The student's values are straight-through (the gradients of ``bit_linear`` / ``bit_attention``).
 Under ``torch.distributed`` (initialised, world size > 1) the student is wrapped in
-``DistributedDataParallel``; each process passes its own shard of the data.
+``DistributedDataParallel`` (or sharded with FSDP2's ``fully_shard``: ``parallel="fsdp"``); each
+process passes its own shard of the data.
 
 Example: ``examples/distill_minilm.py``, ``examples/digits.py``.
 """
@@ -48,6 +49,7 @@ from bitfx.ops.linear import bit_linear_surrogate
 
 OUTPUT_LOSSES = ("mse", "kl", "cosine")
 ATTENTION_LOSSES = ("scores", "probs", "dmd")
+PARALLEL = ("ddp", "fsdp")
 WEIGHT_KEYS = ("output", "hidden", "attention")
 DEFAULT_WEIGHTS = {"output": 1.0, "hidden": 1.0, "attention": 1.0}
 #: training runs each op's straight-through surrogate directly: the op's forward value (to float
@@ -61,7 +63,7 @@ def distill(student: fx.GraphModule, teacher: torch.nn.Module, batches: Iterable
             lr: float = 1e-3, weights: dict[str, float] | None = None, output_loss: str = "mse",
             attention: str = "scores", blocks: Sequence[str] | None = None, temperature: float = 1.0,
             schedule: str = "cosine", weight_decay: float = 0.0, progress: bool = True,
-            log_every: int = 10) -> fx.GraphModule:
+            log_every: int = 10, parallel: str = "ddp") -> fx.GraphModule:
     """Train ``student`` (from :func:`bitfx.binarize`) to reproduce ``teacher`` on ``batches``.
 
     Args:
@@ -80,6 +82,11 @@ def distill(student: fx.GraphModule, teacher: torch.nn.Module, batches: Iterable
         attention: ``"scores"``, ``"probs"`` or ``"dmd"`` (see the module docstring).
         blocks: fnmatch patterns of module paths whose outputs are matched (default: see above).
         progress: show a progress bar (rich) with the losses (rank 0 only under DDP).
+        parallel: under ``torch.distributed`` (world size > 1): ``"ddp"`` wraps the student in
+            ``DistributedDataParallel``; ``"fsdp"`` shards it with FSDP2's ``fully_shard`` (parameters,
+            gradients and optimiser state sharded; the scalar α/β parameters, which ``fully_shard``
+            refuses, stay replicated with their gradients averaged by an all-reduce). Either way every
+            process ends with the same full trained parameters in ``student``.
 
     Returns:
         ``student``, trained; ``student.bitfx_distill_log`` holds ``{"step", "loss", "output",
@@ -92,14 +99,15 @@ def distill(student: fx.GraphModule, teacher: torch.nn.Module, batches: Iterable
     Example: ``examples/distill_minilm.py``.
     """
     w = _check(weights, output_loss, attention, steps, schedule)
+    if parallel not in PARALLEL:
+        raise ValueError(f"distill: parallel={parallel!r} (accepted: {', '.join(map(repr, PARALLEL))})")
     it = iter(itertools.cycle(batches) if isinstance(batches, (list, tuple)) else batches)
     first = next(it, None)
     if first is None:
         raise ValueError("distill: batches is empty (accepted: an iterable of example-input tuples)")
     pairs = Pairing(student, _teacher_graph(teacher, first), blocks)
     s_net, t_net = pairs.student_module(attention), pairs.teacher_module(attention)
-    net = _maybe_ddp(s_net, first)
-    params = [p for p in student.parameters() if p.requires_grad]
+    net, params, sync_grads, finish = _parallel(s_net, student, first, parallel)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))) if schedule == "cosine" else (lambda i: 1.0))
@@ -115,6 +123,7 @@ def distill(student: fx.GraphModule, teacher: torch.nn.Module, batches: Iterable
             loss = sum(w[k] * v for k, v in terms.items() if w[k])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            sync_grads()
             opt.step()
             sched.step()
             row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
@@ -122,6 +131,7 @@ def distill(student: fx.GraphModule, teacher: torch.nn.Module, batches: Iterable
             if step % log_every == 0 or step == steps - 1:
                 log.append(row)
             bar.update(row)
+    finish()
     student.bitfx_distill_log = log
     student.bitfx_distill_world = _world()
     return student
@@ -314,7 +324,7 @@ def attention_probs(target, args):
     if target == BIT_ATTENTION:
         _, _, p = A._probs(masked, args[7], args[13])
     else:
-        p = torch.softmax(masked, dim=-1)
+        p = A.masked_softmax(masked)
     return p, keep
 
 
@@ -338,12 +348,53 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _maybe_ddp(net: torch.nn.Module, example: Any) -> torch.nn.Module:
+def _nothing() -> None:
+    return None
+
+
+def _parallel(net: torch.nn.Module, student: torch.nn.Module, example: Any, kind: str):
+    """(module to run, parameters to optimise, gradient sync after backward, write-back at the end).
+
+    ``net`` is the tapped student (it shares ``student``'s parameter objects). One process: as is.
+    DDP: wrapped (same parameter objects). FSDP2: ``fully_shard(net)`` gives ``net`` sharded DTensor
+    parameters of its own; the scalars it refuses stay plain (``ignored_params``), their gradients
+    averaged here; at the end every full parameter is gathered back into ``student``'s.
+    """
+    mine = [p for p in student.parameters() if p.requires_grad]
     if _world() == 1:
-        return net
+        return net, mine, _nothing, _nothing
     dev = next((t.device for t in pytree.tree_leaves(example) if isinstance(t, torch.Tensor)), None)
-    ids = [dev] if dev is not None and dev.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    if kind == "ddp":
+        ids = [dev] if dev is not None and dev.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids), mine, _nothing, _nothing
+    from torch.distributed.fsdp import fully_shard
+
+    dist, world = torch.distributed, _world()
+    with torch.no_grad():  # as DDP does: every process starts from rank 0's values
+        for t in (*net.parameters(), *net.buffers()):
+            dist.broadcast(t, src=0)
+    scalars = [p for p in net.parameters() if p.dim() == 0]
+    names = [n for n, _ in net.named_parameters()]
+    fully_shard(net, ignored_params=set(scalars))
+    sharded = dict(net.named_parameters())
+    params = [sharded[n] for n in names if sharded[n].requires_grad]
+
+    def sync_grads():
+        for p in scalars:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+
+    def finish():
+        with torch.no_grad():
+            for n in names:
+                p = sharded[n]
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                target = student.get_parameter(n)
+                if target is not p:
+                    target.copy_(full)
+
+    return net, params, sync_grads, finish
 
 
 class _Progress:

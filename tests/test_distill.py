@@ -74,6 +74,7 @@ def test_kl_output_loss_is_the_temperature_scaled_kl():
     ({"weights": {"logits": 1.0}}, "unknown weights"),
     ({"steps": 0}, "steps=0"),
     ({"blocks": ["nothing.*"]}, "match no module path"),
+    ({"parallel": "zero"}, "parallel='zero'"),
 ])
 def test_bad_arguments_are_named(teacher, student, kwargs, match):
     model, example = teacher
