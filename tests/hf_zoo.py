@@ -16,19 +16,20 @@ model                     linears                                  attentions
 ========================  =======================================  ==========================
 BERT / RoBERTa / ViT      6 L (q, k, v, o, intermediate, output)   L
 DistilBERT                6 L (q_lin, k_lin, v_lin, out_lin, 2 ffn) L
-GPT-2                     4 L (c_attn packed qkv, c_proj, c_fc,    L
-                          mlp.c_proj; Conv1D = x @ P + b)
+GPT-2                     6 L (c_attn packed qkv split in 3,       L
+                          c_proj, c_fc, mlp.c_proj; Conv1D = x @ P + b)
 Llama                     7 L (q, k, v, o, gate, up, down)         L (GQA: 4 q heads, 2 kv)
 T5 / BART                 6 L_enc + 10 L_dec (decoder: self 4,     L_enc + 2 L_dec
                           cross 4, ffn 2)
-nn.Transformer (2 masks)  4 L_enc + 7 L_dec                        L_enc + 2 L_dec
-nn.TransformerDecoderLyr  7                                        2
-BinaryViT pyramid         4 per block (qkv, proj, fc1, fc2)        1 per block
+nn.Transformer (2 masks)  6 L_enc + 10 L_dec                       L_enc + 2 L_dec
+nn.TransformerDecoderLyr  10 (self 3 + 1, cross 3 + 1, ffn 2)      2
+BinaryViT pyramid         6 per block (qkv in 3, proj, fc1, fc2)   1 per block
 ========================  =======================================  ==========================
 
-``nn.MultiheadAttention`` packs q/k/v into ``in_proj_weight``: self attention is one linear of
-the packed weight (2 linears with ``out_proj``); cross attention (keys = values = memory) splits
-it into ``w_q`` and ``w_kv`` (``F._in_projection_packed``): 3 linears with ``out_proj``.
+A packed q/k/v projection (``nn.MultiheadAttention``'s ``in_proj_weight``, GPT-2's ``c_attn``, a
+``qkv`` linear) is split by ``split_packed_projections`` into one binary linear per part, each with
+its own scales: 3 linears for q, k, v (cross attention: ``w_q``, and ``w_kv`` split into k and v),
+4 with ``out_proj``.
 
 Sizes are tiny (hidden 32-64, 1-2 layers, seq 8-12) so a model builds in milliseconds.
 Nothing here imports bitfx.
@@ -273,15 +274,15 @@ ZOO: dict[str, ZooModel] = {
     "roberta": ZooModel(roberta, 6 * LAYERS, LAYERS, "encoder"),
     "distilbert": ZooModel(distilbert, 6 * LAYERS, LAYERS, "encoder"),
     "vit": ZooModel(vit, 6 * LAYERS, LAYERS, "vision"),
-    "gpt2": ZooModel(gpt2, 4 * LAYERS, LAYERS, "decoder", cache=True),
+    "gpt2": ZooModel(gpt2, 6 * LAYERS, LAYERS, "decoder", cache=True),
     "llama": ZooModel(llama, 7 * LAYERS, LAYERS, "decoder", cache=True, notes="GQA 4/2 heads, rotary"),
     "t5": ZooModel(t5, 6 + 10, 1 + 2, "encoder-decoder", cache=True, notes="relative position bias"),
     "bart": ZooModel(bart, 6 + 10, 1 + 2, "encoder-decoder", cache=True),
-    "nn_transformer": ZooModel(nn_transformer, 4 + 7, 1 + 2, "torch.nn", notes="causal + padding masks"),
-    "nn_transformer_float_mask": ZooModel(lambda: nn_transformer(float_causal=True), 4 + 7, 1 + 2, "torch.nn",
+    "nn_transformer": ZooModel(nn_transformer, 6 + 10, 1 + 2, "torch.nn", notes="causal + padding masks"),
+    "nn_transformer_float_mask": ZooModel(lambda: nn_transformer(float_causal=True), 6 + 10, 1 + 2, "torch.nn",
                                           notes="float causal mask + bool padding masks"),
-    "decoder_layer": ZooModel(decoder_layer, 7, 2, "torch.nn", notes="cross attention to memory"),
-    "binary_vit": ZooModel(binary_vit, 4 * 2, 2, "vision", notes="avg-pool token mixer, affine"),
+    "decoder_layer": ZooModel(decoder_layer, 10, 2, "torch.nn", notes="cross attention to memory"),
+    "binary_vit": ZooModel(binary_vit, 6 * 2, 2, "vision", notes="avg-pool token mixer, affine"),
 }
 
 

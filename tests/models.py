@@ -229,15 +229,15 @@ class Case:
 CASES: dict[str, Case] = {c.name: c for c in [
     Case("mlp", MLP, lambda b, s: (torch.randn(b, s, 16),), linears=3, attentions=0),
     Case("linear", SingleLinear, _hidden, linears=1, attentions=0),
-    # in_proj (one packed linear) + out_proj
-    Case("mha", MHA, _hidden, linears=2, attentions=1),
-    Case("mha_sdpa", lambda: MHA(need_weights=False), _hidden, linears=2, attentions=1),
-    # in_proj + out_proj + linear1 + linear2
-    Case("encoder_layer", EncoderLayer, _hidden, linears=4, attentions=1),
-    # per block: qkv, proj, mlp.0, mlp.2; patch_embed is a conv, head stays float
-    Case("vit", ViT, lambda b, s: (torch.randn(b, 3, 16, 16),), linears=8, attentions=2, seq_dynamic=False),
+    # in_proj (packed, split into q, k, v by split_packed_projections) + out_proj
+    Case("mha", MHA, _hidden, linears=4, attentions=1),
+    Case("mha_sdpa", lambda: MHA(need_weights=False), _hidden, linears=4, attentions=1),
+    # in_proj (q, k, v) + out_proj + linear1 + linear2
+    Case("encoder_layer", EncoderLayer, _hidden, linears=6, attentions=1),
+    # per block: qkv (q, k, v), proj, mlp.0, mlp.2; patch_embed is a conv, head stays float
+    Case("vit", ViT, lambda b, s: (torch.randn(b, 3, 16, 16),), linears=12, attentions=2, seq_dynamic=False),
     # per layer: query, key, value, attn_out, intermediate, output; classifier stays float
     Case("bert", Bert, _bert_inputs, linears=12, attentions=2),
-    # qkv, proj, up, down; lm_head stays float
-    Case("decoder", Decoder, _tokens, linears=4, attentions=1),
+    # qkv (q, k, v), proj, up, down; lm_head stays float
+    Case("decoder", Decoder, _tokens, linears=6, attentions=1),
 ]}

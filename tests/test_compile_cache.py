@@ -39,12 +39,13 @@ def _run(tmp_path, scale=False):
 def test_warm_start_skips_calibration_and_packing(tmp_path):
     cold = _run(tmp_path)
     warm = _run(tmp_path)
-    # cold: 4 linears packed + 1 calibration computed and stored; warm: all read back, none computed
-    assert cold["calibrations"] == 1 and cold["stats"].get("store") == 5 and "hit" not in cold["stats"]
-    assert warm["calibrations"] == 0 and warm["stats"].get("hit") == 5 and "store" not in warm["stats"]
+    # cold: 6 linears packed (in_proj split into q, k, v; out_proj, linear1, linear2) + 1 calibration
+    # computed and stored; warm: all read back, none computed
+    assert cold["calibrations"] == 1 and cold["stats"].get("store") == 7 and "hit" not in cold["stats"]
+    assert warm["calibrations"] == 0 and warm["stats"].get("hit") == 7 and "store" not in warm["stats"]
     assert warm["y"] == cold["y"]
     changed = _run(tmp_path, scale=True)  # one weight edited: its packing and the calibration miss
-    assert changed["calibrations"] == 1 and changed["stats"].get("hit") == 3
+    assert changed["calibrations"] == 1 and changed["stats"].get("hit") == 5
     assert changed["stats"].get("store") == 2
 
 

@@ -29,7 +29,7 @@ from bitfx.inspect.graphs import (
     to_networkx,
 )
 from bitfx.passes.context import Report
-from bitfx.passes.graph import getattr_path, trace_back
+from bitfx.passes.graph import SLICE_OPS, VIEW_OPS, getattr_path, trace_back
 
 SCHEMA_VERSION = 1
 
@@ -239,14 +239,19 @@ def _layer(node: fx.Node, replaced: list[str], support: list[str], skip, ends: _
     )
 
 
-def _params(nodes: Sequence[fx.Node]) -> dict[str, tuple[fx.Node, fx.Node, int]]:
-    """get_attr sources feeding ``nodes`` (through views): target -> (get_attr, user, arg index)."""
+def _params(nodes: Sequence[fx.Node]) -> dict[Any, tuple[fx.Node, fx.Node, int, fx.Node | None]]:
+    """get_attr sources feeding ``nodes`` (through views and slices): key -> (get_attr, user, arg
+    index, the slice or None). A whole parameter is keyed by its target, a slice of one (a part of
+    a packed projection) by (target, slice node): each part is its own layer's weight."""
     found = {}
     for n in nodes:
+        if n.op == "call_function" and n.target in VIEW_OPS | SLICE_OPS:
+            continue  # data movement: its users trace their parameters back through it
         for i, a in enumerate(n.args):
-            src, _ = trace_back(a)
+            src, passed = trace_back(a, VIEW_OPS | SLICE_OPS)
             if isinstance(src, fx.Node) and src.op == "get_attr":
-                found.setdefault(src.target, (src, n, i))
+                part = a if any(p.target in SLICE_OPS for p in passed) else None
+                found.setdefault(src.target if part is None else (src.target, part.name), (src, n, i, part))
     return found
 
 
@@ -261,25 +266,30 @@ def _binary_weight(user: fx.Node, index: int) -> bool:
 
 def _param_bytes(gm, nodes, shape_of) -> int:
     total = 0
-    for target, (src, user, index) in _params(nodes).items():
+    for src, user, index, part in _params(nodes).values():
+        t = getattr_path(gm, src.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        n = t.numel() if part is None else C.numel(shape_of(part))
         if _binary_weight(user, index):
-            t = getattr_path(gm, target)
-            total += C.binary_weight_bytes(t.numel(), user.args[6]) + C.derived_scale_bytes(user, shape_of)
+            total += C.binary_weight_bytes(n, user.args[6]) + C.derived_scale_bytes(user, shape_of)
         else:
-            total += _tensor_bytes(gm, target)
+            total += n * t.element_size()
     return total
 
 
 def _model_bytes(gm: fx.GraphModule, shape_of) -> int:
-    """Every parameter and buffer once; weights of ``bit_linear`` nodes at 1 bit (2 ternary) + their scales."""
-    binary = _params([n for n in gm.graph.nodes if short_name(target_name(n)) == "bit_linear"])
-    binary = {t: v for t, v in binary.items() if _binary_weight(v[1], v[2])}
+    """Every parameter and buffer once; weights of ``bit_linear`` nodes at 1 bit (2 ternary) + the
+    scales of each ``bit_linear`` that reads them (three for a q/k/v projection split in parts)."""
+    users: dict[str, list[fx.Node]] = {}
+    for src, user, index, _ in _params([n for n in gm.graph.nodes if short_name(target_name(n)) == "bit_linear"]).values():
+        if _binary_weight(user, index):
+            users.setdefault(src.target, []).append(user)
     total = 0
     for n in _unique_params(gm):
-        if n.target in binary:
-            user = binary[n.target][1]
-            total += C.binary_weight_bytes(getattr_path(gm, n.target).numel(), user.args[6])
-            total += C.derived_scale_bytes(user, shape_of)
+        if n.target in users:
+            total += C.binary_weight_bytes(getattr_path(gm, n.target).numel(), users[n.target][0].args[6])
+            total += sum(C.derived_scale_bytes(u, shape_of) for u in users[n.target])
         else:
             total += _tensor_bytes(gm, n.target)
     return total

@@ -4,7 +4,8 @@
     (capture.py) (PIPELINE[:3])   (PIPELINE[3:]) (LOWERING, per target)
 
 The binarize stage first recognises a binarizer the model carries itself (fake-quant linears,
-``recognize_fake_quant``), then applies the config's policy to the rest.
+``recognize_fake_quant``), then applies the config's policy to the rest (a packed q/k/v projection
+is first split into one linear per part, ``split_packed_projections``).
 
 The pass manager lints the graph after every pass and, when ``ctx.snapshot`` is set, keeps a
 copy of each pass's output graph; ``bitfx.diff`` is built on those snapshots.
@@ -24,6 +25,7 @@ from bitfx.passes.context import PassContext
 from bitfx.passes.eliminate_dead_code import eliminate_dead_code
 from bitfx.passes.lower_kernels import lower_kernels
 from bitfx.passes.recognize_fake_quant import recognize_fake_quant
+from bitfx.passes.split_packed_projections import split_packed_projections
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ PIPELINE: list[Pass] = [
     canonicalize_linear,
     canonicalize_attention,
     recognize_fake_quant,
+    split_packed_projections,
     binarize_linear,
     binarize_attention,
 ]

@@ -15,7 +15,9 @@ small, or when their weight is not a parameter or their shape/dtype is unsupport
 
 A weight may be a view or a *slice* of a parameter: ``nn.MultiheadAttention``'s cross attention
 splits its packed ``in_proj_weight`` into ``w_q`` and ``w_kv`` (``split_with_sizes`` / ``chunk`` /
-``slice``), and each part becomes its own ``bit_linear`` (its scales from its own rows).
+``slice``), and ``split_packed_projections`` splits packed q/k/v projections into one slice per part;
+each part becomes its own ``bit_linear`` (its scales from its own rows). ``keep_first`` /
+``keep_last`` keep all parts of a split projection together.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ import torch.fx as fx
 from bitfx.ops import BIT_LINEAR, methods
 from bitfx.passes.context import PassContext, Rewrite, Skip, fake_value, module_of
 from bitfx.passes.graph import SLICE_OPS, VIEW_OPS, add_parameter, call, trace_back
+
+#: Meta key on the parts of a packed projection (``split_packed_projections``): (packed linear, part, parts).
+PART = "bitfx_packed_part"
 
 aten = torch.ops.aten
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,7 +60,7 @@ def not_a_parameter(weight, ctx: PassContext) -> str:
             f"{getattr(op, '__name__', op)} (not a view or slice of it)")
 
 
-def _refusal(node: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
+def refusal(node: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
     """Why this linear must stay float, as (reason, detail), or None."""
     x, weight = node.args[0], node.args[1]
     if weight_source(weight, ctx) is None:
@@ -91,17 +96,20 @@ def binarize_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in linears:
         if node.meta.get("bitfx_fake_quant_refused"):
             continue  # reported by recognize_fake_quant, with the quantizer it did not match
-        refusal = _refusal(node, ctx)
-        if refusal is not None:
-            ctx.report.skips.append(Skip("binarize_linear", "linear", module_of(node), *refusal, [node.name]))
+        why = refusal(node, ctx)
+        if why is not None:
+            ctx.report.skips.append(Skip("binarize_linear", "linear", module_of(node), *why, [node.name]))
         else:
             candidates.append(node)
-    if candidates and cfg.keep_first:
-        first = candidates.pop(0)
-        ctx.report.skips.append(Skip("binarize_linear", "linear", module_of(first), "config", "keep_first", [first.name]))
-    if candidates and cfg.keep_last:
-        last = candidates.pop()
-        ctx.report.skips.append(Skip("binarize_linear", "linear", module_of(last), "config", "keep_last", [last.name]))
+    for keep, index in (("keep_first", 0), ("keep_last", -1)):
+        if candidates and getattr(cfg, keep):
+            # the parts of a split packed projection are one layer: kept together
+            packed = candidates[index].meta.get(PART, (None,))[0]
+            kept = [n for n in candidates if n is candidates[index]
+                    or (packed is not None and n.meta.get(PART, (None,))[0] == packed)]
+            candidates = [n for n in candidates if n not in kept]
+            for n in kept:
+                ctx.report.skips.append(Skip("binarize_linear", "linear", module_of(n), "config", keep, [n.name]))
 
     for node in candidates:
         _rewrite(gm, node, ctx)

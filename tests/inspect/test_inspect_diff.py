@@ -89,9 +89,21 @@ def test_canonicalized_then_binarized_linear_is_traced_to_capture_nodes():
 
 def test_encoder_layer_linears():
     d = run("encoder_layer")
-    assert d.totals["rewritten"]["linear"] == 4
-    linears = [ly.module for ly in d.layers if ly.target == "bit_linear"]
-    assert linears == ["self_attn", "self_attn", "linear1", "linear2"]
+    assert d.totals["rewritten"]["linear"] == 6
+    linears = [ly for ly in d.layers if ly.target == "bit_linear"]
+    # the packed in_proj split into q, k, v (each its own bit_linear), out_proj, linear1, linear2
+    assert [ly.module for ly in linears] == ["self_attn"] * 4 + ["linear1", "linear2"]
+    # each part: its 32x32 rows of in_proj_weight at 1 bit, one fp32 per-tensor scale, its 32 bias
+    # values, its move [32] and α (the learnable parameters binarize adds)
+    assert [ly.bytes_after for ly in linears[:3]] == [32 * 32 // 8 + 4 + 32 * 4 + 32 * 4 + 4] * 3
+    # the whole model, by hand: in_proj_weight once at 1 bit with three scales, in_proj_bias fp32;
+    # out_proj, linear1, linear2 at 1 bit + a scale, their fp32 biases; two LayerNorms; the moves
+    # (K = 32, 32, 32, 32, 32, 64) and α of the six bit_linears; the attention's α_q, α_k, α_v, α_P
+    # and estimator weights
+    params = (96 * 32 // 8 + 3 * 4) + 96 * 4 + (32 * 32 // 8 + 4) + 32 * 4 + (64 * 32 // 8 + 4) + 64 * 4
+    params += (32 * 64 // 8 + 4) + 32 * 4 + 4 * 32 * 4
+    added = (5 * 32 + 64) * 4 + 6 * 4 + 4 * 4 + (2 * 8 + 2 * 8 + 8) * 4
+    assert d.totals["bytes_after"] == params + added
 
 
 def test_encoder_layer_attention_by_hand():
@@ -107,7 +119,8 @@ def test_encoder_layer_attention_by_hand():
     assert a.after.flops == op + estimators
     assert a.bytes_after == (2 * 8 + 2 * 8 + 8) * 4 + 4 * 4  # estimator weights + α_q, α_k, α_v, α_P
     assert sorted(x["kind"] for x in d.added if x["kind"] != "parameter") == ["estimator"]
-    assert len([x for x in d.added if x["kind"] == "parameter"]) == 4 * 2 + 4 + 3
+    # move and α of 6 linears (q, k, v, out_proj, linear1, linear2); α_q, α_k, α_v, α_P; 3 estimators
+    assert len([x for x in d.added if x["kind"] == "parameter"]) == 6 * 2 + 4 + 3
 
 
 def test_bert_grouped_by_module():
@@ -134,7 +147,7 @@ def test_bert_linears_without_attention_config():
 
 def test_vit():
     d = run("vit")
-    assert d.totals["rewritten"] == {"linear": 8, "attention": 2}
+    assert d.totals["rewritten"] == {"linear": 12, "attention": 2}  # per block: q, k, v, proj, fc1, fc2
     assert layer(d, "head").reason == "config"
     conv = layer(d, "patch_embed")
     assert (conv.kind, conv.status, conv.reason) == ("conv", "float", "untouched")
