@@ -141,7 +141,7 @@ class _Calibrator(fx.Interpreter):
         prob = self.param(n.args[7])
         init = methods.prob_method(mode).calibrate  # elastic α_P = 4·mean(P), BiViT β
         if prob is not None and init is not None:
-            _running(prob, init(torch.softmax(s, -1)), self.count)
+            _running(prob, init(A.masked_softmax(s)), self.count)
         if w_ev is not None:
             p_codes, p_scale, _ = A._probs(s, prob, mode)
             pb = p_codes if p_scale is None else p_codes * p_scale

@@ -158,8 +158,22 @@ def output_names(gm) -> list[str] | None:
     spec = getattr(info, "out_spec", None)
     if spec is None:
         return None
-    dummy = pytree.tree_unflatten([torch.zeros(())] * spec.num_leaves, spec)
-    return flatten_outputs(dummy)[0]
+    return _spec_names(spec, "") or None
+
+
+def _spec_names(spec, prefix: str) -> list[str]:
+    """Leaf names read from the tree spec itself (no dummy output is built: a custom node such as HF's
+    ``DynamicCache`` cannot be rebuilt from placeholder leaves): a child is ``.key`` when the node's
+    context lists one string per child (dicts, ``ModelOutput``), ``[i]`` otherwise."""
+    if spec.is_leaf():
+        return [prefix.lstrip(".") or "output"]
+    ctx, children = spec.context, spec.children()
+    keys = list(ctx) if isinstance(ctx, (list, tuple)) else None
+    named = keys is not None and len(keys) == len(children) and all(isinstance(k, str) for k in keys)
+    names = []
+    for i, child in enumerate(children):
+        names += _spec_names(child, f"{prefix}.{keys[i]}" if named else f"{prefix}[{i}]")
+    return names
 
 
 def random_like(inputs: Sequence[Any], gen: torch.Generator) -> tuple:

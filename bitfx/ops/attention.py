@@ -52,7 +52,7 @@ def apply_mask(s: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tenso
 # -- canonical float attention ----------------------------------------------------------------
 def attention_reference(qt, k, v, attn_mask, scale, is_causal, dropout_p):
     s = (qt @ k.transpose(-2, -1)) * _default_scale(qt, scale)
-    p = torch.softmax(apply_mask(s, attn_mask, is_causal), dim=-1)
+    p = masked_softmax(apply_mask(s, attn_mask, is_causal), masked=attn_mask is not None)
     if dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, dropout_p, training=True)
     return p @ v
@@ -101,9 +101,21 @@ def _score_residual(est_q: Optional[Tensor], est_k: Optional[Tensor]) -> Optiona
     return (uq + rq) @ rk.transpose(-2, -1) + rq @ uk.transpose(-2, -1)
 
 
-def _probs(s: Tensor, prob_param: Optional[Tensor], prob_mode: str):
+def masked_softmax(s: Tensor, masked: bool = True) -> Tensor:
+    """``softmax(s, -1)``, with a row whose every score is -inf (every key masked: a left-padded
+    query under a causal mask) giving probabilities 0, as ``F.scaled_dot_product_attention`` gives
+    since torch 2.5, not NaN. Such rows are softmaxed as zeros first, so gradients stay finite.
+    ``masked=False`` (no mask given; causality alone always keeps the diagonal): a plain softmax."""
+    if not masked:
+        return torch.softmax(s, dim=-1)
+    empty = (s != float("-inf")).sum(dim=-1, keepdim=True) == 0  # no amax: exports as a plain sum
+    p = torch.softmax(torch.where(empty, 0.0, s), dim=-1)
+    return torch.where(empty, 0.0, p)
+
+
+def _probs(s: Tensor, prob_param: Optional[Tensor], prob_mode: str, masked: bool = True):
     method = methods.prob_method(prob_mode)
-    return method.binarize(torch.softmax(s, dim=-1) if method.softmax else s, prob_param)
+    return method.binarize(masked_softmax(s, masked) if method.softmax else s, prob_param)
 
 
 def check_prob_mode(prob_mode: str) -> None:
@@ -147,7 +159,7 @@ def bit_attention_formula(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_p
     dtype = qt.dtype
     vf = v.float()
     s = bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale, is_causal, sign_scores)
-    p_codes, p_scale, _ = _probs(s, prob_param, prob_mode)
+    p_codes, p_scale, _ = _probs(s, prob_param, prob_mode, masked=attn_mask is not None)
     out = binary_pv(p_codes, vf).float()  # exact integers: Σ_j P_b[i,j]·sign(v[j,d])
     if p_scale is not None:
         out = out * p_scale
@@ -174,7 +186,7 @@ def bit_attention_surrogate(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob
     if res is not None:
         s = s + res
     s = apply_mask(s * _default_scale(qt, scale), attn_mask, is_causal)
-    _, _, pv = _probs(s, prob_param, prob_mode)
+    _, _, pv = _probs(s, prob_param, prob_mode, masked=attn_mask is not None)
     _, _, vv = _value_codes(v.float(), alpha_v)
     out = pv @ vv
     if est_v is not None:

@@ -73,7 +73,11 @@ def _import(gm, inputs: tuple, dynamic_shapes, kernels: str):
     from bitfx.relax.converters import ConvertContext, convert_map
 
     ep = torch.export.export(gm, inputs, dynamic_shapes=dynamic_shapes)
-    ep = _exact_symbolic_slices(_decompose(ep))
+    if dynamic_shapes is not None:
+        symbolic = _symbolic_dims(ep, inputs)
+        if symbolic != dynamic_shapes:
+            ep = torch.export.export(gm, inputs, dynamic_shapes=symbolic)
+    ep = _exact_symbolic_slices(_finite_full_fills(_drop_empty_cat_operands(_decompose(ep))))
     _check_supported(ep, gm)
     ctx = ConvertContext(values=_constant_values(ep), kernels=kernels)
     try:
@@ -87,6 +91,24 @@ def _import(gm, inputs: tuple, dynamic_shapes, kernels: str):
         node, name = op
         raise ExportError(f"cannot export {_layer(node, gm)}: op {name} is not supported by TVM's Relax "
                           f"torch importer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def _symbolic_dims(ep, inputs: tuple) -> tuple:
+    """Dynamic shapes that mark only the dims ``ep`` kept symbolic. With ``Dim.AUTO`` on every dim, a
+    dim torch specialised (a hidden size of 32) is still a SymInt whose expression is the number, and
+    TVM's importer makes it a symbolic var *named* ``32``: a broadcast with a literal 32 then loses its
+    shape (``nn.TransformerDecoderLayer`` failed to build with symbolic shapes). Re-exported with those
+    dims static, they are plain ints."""
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    out = []
+    for name, x in zip(ep.graph_signature.user_inputs, inputs):
+        val = vals.get(name)
+        if not isinstance(x, torch.Tensor) or not isinstance(val, torch.Tensor):
+            out.append(None)
+            continue
+        out.append({i: torch.export.Dim.AUTO for i, d in enumerate(val.shape)
+                    if isinstance(d, torch.SymInt) and not d.node.expr.is_number})
+    return tuple(out)
 
 
 # erf(x) ~= x P(x^2) / Q(x^2) on [-4, 4] (clamped: erf is +-1 in float32 beyond), |error| < 5e-7: the
@@ -139,7 +161,9 @@ def _decompose(ep, integer_kernels: bool = True):
         dims = sorted({d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)} or range(x.dim()),
                       reverse=True)
         for d in dims:
-            x = torch.gather(x, d, torch.argmax(x, dim=d, keepdim=True))
+            # clamped: TVM's argmax of a row of -inf leaves its initial index -1 (an out-of-bounds gather)
+            i = torch.argmax(x, dim=d, keepdim=True)
+            x = torch.gather(x, d, torch.where(i >= 0, i, 0))
             if not keepdim:
                 x = x.squeeze(d)
         return x
@@ -151,6 +175,64 @@ def _decompose(ep, integer_kernels: bool = True):
     if not any(n.target in table for n in ep.graph.nodes):
         return ep
     return ep.run_decompositions(table)
+
+
+def _drop_empty_cat_operands(ep):
+    """``cat([empty_1d, x, ...], dim)`` -> ``cat([x, ...], dim)``: torch (legacy behaviour) skips 1-D
+    tensors of size 0 in a cat whatever the other operands' rank; Relax's concat requires one rank.
+    Hugging Face's ``DynamicCache`` starts each layer's keys and values as ``torch.tensor([])`` and
+    concatenates the new keys onto it: the reason GPT-2 with its cache on did not import."""
+    g, changed = ep.graph, False
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.cat.default:
+            continue
+        tensors = node.args[0]
+        kept = [t for t in tensors if not _is_empty_1d(t)]
+        if len(kept) == len(tensors) or not kept:
+            continue
+        if len(kept) == 1:
+            node.replace_all_uses_with(kept[0])
+            g.erase_node(node)
+        else:
+            node.args = (kept, *node.args[1:])
+        changed = True
+    if changed:
+        g.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return ep
+
+
+def _is_empty_1d(node) -> bool:
+    val = getattr(node, "meta", {}).get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 1 and isinstance(val.shape[0], int) and val.shape[0] == 0
+
+
+def _finite_full_fills(ep):
+    """``full(shape, ±inf or nan)`` -> ``full(shape, 0) + scalar_tensor(value)``: TVM's legalization of
+    ``R.full`` fails on a non-finite fill (``TypeError: argument of type 'PrimType' is not iterable``
+    in ``topi.full``), e.g. ``nn.Transformer.generate_square_subsequent_mask``'s ``full((n, n), -inf)``."""
+    aten, g, changed = torch.ops.aten, ep.graph, False
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target != aten.full.default:
+            continue
+        value = node.args[1]
+        if not isinstance(value, float) or value == value and abs(value) != float("inf"):
+            continue
+        val = node.meta.get("val")
+        with g.inserting_before(node):
+            zeros = g.call_function(aten.full.default, (node.args[0], 0.0), dict(node.kwargs))
+            fill = g.call_function(aten.scalar_tensor.default, (value,), {"dtype": val.dtype, "device": val.device})
+            out = g.call_function(aten.add.Tensor, (zeros, fill))
+        with val.fake_mode:
+            zeros.meta["val"] = torch.zeros_like(val)
+            fill.meta["val"] = torch.scalar_tensor(value, dtype=val.dtype, device=val.device)
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return ep
 
 
 def _exact_symbolic_slices(ep):
