@@ -141,12 +141,30 @@ def sign_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     q2, _, _ = _rows(q, D, "q")
     k2, _, _ = _rows(k, D, "k")
     G = q2.shape[0] // Lq if Lq else 0
-    par = _parallel()
-    qp = _pack_sign(q2, D, None, mean=False, par=par).view(G, Lq, -1)
-    kp = _pack_sign(k2, D, None, mean=False, par=par).view(G, Lk, -1).transpose(1, 2).contiguous()
+    pack, gemm = scores_kernels(D)
+    qp = torch.empty(q2.shape[0], _words(D), dtype=torch.uint64)
+    kp = torch.empty(k2.shape[0], _words(D), dtype=torch.uint64)
+    pack(q2, qp)
+    pack(k2, kp)
     out = torch.empty(G, Lq, Lk, dtype=torch.int32)
-    kernel("gemm", mode="xnor", K=D, N=None, batched=True, parallel=par)(qp, kp, out)
+    gemm(qp.view(G, Lq, -1), kp.view(G, Lk, -1).transpose(1, 2).contiguous(), out)
     return out.view(*lead, Lq, Lk)
+
+
+def scores_kernels(D: int) -> list:
+    """``sign_scores``' kernels for width D: [pack_rows (sign bits), batched xnor GEMM]."""
+    par = _parallel()
+    return [kernel("pack_rows", mode="sign", K=D, move=False, mean=False, parallel=par),
+            kernel("gemm", mode="xnor", K=D, N=None, batched=True, parallel=par)]
+
+
+def pv_kernels(p_dtype: str, Dv: int) -> list:
+    """``binary_pv``'s kernels for p of dtype "uint8" or "float32" and width Dv: [pack_rows (nonzero bits),
+    pack_cols (sign bits of v), batched and-GEMM]."""
+    par = _parallel()
+    return [kernel("pack_rows", mode="nonzero", K=None, dtype=p_dtype, parallel=par),
+            kernel("pack_cols", K=None, N=Dv, parallel=par),
+            kernel("gemm", mode="and", K=None, N=Dv, signed=False, batched=True, parallel=par)]
 
 
 def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -166,13 +184,13 @@ def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     p2 = (p2 if p.dtype == torch.uint8 else p2.float()).contiguous()
     v3, _, _ = _rows(v, Dv, "v")
     G = v3.shape[0] // Lk if Lk else p2.shape[0] // max(Lq, 1)
-    par = _parallel()
+    pack_p, pack_v, gemm = pv_kernels(dt, Dv)
     pp = torch.empty(p2.shape[0], _words(Lk), dtype=torch.uint64)
-    kernel("pack_rows", mode="nonzero", K=None, dtype=dt, parallel=par)(p2, pp)
+    pack_p(p2, pp)
     vp = torch.empty(G, _words(Lk), Dv, dtype=torch.uint64)
-    kernel("pack_cols", K=None, N=Dv, parallel=par)(v3.view(G, Lk, Dv), vp)
+    pack_v(v3.view(G, Lk, Dv), vp)
     out = torch.empty(G, Lq, Dv, dtype=torch.int32)
-    kernel("gemm", mode="and", K=None, N=Dv, signed=False, batched=True, parallel=par)(pp.view(G, Lq, -1), vp, out)
+    gemm(pp.view(G, Lq, -1), vp, out)
     return out.view(*lead, Lq, Dv)
 
 

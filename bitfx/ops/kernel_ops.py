@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bitfx.ops import methods
+from bitfx.ops import methods, native
 from bitfx.ops.linear import quantize_weight
 
 __all__ = ["linear_plan", "BIT_LINEAR_KERNEL", "SIGN_SCORES_KERNEL", "BINARY_PV_KERNEL",
@@ -103,12 +103,18 @@ def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, ac
 
 # Registered with the low-level Library API: a call dispatches straight to the Python function
 # (~6 µs), where ``torch.library.custom_op``'s wrappers cost ~30 µs, the whole budget of an M=1 layer.
+# The Python implementations below are the CompositeExplicitAutograd kernels; ``bitfx.ops.native`` (loaded
+# at the first call) registers C++ CPU kernels, which then take precedence: no Python per call.
 _LIB = torch.library.Library("bitfx_kernels", "DEF")
-_LIB.define("bit_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_scale, Tensor? move, "
-            "Tensor? alpha, str weight_mode, str act_mode, int act_bits, bool cache=True, "
-            "int[]? view_size=None, int[]? view_stride=None, int view_offset=0) -> Tensor")
+_PLAN_ARGS = ("Tensor? bias, Tensor? weight_scale, Tensor? move, Tensor? alpha, str weight_mode, str act_mode, "
+              "int act_bits, bool cache=True, int[]? view_size=None, int[]? view_stride=None, int view_offset=0")
+_LIB.define(f"bit_linear(Tensor x, Tensor weight, {_PLAN_ARGS}) -> Tensor")
 _LIB.define("sign_scores(Tensor q, Tensor k) -> Tensor")
 _LIB.define("binary_pv(Tensor p, Tensor v) -> Tensor")
+# what the C++ kernels ask Python for, once per layer version / attention width (native.cpp)
+_LIB.define(f"_linear_plan_parts(Tensor weight, {_PLAN_ARGS}) -> (Tensor[], int[])")
+_LIB.define("_attention_kernels(str which, int width) -> int[]")
+_LIB.define(f"_bit_linear_python(Tensor x, Tensor weight, {_PLAN_ARGS}) -> Tensor")
 
 
 def bit_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[Tensor],
@@ -139,9 +145,62 @@ def binary_pv(p: Tensor, v: Tensor) -> Tensor:
     return runtime.binary_pv(p, v)
 
 
-_LIB.impl("bit_linear", bit_linear, "CPU")
-_LIB.impl("sign_scores", sign_scores, "CPU")
-_LIB.impl("binary_pv", binary_pv, "CPU")
+def _linear_plan_parts(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache=True,
+                       view_size=None, view_stride=None, view_offset=0):
+    """The C++ ``bit_linear``'s view of ``linear_plan(...)``: ``(tensors, ints)``, laid out as native.cpp reads
+    them: tensors ``[packed planes, (nnz), col_scale, (bias), (move), (alpha)]``; ints ``[quant kernel handle,
+    GEMM handle, quantizer kind (0 sign with mean|x|, 1 sign with α, 2 absmax), bits, K, N, number of weight
+    tensors, has bias, has move, has alpha]``. The handles stay valid: ``build`` memoises every kernel.
+    A plan whose activation quantizer is none of these (kind -1, e.g. a newer method) is run per call by
+    the Python implementation (``_bit_linear_python``), as before the C++ kernels."""
+    view = None if view_size is None else (tuple(view_size), tuple(view_stride), view_offset)
+    plan = linear_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache, view)
+    packing = getattr(plan, "pack", None) or ("sign" if plan.act == "sign" else "absmax")
+    if packing == "sign" and plan.act == "sign":
+        kind = 0 if plan.alpha is None else 1
+    elif packing == "absmax" and plan.act != "sign":
+        kind = 2
+    else:
+        return [], [0, 0, -1, plan.bits, plan.K, plan.N, 0, 0, 0, 0]
+    extra = [t for t in (plan.bias, plan.move, plan.alpha) if t is not None]
+    ints = [plan.quant.__chandle__(), plan.gemm.__chandle__(), kind, plan.bits, plan.K, plan.N, len(plan.weights),
+            int(plan.bias is not None), int(plan.move is not None), int(plan.alpha is not None)]
+    return [*plan.weights, plan.col, *extra], ints
+
+
+def _attention_kernels(which: str, width: int) -> list[int]:
+    """Kernel handles of ``sign_scores`` ("scores", D) or ``binary_pv`` ("pv_uint8" / "pv_float32", Dv)."""
+    from bitfx.codegen import runtime
+
+    if which == "scores":
+        fns = runtime.scores_kernels(width)
+    elif which in ("pv_uint8", "pv_float32"):
+        fns = runtime.pv_kernels(which[3:], width)
+    else:
+        raise ValueError(f"unknown attention kernel set {which!r}; expected 'scores', 'pv_uint8' or 'pv_float32'")
+    return [f.__chandle__() for f in fns]
+
+
+def _loading_native(fn):
+    """``fn`` as the fallback kernel: a call starts (or, once built, loads) the C++ kernels, which take the
+    CPU dispatch from then on (``native.start()``); if they cannot be built, every call stays here."""
+    def impl(*args, **kwargs):
+        if _native_pending[0]:
+            native.start()  # loads the library when built; until then this call and the next stay here
+            _native_pending[0] = native.status() in ("building", "built")
+        return fn(*args, **kwargs)
+
+    impl.__name__ = impl.__qualname__ = fn.__name__
+    return impl
+
+
+_native_pending = [True]
+_LIB.impl("bit_linear", _loading_native(bit_linear), "CompositeExplicitAutograd")
+_LIB.impl("sign_scores", _loading_native(sign_scores), "CompositeExplicitAutograd")
+_LIB.impl("binary_pv", _loading_native(binary_pv), "CompositeExplicitAutograd")
+_LIB.impl("_linear_plan_parts", _linear_plan_parts, "CPU")
+_LIB.impl("_attention_kernels", _attention_kernels, "CPU")
+_LIB.impl("_bit_linear_python", bit_linear, "CPU")
 
 
 @torch.library.register_fake("bitfx_kernels::bit_linear", lib=_LIB)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops
+from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops, native
 from bitfx.ops import attention as A
 from bitfx.passes.context import PassContext
 from bitfx.passes.graph import SLICE_OPS, VIEW_OPS, copy_meta, trace_back
@@ -108,6 +108,8 @@ def _view_of(weight: fx.Node, src: fx.Node):
 def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.config.kernels != "tvm":
         return gm
+    if ctx.glue == "inductor":  # the kernel ops' C++ kernels: loaded, or built while the rest compiles
+        native.start()
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":

@@ -1,0 +1,117 @@
+"""Per-call cost of the kernel ops: the C++ path (bitfx/ops/native.cpp) against the Python path, one run.
+
+    python benchmarks/bench_kernel_calls.py            # 1 thread (TVM_NUM_THREADS=1), BERT-base shapes
+    python benchmarks/bench_kernel_calls.py --quick
+
+For each shape, microseconds per call (median of interleaved batches, so that load from other processes
+hits both paths alike):
+  kernels   the TVM kernels alone, called from Python on preallocated outputs (quantize/pack + GEMM):
+            the floor the op call adds to
+  python    ``torch.ops`` call of the Python implementation (as before issue 11: dispatcher -> Python ->
+            plan lookup -> ``runtime.LinearPlan`` -> TVM through DLPack), registered here as a second op
+  c++       ``torch.ops.bitfx_kernels.bit_linear`` with the C++ kernel: dispatcher -> C++ plan lookup ->
+            one ``at::empty`` -> two TVM-FFI calls with DLTensor pointers
+  over      the call minus ``kernels``: what each path adds per call
+Also ``sign_scores`` / ``binary_pv`` at attention shapes. Inference calls (no_grad). Nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+import bitfx  # noqa: E402,F401
+from bitfx.ops import kernel_ops, native  # noqa: E402
+
+_LIB = torch.library.Library("bitfx_bench", "DEF")
+_LIB.define(f"bit_linear(Tensor x, Tensor weight, {kernel_ops._PLAN_ARGS}) -> Tensor")
+_LIB.define("sign_scores(Tensor q, Tensor k) -> Tensor")
+_LIB.define("binary_pv(Tensor p, Tensor v) -> Tensor")
+_LIB.impl("bit_linear", kernel_ops.bit_linear, "CPU")
+_LIB.impl("sign_scores", kernel_ops.sign_scores, "CPU")
+_LIB.impl("binary_pv", kernel_ops.binary_pv, "CPU")
+PY = torch.ops.bitfx_bench
+
+
+def interleaved(fns: dict, calls: int, rounds: int = 9) -> dict:
+    """Median microseconds per call of each function, batches of `calls` interleaved over `rounds`."""
+    for fn in fns.values():
+        for _ in range(20):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def linear_row(M: int, K: int, N: int, calls: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g)
+    w = torch.nn.Parameter(torch.randn(N, K, generator=g))
+    b = torch.randn(N, generator=g)
+    args = (x, w, b, None, None, None, "sign_tensor", "sign", 1, True)
+    plan = kernel_ops.linear_plan(*args[1:])
+    a = torch.empty(M, (K + 63) // 64, dtype=torch.uint64)
+    rs, y = torch.empty(M), torch.empty(M, N)
+    t = interleaved({
+        "kernels": lambda: (plan.quant(x, a, rs), plan.gemm(a, *plan.weights, rs, plan.col, plan.bias, y)),
+        "python": lambda: PY.bit_linear(*args),
+        "c++": lambda: torch.ops.bitfx_kernels.bit_linear(*args),
+    }, calls)
+    assert torch.equal(PY.bit_linear(*args), torch.ops.bitfx_kernels.bit_linear(*args))
+    _print(f"bit_linear M={M:<4d} {K}->{N}", t)
+
+
+def attention_rows(Lq: int, calls: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 12, L, 64, generator=g) for L in (Lq, 128, 128))
+    p = (torch.rand(1, 12, Lq, 128, generator=g) > 0.5).float()
+    t = interleaved({"python": lambda: PY.sign_scores(q, k), "c++": lambda: torch.ops.bitfx_kernels.sign_scores(q, k)},
+                    calls)
+    _print(f"sign_scores 12x{Lq}x128 d64", t)
+    t = interleaved({"python": lambda: PY.binary_pv(p, v), "c++": lambda: torch.ops.bitfx_kernels.binary_pv(p, v)},
+                    calls)
+    _print(f"binary_pv 12x{Lq}x128 d64", t)
+
+
+def _print(name: str, t: dict) -> None:
+    base = t.get("kernels")
+    cells = [f"{t.get('kernels', float('nan')):8.1f}", f"{t['python']:8.1f}", f"{t['c++']:8.1f}"]
+    if base is not None:
+        cells += [f"{t['python'] - base:8.1f}", f"{t['c++'] - base:8.1f}"]
+    else:
+        cells += [f"{'':8s}", f"{'':8s}"]
+    print(f"{name:30s} {' '.join(cells)} {t['python'] / t['c++']:7.2f}x")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="768->768 only")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ["TVM_NUM_THREADS"]))
+    if not native.load():
+        raise SystemExit(f"the C++ kernel ops are not available: {native.status()}")
+    print(f"torch {torch.__version__}, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, "
+          f"load average {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"{'us per call':30s} {'kernels':>8s} {'python':>8s} {'c++':>8s} {'py over':>8s} {'c++ over':>8s} "
+          f"{'speedup':>7s}")
+    shapes = [(768, 768)] if args.quick else [(768, 768), (768, 3072), (3072, 768)]
+    with torch.no_grad():
+        for M in (1, 128):
+            for K, N in shapes:
+                linear_row(M, K, N, calls=2000 if M == 1 else 100)
+        for Lq in (1, 128):
+            attention_rows(Lq, calls=1000 if Lq == 1 else 100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+// The CPU kernels of the bitfx_kernels ops in C++: the per-call hot path without Python.
+//
+// bitfx/ops/native.py builds this file once per machine (one g++/clang++ call, -O2) into the bitfx cache
+// and loads it; its TORCH_LIBRARY_IMPL registers CPU kernels for bitfx_kernels::bit_linear, sign_scores and
+// binary_pv, which then take precedence over the Python implementations (registered for
+// CompositeExplicitAutograd in bitfx/ops/kernel_ops.py, the fallback when this file cannot be built).
+// The two helper ops it asks on a cache miss are Python CPU kernels, reached by redispatching to CPU.
+//
+// A call does what runtime.LinearPlan.__call__ does, in C++: look up the layer's plan (packed weight,
+// vectors, TVM function handles), allocate the outputs with at::empty, and call the two TVM kernels through
+// the TVM-FFI C ABI with DLTensor pointers (no DLPack capsules, no Python objects). The plan cache is keyed
+// like kernel_ops.linear_plan: the parameter (weakly: an entry whose parameter died never matches), the view
+// geometry, and (data pointer, version) of the weight and its vectors, so an in-place update (optimizer.step)
+// rebuilds it. A miss (and every call with cache=False) asks Python once, through the dispatcher, via the
+// op bitfx_kernels::_linear_plan_parts, which returns the plan's tensors and kernel handles.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/library.h>
+
+#include <tvm/ffi/c_api.h>
+
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using Stack = std::vector<c10::IValue>;
+
+// ------------------------------------------------------------------------------------ TVM-FFI calls
+struct Fn {  // a retained TVM-FFI function handle
+  TVMFFIObjectHandle h = nullptr;
+  Fn() = default;
+  explicit Fn(int64_t handle) : h(reinterpret_cast<TVMFFIObjectHandle>(handle)) {
+    TORCH_CHECK(h != nullptr, "bitfx native: null kernel handle");
+    TVMFFIObjectIncRef(h);
+  }
+  Fn(const Fn&) = delete;
+  Fn& operator=(const Fn&) = delete;
+  ~Fn() {
+    if (h) TVMFFIObjectDecRef(h);
+  }
+};
+
+DLDataType dl_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return {kDLFloat, 32, 1};
+    case at::kUInt64: return {kDLUInt, 64, 1};
+    case at::kInt: return {kDLInt, 32, 1};
+    case at::kByte: return {kDLUInt, 8, 1};
+    case at::kChar: return {kDLInt, 8, 1};
+    default: TORCH_CHECK(false, "bitfx native: no DLPack dtype for ", t.scalar_type());
+  }
+}
+
+// A DLTensor over a tensor's data, its shape and strides borrowed (the tensor outlives the call).
+DLTensor dl(const at::Tensor& t) {
+  DLTensor d;
+  d.data = t.data_ptr();
+  d.device = {kDLCPU, 0};
+  d.ndim = static_cast<int32_t>(t.dim());
+  d.dtype = dl_dtype(t);
+  d.shape = const_cast<int64_t*>(t.sizes().data());
+  d.strides = const_cast<int64_t*>(t.strides().data());
+  d.byte_offset = 0;
+  return d;
+}
+
+// A compact DLTensor over raw memory with the given shape (strides NULL: row-major compact).
+DLTensor dl(void* data, DLDataType dtype, int64_t* shape, int32_t ndim) {
+  DLTensor d;
+  d.data = data;
+  d.device = {kDLCPU, 0};
+  d.ndim = ndim;
+  d.dtype = dtype;
+  d.shape = shape;
+  d.strides = nullptr;
+  d.byte_offset = 0;
+  return d;
+}
+
+[[noreturn]] void raise_ffi_error() {
+  TVMFFIObjectHandle err = nullptr;
+  TVMFFIErrorMoveFromRaised(&err);
+  std::string msg = "bitfx kernel failed";
+  if (err) {
+    TVMFFIErrorCell* cell = TVMFFIErrorGetCellPtr(err);
+    msg = std::string(cell->kind.data, cell->kind.size) + ": " + std::string(cell->message.data, cell->message.size);
+    TVMFFIObjectDecRef(err);
+  }
+  TORCH_CHECK(false, msg);
+}
+
+// Calls fn(tensors...) through the TVM-FFI C ABI, each argument a DLTensor pointer (no DLPack capsule).
+void call(const Fn& fn, std::initializer_list<DLTensor*> tensors) {
+  constexpr int kMax = 10;
+  TVMFFIAny args[kMax];
+  int n = 0;
+  for (DLTensor* t : tensors) {
+    TORCH_CHECK(n < kMax, "bitfx native: too many kernel arguments");
+    std::memset(&args[n], 0, sizeof(TVMFFIAny));
+    args[n].type_index = kTVMFFIDLTensorPtr;
+    args[n].v_ptr = t;
+    ++n;
+  }
+  TVMFFIAny result;
+  std::memset(&result, 0, sizeof(TVMFFIAny));
+  result.type_index = kTVMFFINone;
+  if (TVMFFIFunctionCall(fn.h, args, n, &result) != 0) raise_ffi_error();
+  if (result.type_index >= kTVMFFIStaticObjectBegin && result.v_obj) TVMFFIObjectDecRef(result.v_obj);
+}
+
+void call(const Fn& fn, std::initializer_list<const at::Tensor*> tensors) {
+  constexpr int kMax = 10;
+  DLTensor d[kMax];
+  int n = 0;
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(n < kMax, "bitfx native: too many kernel arguments");
+    d[n++] = dl(*t);
+  }
+  switch (n) {  // (an initializer_list of pointers into d)
+    case 2: return call(fn, {&d[0], &d[1]});
+    case 3: return call(fn, {&d[0], &d[1], &d[2]});
+    case 4: return call(fn, {&d[0], &d[1], &d[2], &d[3]});
+    default: TORCH_CHECK(false, "bitfx native: unexpected kernel arity ", n);
+  }
+}
+
+// Per-thread scratch for the packed activation and its row scales: consumed within the call.
+template <typename T>
+T* scratch(std::vector<T>& buf, size_t n) {
+  if (buf.size() < n || buf.empty()) buf.resize(std::max<size_t>({n, buf.size() * 2, 64}));
+  return buf.data();
+}
+thread_local std::vector<uint64_t> t_packed;
+thread_local std::vector<float> t_rows;
+
+int64_t words(int64_t k) { return (k + 63) / 64; }
+
+// x[..., K] -> contiguous float32 [M, K], as runtime._rows (same errors: TypeError / ValueError).
+at::Tensor rows(const at::Tensor& x, int64_t K, const char* name) {
+  auto dt = x.scalar_type();
+  if (dt == at::kFloat && x.is_contiguous() && x.dim() >= 1 && x.size(-1) == K && x.device().is_cpu()) return x;
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
+                   " must be float32, float16 or bfloat16; got torch.", c10::getDtypeNames(dt).first);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, name, " has ", x.dim() ? x.size(-1) : 0,
+                    " features in its last dim; the kernel expects K=", K);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), name, " is on ", x.device(), "; the host kernels run on CPU tensors");
+  return x.to(at::kFloat).contiguous();  // callers read it as [numel / K, K]
+}
+
+// ------------------------------------------------------------------------------------- bit_linear
+// kPython: a quantizer this file does not know (a newer activation method): the Python path runs each call.
+enum Quant : int64_t { kPython = -1, kSignMean = 0, kSignAlpha = 1, kAbsmax = 2 };
+
+struct Plan {  // runtime.LinearPlan's resolved parts
+  std::unique_ptr<Fn> quant, gemm;
+  int64_t kind = 0, bits = 1, K = 0, N = 0;
+  std::vector<at::Tensor> weights;  // packed planes [, nnz]
+  at::Tensor col, bias, move, alpha;  // bias/move/alpha undefined when absent
+};
+
+// The plan's parts from Python (kernel_ops._linear_plan_parts): tensors [w, (nnz), col, (bias), (move),
+// (alpha)] and ints [quant handle, gemm handle, kind, bits, K, N, n_weights, has_bias, has_move, has_alpha].
+std::shared_ptr<Plan> plan_from_python(const Stack& args) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bitfx_kernels::_linear_plan_parts", "");
+  Stack stack(args.begin() + 1, args.end());  // all but x
+  op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &stack);
+  TORCH_CHECK(stack.size() == 2, "bitfx native: _linear_plan_parts returned ", stack.size(), " values");
+  std::vector<at::Tensor> ts = stack[0].toTensorVector();
+  std::vector<int64_t> is = stack[1].toIntVector();
+  TORCH_CHECK(is.size() == 10, "bitfx native: _linear_plan_parts returned ", is.size(), " ints");
+  auto plan = std::make_shared<Plan>();
+  plan->kind = is[2];
+  if (plan->kind == kPython) return plan;
+  plan->quant = std::make_unique<Fn>(is[0]);
+  plan->gemm = std::make_unique<Fn>(is[1]);
+  plan->bits = is[3];
+  plan->K = is[4];
+  plan->N = is[5];
+  size_t i = 0;
+  for (int64_t w = 0; w < is[6]; ++w) plan->weights.push_back(ts.at(i++));
+  plan->col = ts.at(i++);
+  if (is[7]) plan->bias = ts.at(i++);
+  if (is[8]) plan->move = ts.at(i++);
+  if (is[9]) plan->alpha = ts.at(i++);
+  return plan;
+}
+
+at::Tensor run_plan(const Plan& p, const at::Tensor& x_in) {
+  const at::Tensor x = rows(x_in, p.K, "x");  // x itself when float32 and contiguous
+  const int64_t M = x.numel() / std::max<int64_t>(p.K, 1), W = words(p.K);
+  const int64_t planes = p.kind == kAbsmax ? p.bits : 1;
+  int64_t x_shape[2] = {M, p.K}, a_shape[3] = {M, planes, W}, a2_shape[2] = {M, W}, r_shape[1] = {M};
+  int64_t y_shape[2] = {M, p.N};
+  DLTensor dx = dl(x.data_ptr(), {kDLFloat, 32, 1}, x_shape, 2);
+  DLTensor da = p.kind == kAbsmax ? dl(scratch(t_packed, M * planes * W), {kDLUInt, 64, 1}, a_shape, 3)
+                                  : dl(scratch(t_packed, M * W), {kDLUInt, 64, 1}, a2_shape, 2);
+  float* rows_ = scratch(t_rows, M);
+  DLTensor dr = dl(rows_, {kDLFloat, 32, 1}, r_shape, 1);
+  if (p.kind == kAbsmax) {
+    call(*p.quant, {&dx, &da, &dr});
+  } else if (p.kind == kSignMean) {
+    DLTensor dm = p.move.defined() ? dl(p.move) : DLTensor{};
+    if (p.move.defined()) call(*p.quant, {&dx, &dm, &da, &dr});
+    else call(*p.quant, {&dx, &da, &dr});
+  } else {
+    DLTensor dm = p.move.defined() ? dl(p.move) : DLTensor{};
+    if (p.move.defined()) call(*p.quant, {&dx, &dm, &da});
+    else call(*p.quant, {&dx, &da});
+    std::fill(rows_, rows_ + M, p.alpha.data_ptr<float>()[0]);
+  }
+  c10::SmallVector<int64_t, 5> shape(x_in.sizes().begin(), x_in.sizes().end() - 1);
+  shape.push_back(p.N);
+  at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
+  DLTensor dy = dl(y.data_ptr(), {kDLFloat, 32, 1}, y_shape, 2);
+  DLTensor dw = dl(p.weights[0]), dc = dl(p.col);
+  DLTensor dn = p.weights.size() == 2 ? dl(p.weights[1]) : DLTensor{};
+  DLTensor db = p.bias.defined() ? dl(p.bias) : DLTensor{};
+  if (p.weights.size() == 2) {
+    if (p.bias.defined()) call(*p.gemm, {&da, &dw, &dn, &dr, &dc, &db, &dy});
+    else call(*p.gemm, {&da, &dw, &dn, &dr, &dc, &dy});
+  } else {
+    if (p.bias.defined()) call(*p.gemm, {&da, &dw, &dr, &dc, &db, &dy});
+    else call(*p.gemm, {&da, &dw, &dr, &dc, &dy});
+  }
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct Slot {  // one layer: its parameter (weak), the key its plan was built for, the plan
+  WeakImpl base;
+  std::vector<int64_t> key;
+  std::string modes;
+  std::shared_ptr<Plan> plan;
+};
+
+struct Geometry {
+  const c10::TensorImpl* base;
+  std::vector<int64_t> g;  // offset, ndim, sizes, strides
+  bool operator==(const Geometry& o) const { return base == o.base && g == o.g; }
+};
+struct GeometryHash {
+  size_t operator()(const Geometry& k) const {
+    size_t h = std::hash<const void*>()(k.base);
+    for (int64_t v : k.g) h = h * 1000003u ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+
+std::mutex g_mutex;
+std::unordered_map<Geometry, Slot, GeometryHash> g_plans;
+int64_t g_misses = 0;
+
+void push_version(std::vector<int64_t>& key, const c10::IValue& v) {
+  if (v.isNone()) {
+    key.push_back(0);
+    key.push_back(-1);
+    return;
+  }
+  const at::Tensor& t = v.toTensor();
+  key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+  key.push_back(static_cast<int64_t>(t._version()));
+}
+
+// bit_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_scale, Tensor? move, Tensor? alpha,
+//            str weight_mode, str act_mode, int act_bits, bool cache=True, int[]? view_size=None,
+//            int[]? view_stride=None, int view_offset=0) -> Tensor
+void bit_linear(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
+  constexpr size_t kArgs = 13;
+  Stack args(std::make_move_iterator(stack->end() - kArgs), std::make_move_iterator(stack->end()));
+  stack->erase(stack->end() - kArgs, stack->end());
+  const at::Tensor& x = args[0].toTensor();
+  const at::Tensor& param = args[1].toTensor();
+  std::shared_ptr<Plan> plan;
+  if (!args[9].toBool()) {  // a weight the graph computes: packed per call
+    plan = plan_from_python(args);
+  } else {
+    // the layer's weight: the view given (view_size...) of the parameter, else the tensor itself
+    const at::Tensor base = param.is_view() ? at::Tensor(param._base()) : param;
+    Geometry geo{base.unsafeGetTensorImpl(), {}};
+    if (args[10].isNone()) {
+      geo.g.push_back(param.storage_offset());
+      geo.g.push_back(param.dim());
+      for (int64_t s : param.sizes()) geo.g.push_back(s);
+      for (int64_t s : param.strides()) geo.g.push_back(s);
+    } else {
+      auto size = args[10].toIntVector(), stride = args[11].toIntVector();
+      geo.g.push_back(args[12].toInt());
+      geo.g.push_back(static_cast<int64_t>(size.size()));
+      geo.g.insert(geo.g.end(), size.begin(), size.end());
+      geo.g.insert(geo.g.end(), stride.begin(), stride.end());
+    }
+    std::vector<int64_t> key;
+    key.reserve(11);
+    for (size_t i = 1; i <= 5; ++i) push_version(key, args[i]);
+    key.push_back(args[8].toInt());
+    std::string modes = std::string(args[6].toStringRef()) + "|" + std::string(args[7].toStringRef());
+    {
+      std::lock_guard<std::mutex> lock(g_mutex);
+      auto it = g_plans.find(geo);
+      if (it != g_plans.end() && !it->second.base.expired() && it->second.key == key && it->second.modes == modes)
+        plan = it->second.plan;
+    }
+    if (!plan) {
+      plan = plan_from_python(args);  // outside the lock: Python takes the GIL
+      std::lock_guard<std::mutex> lock(g_mutex);
+      ++g_misses;
+      for (auto it = g_plans.begin(); it != g_plans.end();)  // drop layers whose parameter is gone
+        it = it->second.base.expired() ? g_plans.erase(it) : std::next(it);
+      g_plans.insert_or_assign(geo, Slot{WeakImpl(base.getIntrusivePtr()), std::move(key), std::move(modes), plan});
+    }
+  }
+  if (plan->kind == kPython) {
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("bitfx_kernels::_bit_linear_python", "");
+    Stack py(args.begin(), args.end());
+    op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &py);
+    stack->emplace_back(std::move(py.at(0)));
+    return;
+  }
+  stack->emplace_back(run_plan(*plan, x));
+}
+
+// ------------------------------------------------------------------------- sign_scores / binary_pv
+// Kernel handles by (which, width), resolved once through kernel_ops._attention_kernels.
+std::mutex g_kmutex;
+std::unordered_map<std::string, std::vector<std::shared_ptr<Fn>>> g_kernels;
+
+const std::vector<std::shared_ptr<Fn>>& attention_kernels(const std::string& which, int64_t width) {
+  const std::string key = which + ":" + std::to_string(width);
+  {
+    std::lock_guard<std::mutex> lock(g_kmutex);
+    auto it = g_kernels.find(key);
+    if (it != g_kernels.end()) return it->second;
+  }
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bitfx_kernels::_attention_kernels", "");
+  Stack stack{c10::IValue(which), c10::IValue(width)};
+  op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &stack);
+  std::vector<std::shared_ptr<Fn>> fns;
+  for (int64_t h : stack.at(0).toIntVector()) fns.push_back(std::make_shared<Fn>(h));
+  std::lock_guard<std::mutex> lock(g_kmutex);
+  return g_kernels.emplace(key, std::move(fns)).first->second;  // unordered_map: references stay valid
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + (t.dim() == 1 ? ",)" : ")");
+}
+
+std::vector<int64_t> lead_shape(const at::Tensor& t, int64_t tail) {
+  return std::vector<int64_t>(t.sizes().begin(), t.sizes().end() - tail);
+}
+
+at::Tensor sign_scores(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK_VALUE(q.dim() >= 2 && k.dim() >= 2 && lead_shape(q, 2) == lead_shape(k, 2) && q.size(-1) == k.size(-1),
+                    "sign_scores needs q [..., Lq, D] and k [..., Lk, D]; got ", shape_str(q), ", ", shape_str(k));
+  const int64_t Lq = q.size(-2), D = q.size(-1), Lk = k.size(-2), W = words(D);
+  at::Tensor q2 = rows(q, D, "q").view({-1, D}), k2 = rows(k, D, "k").view({-1, D});
+  const int64_t G = Lq ? q2.size(0) / Lq : 0;
+  const auto& fns = attention_kernels("scores", D);  // pack_rows(sign), batched xnor GEMM
+  auto u64 = q2.options().dtype(at::kUInt64);
+  at::Tensor qp = at::empty({q2.size(0), W}, u64), kp = at::empty({k2.size(0), W}, u64);
+  call(*fns[0], {&q2, &qp});
+  call(*fns[0], {&k2, &kp});
+  at::Tensor q3 = qp.view({G, Lq, W});
+  at::Tensor kt = kp.view({G, Lk, W}).transpose(1, 2).contiguous();
+  at::Tensor out = at::empty({G, Lq, Lk}, q2.options().dtype(at::kInt));
+  call(*fns[1], {&q3, &kt, &out});
+  auto shape = lead_shape(q, 2);
+  shape.push_back(Lq);
+  shape.push_back(Lk);
+  return out.view(shape);
+}
+
+at::Tensor binary_pv(const at::Tensor& p_in, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(p_in.dim() >= 2 && v.dim() >= 2 && lead_shape(p_in, 2) == lead_shape(v, 2) &&
+                        p_in.size(-1) == v.size(-2),
+                    "binary_pv needs p [..., Lq, Lk] and v [..., Lk, Dv]; got ", shape_str(p_in), ", ", shape_str(v));
+  const int64_t Lq = p_in.size(-2), Lk = p_in.size(-1), Dv = v.size(-1);
+  at::Tensor p = p_in.scalar_type() == at::kBool ? p_in.view(at::kByte) : p_in;
+  const bool u8 = p.scalar_type() == at::kByte;
+  at::Tensor p2 = p.reshape({-1, Lk});
+  p2 = (u8 ? p2 : p2.to(at::kFloat)).contiguous();
+  at::Tensor v3 = rows(v, Dv, "v").view({-1, Dv});
+  const int64_t G = Lk ? v3.size(0) / Lk : p2.size(0) / std::max<int64_t>(Lq, 1);
+  const auto& fns = attention_kernels(u8 ? "pv_uint8" : "pv_float32", Dv);  // pack_rows, pack_cols, and-GEMM
+  auto u64 = v3.options().dtype(at::kUInt64);
+  at::Tensor pp = at::empty({p2.size(0), words(Lk)}, u64);
+  call(*fns[0], {&p2, &pp});
+  at::Tensor v4 = v3.view({G, Lk, Dv});
+  at::Tensor vp = at::empty({G, words(Lk), Dv}, u64);
+  call(*fns[1], {&v4, &vp});
+  at::Tensor p3 = pp.view({G, Lq, -1});
+  at::Tensor out = at::empty({G, Lq, Dv}, v3.options().dtype(at::kInt));
+  call(*fns[2], {&p3, &vp, &out});
+  auto shape = lead_shape(p_in, 2);
+  shape.push_back(Lq);
+  shape.push_back(Dv);
+  return out.view(shape);
+}
+
+}  // namespace
+
+// For tests and benchmarks (ctypes): how many plans were built, and how many are held.
+extern "C" int64_t bitfx_native_plan_misses() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_misses;
+}
+extern "C" int64_t bitfx_native_plans_held() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return static_cast<int64_t>(g_plans.size());
+}
+
+TORCH_LIBRARY_IMPL(bitfx_kernels, CPU, m) {
+  m.impl("bit_linear", torch::CppFunction::makeFromBoxedFunction<&bit_linear>());
+  m.impl("sign_scores", TORCH_FN(sign_scores));
+  m.impl("binary_pv", TORCH_FN(binary_pv));
+}

@@ -1,0 +1,209 @@
+"""The C++ CPU kernels of the ``bitfx_kernels`` ops (``native.cpp``): kernel calls without Python.
+
+    from bitfx.ops import native
+    native.load()          # True: bit_linear / sign_scores / binary_pv now dispatch to C++ on CPU tensors
+    native.status()        # "loaded", "disabled (BITFX_NATIVE=0)", or why it could not be built
+
+``native.cpp`` is built once per machine (one ``c++ -O2`` call, ~7 s of CPU; the library is kept in the
+bitfx cache directory, keyed by the source, the compiler, the flags and the torch / tvm_ffi versions).
+Lowering a graph to the kernel ops calls ``start()``: an already built library is loaded at once, else
+the build runs in a background thread while the model compiles, and the first kernel-op call after it
+finished loads it (calls before that run the Python path). ``load()`` waits for it. The library's
+``TORCH_LIBRARY_IMPL`` registers CPU kernels, which take precedence over the Python implementations
+(registered for CompositeExplicitAutograd in ``kernel_ops``); from then on a call is the dispatcher, a C++
+plan lookup, one ``at::empty`` (the output) and two TVM-FFI calls with ``DLTensor`` pointers.
+
+If there is no C++ compiler, the build or the load fails, or ``BITFX_NATIVE=0`` is set, the ops stay on
+the Python path, which computes the same results (one warning names the reason; none for BITFX_NATIVE=0).
+``$CXX`` picks the compiler (default: c++, g++, clang++, the first found).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["start", "poll", "load", "status", "plan_misses", "plans_held", "library_path", "SOURCE"]
+
+SOURCE = Path(__file__).with_name("native.cpp")
+FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared")
+_OFF = ("0", "off", "false", "no")
+
+_lock = threading.RLock()
+#: status: None (not started), "building", "built", "loaded", "disabled (...)" or "unavailable: <why>"
+_state: dict = {"status": None, "lib": None, "path": None, "thread": None, "error": None}
+
+
+def _compiler() -> str | None:
+    """$CXX (None if it names no executable), else the first of c++, g++, clang++ found, else None."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return next((p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
+
+
+def _command(compiler: str, out: Path) -> list[str]:
+    from torch.utils import cpp_extension
+    from tvm_ffi import libinfo
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    ffi_lib = Path(libinfo.find_libtvm_ffi()).parent
+    includes = [f"-I{p}" for p in (*cpp_extension.include_paths(), libinfo.find_include_path(),
+                                   libinfo.find_dlpack_include_path())]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    return [compiler, *FLAGS, abi, *includes, str(SOURCE), "-o", str(out),
+            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-L{ffi_lib}", "-ltvm_ffi",
+            f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{ffi_lib}"]
+
+
+def library_path(compiler: str | None = None) -> Path:
+    """Where the built library lives: the bitfx cache directory, keyed by everything the build depends on."""
+    import tvm_ffi
+
+    from bitfx.codegen.build import cache_dir
+
+    compiler = compiler or _compiler() or "c++"
+    desc = "\n".join([SOURCE.read_text(), " ".join(_command(compiler, Path("out"))), torch.__version__,
+                      tvm_ffi.__version__, sys.platform])
+    return cache_dir() / f"native-ops-{hashlib.sha256(desc.encode()).hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".native-ops-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(_command(compiler, Path(tmp)), capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{compiler} could not build {SOURCE.name} (exit {proc.returncode}):\n"
+                               f"{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: processes building at once each publish a complete library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def start() -> None:
+    """Begin making the C++ kernels available, without waiting: loaded now if already built, else built in a
+    background thread (the compile of the model goes on meanwhile; calls stay on Python until it is done).
+
+    The backend calls this when it lowers a graph to the kernel ops; ``poll()`` (each Python-path call)
+    loads the library once the build has finished.
+    """
+    if _state["status"] is None:
+        _begin()
+    poll()
+
+
+def _begin() -> None:
+    with _lock:
+        if _state["status"] is not None:
+            return
+        if os.environ.get("BITFX_NATIVE", "").strip().lower() in _OFF:
+            _state["status"] = "disabled (BITFX_NATIVE=0)"
+            return
+        compiler = _compiler()
+        if compiler is None:
+            cxx = os.environ.get("CXX")
+            _fail(f"$CXX={cxx!r} is not an executable" if cxx else
+                  "no C++ compiler found (c++, g++ or clang++ on PATH, or $CXX); install g++")
+            return
+        try:
+            path = library_path(compiler)
+        except Exception as err:  # noqa: BLE001 - e.g. tvm_ffi without headers
+            _fail(str(err))
+            return
+        _state["path"] = path
+        if path.exists():
+            _state["status"] = "built"
+        else:
+            log.info("bitfx: building the C++ kernel ops (%s) in the background, once per machine", path.name)
+            _state["status"] = "building"
+            _state["thread"] = threading.Thread(target=_build_in_background, args=(compiler, path),
+                                                name="bitfx-native-build", daemon=True)
+            _state["thread"].start()
+
+
+def _build_in_background(compiler: str, path: Path) -> None:
+    try:
+        _build(compiler, path)
+        _state["error"] = None
+    except Exception as err:  # noqa: BLE001 - reported by poll(), in the caller's thread
+        _state["error"] = err
+
+
+def poll() -> bool:
+    """Load the library if its build has finished (cheap otherwise); True once the C++ kernels are in use."""
+    status = _state["status"]
+    if status == "loaded":
+        return True
+    if status not in ("built", "building"):
+        return False
+    thread = _state.get("thread")
+    if status == "building" and thread is not None and thread.is_alive():
+        return False
+    with _lock:
+        if _state["status"] not in ("built", "building"):
+            return _state["status"] == "loaded"
+        err = _state.get("error")
+        if err is not None:
+            _fail(str(err))
+            return False
+        try:
+            path = str(_state["path"])
+            torch.ops.load_library(path)
+            _state["lib"] = lib = ctypes.CDLL(path)
+            _setup_ctypes(lib)
+            _state["status"] = "loaded"
+        except Exception as err:  # noqa: BLE001 - e.g. an ABI mismatch: the Python path
+            _fail(f"could not load {path}: {err}")
+            return False
+    return True
+
+
+def load() -> bool:
+    """Build (once per machine, waiting for it) and load the C++ kernels. False, and the kernel ops stay on
+    their Python path, if that is not possible (``status()`` says why)."""
+    start()
+    thread = _state.get("thread")
+    if thread is not None:
+        thread.join()
+    return poll()
+
+
+def _fail(why: str) -> None:
+    _state["status"] = f"unavailable: {why}"
+    warnings.warn(f"bitfx: the C++ kernel ops are unavailable ({why}); the kernel ops run on their Python "
+                  "implementation (same results, more time per call). Set BITFX_NATIVE=0 to skip the build.",
+                  RuntimeWarning, stacklevel=3)
+
+
+def status() -> str:
+    """"loaded", "building", "built", "disabled (BITFX_NATIVE=0)", "unavailable: <why>", or "not started"."""
+    return _state["status"] or "not started"
+
+
+def plan_misses() -> int:
+    """How many ``bit_linear`` plans the C++ kernel asked Python for (each a first call or a weight update)."""
+    return int(_state["lib"].bitfx_native_plan_misses()) if _state["lib"] is not None else 0
+
+
+def plans_held() -> int:
+    """How many layer plans the C++ cache holds (entries of dead parameters are dropped at the next miss)."""
+    return int(_state["lib"].bitfx_native_plans_held()) if _state["lib"] is not None else 0
+
+
+def _setup_ctypes(lib) -> None:
+    for name in ("bitfx_native_plan_misses", "bitfx_native_plans_held"):
+        getattr(lib, name).restype = ctypes.c_int64

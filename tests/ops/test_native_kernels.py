@@ -1,0 +1,232 @@
+"""The C++ kernel ops (``bitfx/ops/native.cpp``): bit for bit the Python path, exact integers against an
+independent NumPy formulation, a plan cache that follows in-place updates, and the Python path when the
+C++ kernels are off or cannot be built."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bitfx  # noqa: F401
+from bitfx.ops import kernel_ops, native
+
+OP = torch.ops.bitfx_kernels.bit_linear.default
+SCORES = torch.ops.bitfx_kernels.sign_scores.default
+PV = torch.ops.bitfx_kernels.binary_pv.default
+REFERENCE = torch.ops.bitfx.bit_linear.default
+
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler (c++, g++, clang++)")
+
+MODES = [(w, a, bits) for w in ("sign_channel", "sign_tensor", "ternary")
+         for a, bits in (("sign", 1), ("absmax", 2), ("absmax", 4), ("absmax", 8))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded():
+    assert native.load(), native.status()  # (waits for the build on a cold cache)
+    assert native.status() == "loaded"
+
+
+def _np_sign(u):
+    return np.where(u < 0, -1, 1).astype(np.int64)
+
+
+def _np_weight_codes(w, mode):
+    if mode == "sign_channel":
+        return _np_sign(w - w.mean(axis=1, keepdims=True))
+    if mode == "sign_tensor":
+        return _np_sign(w - w.mean())
+    gamma = np.float32(max(np.abs(w).mean(), 1e-5))
+    return np.clip(np.rint(w / gamma), -1, 1).astype(np.int64)
+
+
+def _np_act(x, mode, bits, move):
+    """(integer codes, per-row scale as float32) of the activations, written from the method definitions."""
+    if mode == "sign":
+        u = x if move is None else x + move
+        return _np_sign(u), None
+    qp = 2 ** (bits - 1) - 1
+    inv = (np.float32(qp) / np.maximum(np.abs(x).max(-1), np.float32(1e-5))).astype(np.float32)
+    return np.clip(np.rint(x * inv[:, None]), -qp - 1, qp).astype(np.int64), (np.float32(1) / inv).astype(np.float32)
+
+
+def _args(x, w, b, mode, move=None, alpha=None, ws=None, **kw):
+    wm, am, bits = mode
+    return (x, w, b, ws, move, alpha, wm, am, bits, kw.pop("cache", True), *kw.pop("view", ()))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["-".join(map(str, m)) for m in MODES])
+def test_cpp_equals_python_path_and_integers_are_exact(mode):
+    wm, am, bits = mode
+    g = torch.Generator().manual_seed(MODES.index(mode))
+    K, N = 130, 72  # K: two words and a 2-bit tail
+    x = torch.randn(2, 3, K, generator=g)
+    w = torch.nn.Parameter(torch.randn(N, K, generator=g))
+    b = torch.randn(N, generator=g)
+    move = torch.randn(K, generator=g) * 0.1 if am == "sign" else None
+    with torch.no_grad():
+        # the float result: the C++ kernel and the Python path run the same kernels on the same inputs
+        y = OP(*_args(x, w, b, mode, move))
+        assert torch.equal(y, kernel_ops.bit_linear(*_args(x, w, b, mode, move)))
+        ref = REFERENCE(x, w, b, None, move, None, wm, am, bits)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+        # the integers: unit column scales (and α = 1 for sign) leave acc * row_scale, acc exact
+        ones = torch.ones(N)
+        alpha = torch.ones(1) if am == "sign" else None
+        y_int = OP(*_args(x, w, None, mode, move, alpha=alpha, ws=ones)).reshape(-1, N).numpy()
+        assert torch.equal(torch.from_numpy(y_int), kernel_ops.bit_linear(
+            *_args(x, w, None, mode, move, alpha=alpha, ws=ones)).reshape(-1, N))
+    codes, row = _np_act(x.reshape(-1, K).numpy(), am, bits, None if move is None else move.numpy())
+    acc = codes @ _np_weight_codes(w.detach().numpy(), wm).T
+    got = y_int if row is None else np.rint(y_int / row[:, None])
+    np.testing.assert_array_equal(got.astype(np.int64), acc)
+
+
+def test_cpp_handles_half_noncontiguous_and_empty_inputs():
+    mode = ("sign_tensor", "sign", 1)
+    w = torch.nn.Parameter(torch.randn(40, 64))
+    with torch.no_grad():
+        for x in (torch.randn(7, 2, 64).transpose(0, 1), torch.randn(3, 64).bfloat16(), torch.randn(3, 64).half(),
+                  torch.randn(0, 64)):
+            y = OP(*_args(x, w, None, mode))
+            assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], 40)
+            assert torch.equal(y, kernel_ops.bit_linear(*_args(x, w, None, mode)))
+
+
+@pytest.mark.parametrize("D,Lq,Lk", [(40, 5, 9), (64, 1, 17), (130, 8, 8)])
+def test_attention_products_equal_python_path_and_integers(D, Lq, Lk):
+    g = torch.Generator().manual_seed(D + Lq)
+    q, k = torch.randn(2, 3, Lq, D, generator=g), torch.randn(2, 3, Lk, D, generator=g)
+    s = SCORES(q, k)
+    assert s.dtype == torch.int32 and torch.equal(s, kernel_ops.sign_scores(q, k))
+    expect = np.einsum("bhid,bhjd->bhij", _np_sign(q.numpy()), _np_sign(k.numpy()))
+    np.testing.assert_array_equal(s.numpy(), expect)
+    assert torch.equal(SCORES(q.half(), k.transpose(-1, -2).contiguous().transpose(-1, -2)), s)
+    v = torch.randn(2, 3, Lk, D, generator=g)
+    p = torch.rand(2, 3, Lq, Lk, generator=g) > 0.5
+    expect = np.einsum("bhij,bhjd->bhid", p.numpy().astype(np.int64), _np_sign(v.numpy()))
+    for pp in (p, p.to(torch.uint8), p.float(), p.half()):
+        o = PV(pp, v)
+        assert torch.equal(o, kernel_ops.binary_pv(pp, v))
+        np.testing.assert_array_equal(o.numpy(), expect)
+
+
+def test_plan_cache_follows_in_place_updates_and_views():
+    mode = ("sign_channel", "sign", 1)
+    torch.manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(48, 96))
+    b = torch.nn.Parameter(torch.randn(48))
+    x = torch.randn(4, 96)
+
+    def fresh():  # the Python path on new tensors: nothing cached can answer
+        return kernel_ops.bit_linear(*_args(x, w.detach().clone(), b.detach().clone(), mode, cache=False))
+
+    with torch.no_grad():
+        first = OP(*_args(x, w, b, mode))
+        misses = native.plan_misses()
+        assert torch.equal(OP(*_args(x, w, b, mode)), first) and native.plan_misses() == misses  # a hit
+        w.mul_(-1.5)  # in place: the packed weight must be rebuilt
+        after = OP(*_args(x, w, b, mode))
+        assert native.plan_misses() == misses + 1
+        assert not torch.equal(after, first) and torch.equal(after, fresh())
+        b.add_(1.0)  # a vector's update is seen too
+        assert torch.equal(OP(*_args(x, w, b, mode)), fresh()) and native.plan_misses() == misses + 2
+        # the transposed view of a [K, N] parameter (GPT-2's Conv1D): keyed by the parameter and the view
+        wt = torch.nn.Parameter(torch.randn(96, 48))
+        view = ([48, 96], [1, 48], 0)
+        y = OP(*_args(x, wt, None, mode, view=view))
+        assert torch.equal(y, kernel_ops.bit_linear(*_args(x, wt, None, mode, view=view)))
+        # (a contiguous copy: the scale mean|w| is summed in another order, so to float rounding)
+        torch.testing.assert_close(y, OP(*_args(x, wt.t().contiguous(), None, mode, cache=False)))
+        wt.mul_(-1)
+        assert torch.equal(OP(*_args(x, wt, None, mode, view=view)), -y)  # sign_channel: codes flip, scales stay
+        # a weight the graph computes (cache=False) is packed per call and never cached
+        held = native.plans_held()
+        assert torch.equal(OP(*_args(x, w * 2, b, mode, cache=False)),
+                           kernel_ops.bit_linear(*_args(x, w * 2, b, mode, cache=False)))
+        assert native.plans_held() == held
+        # a dead parameter's plan is dropped at the next miss
+        del wt
+        OP(*_args(x, torch.nn.Parameter(torch.randn(48, 96)), None, mode))
+        assert native.plans_held() <= held
+
+
+def test_bad_inputs_raise_clear_errors():
+    w = torch.nn.Parameter(torch.randn(8, 32))
+    mode = ("sign_tensor", "sign", 1)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16; got torch.int64"):
+        OP(*_args(torch.ones(2, 32, dtype=torch.long), w, None, mode))
+    with pytest.raises(ValueError, match="x has 31 features in its last dim; the kernel expects K=32"):
+        OP(*_args(torch.randn(2, 31), w, None, mode))
+    with pytest.raises(ValueError, match=r"sign_scores needs q \[..., Lq, D\] and k \[..., Lk, D\]; got \(2, 4, 8\)"):
+        SCORES(torch.randn(2, 4, 8), torch.randn(2, 4, 9))
+    with pytest.raises(ValueError, match="binary_pv needs p"):
+        PV(torch.ones(2, 4, 5), torch.randn(2, 6, 8))
+
+
+_SCRIPT = r"""
+import json, sys, warnings, torch
+warnings.simplefilter("always")
+import bitfx
+from bitfx.ops import native
+torch.manual_seed(0)
+layer = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64)).eval()
+x = torch.randn(2, 5, 64)
+w = torch.nn.Parameter(torch.randn(48, 64))
+q, k = torch.randn(2, 3, 6, 64), torch.randn(2, 3, 7, 64)
+with torch.no_grad():
+    out = {"linear": torch.ops.bitfx_kernels.bit_linear(x, w, None, None, None, None, "ternary", "absmax", 4, True),
+           "scores": torch.ops.bitfx_kernels.sign_scores(q, k)}
+    if sys.argv[2] == "compile":
+        out["compiled"] = torch.compile(layer, backend="bitfx")(x)
+torch.save(out, sys.argv[1])
+print(json.dumps({"status": native.status(), "misses": native.plan_misses()}))
+"""
+
+
+def _run(tmp_path, name, env, compile_=False):
+    path = tmp_path / f"{name}.pt"
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(path), "compile" if compile_ else "direct"],
+                          env={**os.environ, **env}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(path), proc.stderr
+
+
+def test_python_path_serves_when_native_is_off_or_cannot_be_built(tmp_path):
+    on, on_out, _ = _run(tmp_path, "on", {}, compile_=True)
+    # the first op call (the direct linear) runs Python while it loads the library; the compiled graph's two
+    # linears then go through the C++ kernel: one plan each
+    assert on["status"] == "loaded" and on["misses"] == 2
+    off, off_out, _ = _run(tmp_path, "off", {"BITFX_NATIVE": "0"}, compile_=True)
+    assert off == {"status": "disabled (BITFX_NATIVE=0)", "misses": 0}
+    for name in ("linear", "scores", "compiled"):
+        assert torch.equal(on_out[name], off_out[name]), name
+    broken, broken_out, err = _run(tmp_path, "broken", {"CXX": "/nonexistent/c++"})
+    assert broken["status"] == "unavailable: $CXX='/nonexistent/c++' is not an executable"
+    assert "the C++ kernel ops are unavailable" in err and "run on their Python implementation" in err
+    for name in ("linear", "scores"):
+        assert torch.equal(broken_out[name], on_out[name]), name
+
+
+def test_a_plan_the_cpp_kernel_does_not_know_runs_on_the_python_path(monkeypatch):
+    """A quantizer native.cpp has no branch for (a method added later) is run by Python, per call."""
+    real, calls = kernel_ops.linear_plan, []
+
+    def linear_plan(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        plan.pack = "a-newer-method"  # (this parameter's own plan: nothing else shares it)
+        calls.append(1)
+        return plan
+
+    monkeypatch.setattr(kernel_ops, "linear_plan", linear_plan)
+    mode = ("sign_tensor", "sign", 1)
+    w = torch.nn.Parameter(torch.randn(24, 64))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y = [OP(*_args(x, w, None, mode)) for _ in range(3)]
+    assert len(calls) == 4  # one plan for the C++ cache, then the Python implementation on each of 3 calls
+    monkeypatch.setattr(kernel_ops, "linear_plan", real)
+    assert all(torch.equal(t, kernel_ops.bit_linear(*_args(x, w, None, mode))) for t in y)
