@@ -393,17 +393,12 @@ def test_nn_transformer_with_a_float_causal_mask_compiles_in_one_graph():
 @pytest.mark.slow
 @needs_gnu
 @needs_qemu
-@pytest.mark.parametrize("name", [
-    "bert", "binary_vit",
-    pytest.param("gpt2", marks=pytest.mark.xfail(strict=True, reason=(
-        "TVM's Relax importer: torch.cat of HF's empty 1-D cache placeholder with the 4-D keys (symbolic "
-        "import), then R.full with a symbolic size in legalization (the static rebuild)"))),
-    pytest.param("decoder_layer", marks=pytest.mark.xfail(strict=True, reason=(
-        "TVM's Relax legalization of full() whose size is a symbolic value (the causal mask torch.ones(n, n))"))),
-])
+@pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_exports_for_linux_arm64_and_verifies(name, tmp_path):
-    """export takes the zoo's inputs as users hold them (a tokenizer's dict, a cache in the output);
-    the library runs under qemu and matches the host model (export(verify=True) raises otherwise)."""
+    """Every zoo model exports as users hold its inputs (a tokenizer's dict, a cache in the output), with
+    symbolic batch and sequence dims (no fallback to the example shapes), and the library runs under qemu
+    and matches the host model on the example and two random inputs (export(verify=True) raises otherwise)."""
+    from bitfx.relax.importer import to_relax
     from bitfx.targets import emulate
 
     try:
@@ -414,6 +409,7 @@ def test_zoo_exports_for_linux_arm64_and_verifies(name, tmp_path):
     path = bitfx.export(model, args, "linux-arm64", tmp_path / f"{name}.so", example_kwargs=kwargs,
                         verify=True, bundle=False)
     assert path.exists() and path.stat().st_size > 0
+    assert to_relax.last_dynamic is True  # symbolic shapes, not the example shapes
 
 
 @pytest.mark.slow
