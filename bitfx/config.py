@@ -12,6 +12,7 @@ preset         weights                      activations            attention pro
 =============  ===========================  =====================  ===================  ==========
 ``bipft``      sign, per-tensor (BWN)       sign, learnable α+move BiT elastic {0, α_P} rank-1
 ``bit``        sign, per-tensor (BWN)       sign, learnable α+move BiT elastic {0, α_P} none
+                                            ({0, α} after ReLU)
 ``bibert``     sign, per-channel            sign, per-token        BiBERT bool 1[S>0]   none
 ``bivit``      sign, per-channel learnable  sign, learnable α      BiViT β·rowmax       none
 ``bitnet``     sign, per-tensor (W1)        8-bit absmax per token attention stays fp   none
@@ -63,6 +64,9 @@ class BinarizeConfig:
         act_scale: ``"token"`` (α = mean |x| per token, not trained) or ``"learnable"``
             (one α per layer, initialised to 2·mean|x| on the first batch, BiT).
         act_move: add a learnable per-input-channel offset ``move`` before sign (BiT elastic).
+        act_nonneg: the activation method of a linear whose input is provably non-negative (a ReLU,
+            softmax or sigmoid output): ``"unsigned"`` (BiT's {0, α}: ``α·clip(round(u/α), 0, 1)``,
+            learnable α; needs ``act_scale="learnable"``), or None (use ``act`` for every linear).
         attention: binarize attention (Q·Kᵀ and P·V); linears are governed separately.
         linear: binarize linears.
         prob: probability binarizer: ``"bivit"`` (1[P >= β·rowmax P]), ``"elastic"``
@@ -88,6 +92,7 @@ class BinarizeConfig:
     act_bits: int = 1
     act_scale: str = "learnable"
     act_move: bool = True
+    act_nonneg: str | None = None
     attention: bool = True
     linear: bool = True
     prob: str = "elastic"
@@ -121,6 +126,13 @@ class BinarizeConfig:
             if not (isinstance(self.act_bits, int) and lo <= self.act_bits <= hi):
                 accepted = f"{lo}" if lo == hi else f"integers {lo}..{hi}"
                 problems.append(f"act_bits={self.act_bits!r} (act={self.act!r} accepts {accepted})")
+        if self.act_nonneg is not None:
+            if self.act_nonneg not in methods.ACT:
+                problems.append(f"act_nonneg={self.act_nonneg!r} (accepted: None, "
+                                f"{', '.join(map(repr, methods.ACT))})")
+            elif methods.act_method(self.act_nonneg).needs_alpha and self.act_scale != "learnable":
+                problems.append(f"act_nonneg={self.act_nonneg!r} needs act_scale='learnable' (its codes are "
+                                f"thresholded at a learnable α), got act_scale={self.act_scale!r}")
         if not (0.0 < float(self.prob_beta) <= 1.0):
             problems.append(f"prob_beta={self.prob_beta!r} (accepted: 0 < beta <= 1)")
         if not (isinstance(self.estimator_rank, int) and self.estimator_rank >= 1):
@@ -175,7 +187,7 @@ PRESETS: dict[str, dict] = {
     "bipft": dict(weight="sign_tensor", act="sign", act_bits=1, act_scale="learnable",
                   act_move=True, prob="elastic", estimators=True),
     "bit": dict(weight="sign_tensor", act="sign", act_bits=1, act_scale="learnable",
-                act_move=True, prob="elastic", estimators=False),
+                act_move=True, act_nonneg="unsigned", prob="elastic", estimators=False),
     "bibert": dict(weight="sign_channel", act="sign", act_bits=1, act_scale="token",
                    act_move=False, prob="bool", estimators=False),
     "bivit": dict(weight="sign_channel", learnable_weight_scale=True, act="sign", act_bits=1,

@@ -90,7 +90,8 @@ def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits
 
     act="sign" (bits=1): codes sign(x + move); row_scale = `alpha` (1 element) or mean_k |x + move|.
     act="absmax" (bits 2..8): BitNet per-token absmax codes in two's-complement planes; row_scale = 1/inv.
-    `move` and `alpha` apply to act="sign" only (ignored otherwise, as in the reference op).
+    act="unsigned" (bits=1, BiT {0, α}): codes 1[(x + move) / α > 0.5] in one plane; row_scale = α.
+    `move` and `alpha` apply to act="sign" and "unsigned" only (ignored otherwise, as in the reference op).
     `col_scale` is `[N]` or one element. `threads=1` runs single-threaded kernels; otherwise TVM's pool
     is used, sized once (see `_parallel`: `threads`, else $TVM_NUM_THREADS, else torch.get_num_threads()). Returns float32, or x's dtype when x is float16/bfloat16.
     """
@@ -100,12 +101,12 @@ def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits
     x2, lead, dtype = _rows(x, packed.K, "x")
     par = _parallel(threads)
     M, N = x2.shape[0], packed.N
-    if _act_kernel(act) == "xnor" and alpha is not None:  # a given α: sign codes, one row scale
+    if _act_pack(act) == "sign" and alpha is not None:  # a given α: sign codes, one row scale
         _check_bits(act, bits)
         a = _pack_sign(x2, packed.K, move, mean=False, par=par)
         row_scale = _vector(alpha, 1, "alpha").expand(M).contiguous()
     else:
-        a, row_scale = _quantize(x2, packed.K, act, bits, move, par)
+        a, row_scale = _quantize(x2, packed.K, act, bits, move, par, alpha)
     cs = _vector(col_scale, N, "col_scale")
     if cs.numel() == 1:
         cs = cs.expand(N).contiguous()
@@ -119,13 +120,15 @@ def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits
 
 
 def bit_linear_int(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
-                   move: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integer contract: `(acc int32 [M, N], row_scale float32 [M])`, M = all leading dims of x."""
+                   move: torch.Tensor | None = None,
+                   alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer contract: `(acc int32 [M, N], row_scale float32 [M])`, M = all leading dims of x.
+    `alpha` is used by act="unsigned" only (its threshold α/2; sign codes do not depend on α)."""
     if x.is_cuda:
-        return _cuda().bit_linear_int(x, packed, act=act, bits=bits, move=move)
+        return _cuda().bit_linear_int(x, packed, act=act, bits=bits, move=move, alpha=alpha)
     x2, _, _ = _rows(x, packed.K, "x")
     par = _parallel()
-    a, row_scale = _quantize(x2, packed.K, act, bits, move, par)
+    a, row_scale = _quantize(x2, packed.K, act, bits, move, par, alpha)
     acc = torch.empty(x2.shape[0], packed.N, dtype=torch.int32)
     _gemm(packed, act, bits, par, epilogue="int", bias=False)(a, packed.w, *_nnz(packed, act), acc)
     return acc, row_scale
@@ -238,6 +241,38 @@ def _act_kernel(act: str) -> str:
     return methods.act_method(act).kernel
 
 
+def _act_pack(act: str) -> str:
+    """How an activation method's codes are made: "sign", "absmax" or "unsigned" (``ActMethod.packing``)."""
+    from bitfx.ops import methods
+
+    return methods.act_method(act).packing
+
+
+def unsigned_threshold(alpha: torch.Tensor | None, K: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(α [1], -α/2 [K])`` of act="unsigned": α clamped to >= 1e-5 as the reference clamps it. The
+    code is ``u > α/2`` (``pack_rows(mode="pos")`` of ``u + (-α/2)``), which equals the reference's
+    ``clip(round(u / α), 0, 1)`` for every float u: no float lies in (α/2, α/2·(1 + 2^-24)], the
+    values whose quotient rounds down to 0.5."""
+    from bitfx.ops.quantizers import EPS
+
+    if alpha is None:
+        raise ValueError("act='unsigned' needs alpha (one element): its codes are u > alpha/2")
+    a = alpha.detach().reshape(-1).to(torch.float32)
+    if a.numel() != 1:
+        raise ValueError(f"alpha must have 1 element, got {a.numel()}")
+    a = a.clamp(min=EPS).to(device if device is not None else a.device).contiguous()
+    return a, (a * -0.5).expand(K).contiguous()
+
+
+def _pack_unsigned(x2: torch.Tensor, K: int, move, alpha, par: bool):
+    """{0, 1} codes ``(x + move) > α/2`` packed in one plane, and the row scale α."""
+    a, threshold = unsigned_threshold(alpha, K)
+    u = x2 if move is None else (x2 + _vector(move, K, "move")).contiguous()
+    out = torch.empty(x2.shape[0], _words(K), dtype=torch.uint64)
+    kernel("pack_rows", mode="pos", K=K, move=True, parallel=par)(u, threshold, out)
+    return out, a.expand(x2.shape[0]).contiguous()
+
+
 def _pack_sign(x2: torch.Tensor, K: int, move, mean: bool, par: bool):
     out = torch.empty(x2.shape[0], _words(K), dtype=torch.uint64)
     args = [x2] + ([_vector(move, K, "move")] if move is not None else []) + [out]
@@ -250,11 +285,14 @@ def _pack_sign(x2: torch.Tensor, K: int, move, mean: bool, par: bool):
     return out
 
 
-def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move, par: bool):
-    """Activation codes, packed, and the per-row scale (`move` is used by act="sign" only)."""
+def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move, par: bool, alpha=None):
+    """Activation codes, packed, and the per-row scale (`move` is used by act="sign"/"unsigned" only)."""
     _check_bits(act, bits)
-    if _act_kernel(act) == "xnor":  # ±1 codes (sign); else k-bit absmax planes
+    pack = _act_pack(act)
+    if pack == "sign":  # ±1 codes; else one {0, 1} plane (unsigned) or k-bit absmax planes
         return _pack_sign(x2, K, move, mean=True, par=par)
+    if pack == "unsigned":
+        return _pack_unsigned(x2, K, move, alpha, par)
     planes = torch.empty(x2.shape[0], bits, _words(K), dtype=torch.uint64)
     rs = torch.empty(x2.shape[0], dtype=torch.float32)
     kernel("absmax_planes", K=K, bits=bits, parallel=par)(x2, planes, rs)
@@ -320,11 +358,15 @@ class LinearPlan:
         cs = _vector(col_scale, packed.N, "col_scale")
         self.col = cs.expand(packed.N).contiguous() if cs.numel() == 1 else cs
         self.bias = None if bias is None else _vector(bias, packed.N, "bias")
-        self.alpha = None if (act != "sign" or alpha is None) else _vector(alpha, 1, "alpha")
-        self.move = None if (act != "sign" or move is None) else _vector(move, packed.K, "move")
+        self.pack = _act_pack(act)
+        self.alpha = None if (self.pack == "absmax" or alpha is None) else _vector(alpha, 1, "alpha")
+        self.move = None if (self.pack == "absmax" or move is None) else _vector(move, packed.K, "move")
         self.weights = [packed.w, *_nnz(packed, act)]
         self.words = _words(packed.K)
-        if act == "sign":
+        if self.pack == "unsigned":  # u = x + move in torch, then u > α/2 (the threshold as pack's move)
+            self.alpha, self.threshold = unsigned_threshold(self.alpha, packed.K)
+            self.quant = kernel("pack_rows", mode="pos", K=packed.K, move=True, parallel=par)
+        elif act == "sign":
             self.quant = kernel("pack_rows", mode="sign", K=packed.K, move=self.move is not None,
                                 mean=self.alpha is None, parallel=par)
         else:
@@ -338,7 +380,11 @@ class LinearPlan:
             x2, lead, dtype = _rows(x, self.K, "x")
         M = x2.shape[0]
         pre = [x2] if self.move is None else [x2, self.move]
-        if self.act == "sign":
+        if self.pack == "unsigned":
+            a = torch.empty(M, self.words, dtype=torch.uint64)
+            self.quant(x2 if self.move is None else x2 + self.move, self.threshold, a)
+            rs = self.alpha.expand(M).contiguous()
+        elif self.act == "sign":
             a = torch.empty(M, self.words, dtype=torch.uint64)
             if self.alpha is None:
                 rs = torch.empty(M, dtype=torch.float32)

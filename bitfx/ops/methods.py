@@ -60,8 +60,13 @@ class ActMethod:
     ``kernel``: the GEMM family its codes feed — ``"xnor"`` (±1 × ±1: popcount of XOR) or ``"and"``
     (k two's-complement bit planes × weights, bit-serial). ``bits``: accepted (min, max).
     ``takes_move`` / ``takes_alpha``: whether ``binarize`` may add a per-channel ``move`` and a
-    learnable scalar ``α``. ``alpha_init(u)``: α's calibration value from ``u = x + move``.
+    learnable scalar ``α``; ``needs_alpha``: the method has no per-token form (α is required).
+    ``alpha_init(u)``: α's calibration value from ``u = x + move``.
     ``flops_per_input(has_move, has_alpha)``: float work per input element (cost rule).
+    ``pack``: how the kernels make the codes — ``"sign"`` (sign bits, with ``move``; per-token
+    ``mean|u|`` or α), ``"absmax"`` (k two's-complement planes per token) or ``"unsigned"`` (one
+    {0, 1} plane, bit = ``u > α/2``, row scale α: ``pack_rows(mode="pos")`` of ``u`` with the
+    threshold ``-α/2`` as its move vector); default: ``"sign"`` for ``kernel="xnor"``, else ``"absmax"``.
     """
 
     name: str
@@ -73,6 +78,12 @@ class ActMethod:
     paper: str
     alpha_init: Optional[Callable[[Tensor], Tensor]] = None
     flops_per_input: Callable[[bool, bool], int] = lambda has_move, has_alpha: 0
+    needs_alpha: bool = False
+    pack: str = ""
+
+    @property
+    def packing(self) -> str:
+        return self.pack or ("sign" if self.kernel == "xnor" else "absmax")
 
     def dequantized(self, x: Tensor, move=None, alpha=None, bits: int = 1) -> Tensor:
         codes, scale, _ = self.quantize(x, move, alpha, bits)
@@ -162,6 +173,12 @@ register(ActMethod("absmax", lambda x, move, alpha, bits: Q.act_absmax(x, bits),
                    bits=(2, 8), takes_move=False, takes_alpha=False,
                    paper="BitNet 8-bit absmax per token (2310.11453)",
                    flops_per_input=lambda has_move, has_alpha: 3))  # |x|, max, multiply by Qp/γ
+
+register(ActMethod("unsigned", lambda x, move, alpha, bits: Q.act_unsigned(x, move, alpha), kernel="and",
+                   bits=(1, 1), takes_move=True, takes_alpha=True, needs_alpha=True, pack="unsigned",
+                   paper="BiT elastic {0, α} for non-negative inputs, e.g. after ReLU (2205.13016)",
+                   alpha_init=lambda u: 2.0 * u.abs().mean(),
+                   flops_per_input=lambda has_move, has_alpha: int(has_move) + 1))  # + move; compare with α/2
 
 register(ProbMethod("bivit", lambda p, beta: Q.prob_bivit(p, 0.25 if beta is None else beta), softmax=True,
                     flops_per_score=2, paper="BiViT softmax-aware (2211.07091 §3.2)",  # rowmax, compare

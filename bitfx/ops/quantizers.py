@@ -93,6 +93,27 @@ def act_sign(x: Tensor, move: Tensor | None = None, alpha: Tensor | None = None)
     return codes, scale, value
 
 
+def act_unsigned(x: Tensor, move: Tensor | None = None, alpha: Tensor | None = None):
+    """1-bit unsigned activations {0, α}: BiT elastic binarization of non-negative inputs (arXiv 2205.13016,
+    Eq. 4-5), for a linear whose input follows a ReLU (or a softmax).
+
+    Forward: ``u = x + move``; ``Qa = α · clip(round(u / α), 0, 1)`` with a learnable per-tensor
+    ``α`` (clamped to >= 1e-5, as BiT's code does), i.e. code 1 iff ``u / α > 0.5`` (round half to
+    even); NaN gives code 0. Backward (STE, the paper's Eq. 5): ``∂Qa/∂u = 1[0 <= u/α <= 1]``;
+    ``∂Qa/∂α = round(u/α) - u/α`` for ``0 <= u/α <= 1``, ``1`` above, ``0`` below (LSQ's gradient
+    scale is left to the optimizer). ``∂Qa/∂move = ∂Qa/∂u``.
+    """
+    if alpha is None:
+        raise ValueError("act_mode 'unsigned' needs a learnable α (act_scale='learnable'): its codes are "
+                         "{0, 1} at the threshold α/2")
+    u = x if move is None else x + move
+    scale = alpha.reshape(()).clamp(min=EPS)
+    ratio = u / scale
+    codes = torch.clamp(torch.round(ratio.detach()), 0, 1).nan_to_num(0.0)
+    value = scale * _ste(codes, torch.clamp(ratio, 0.0, 1.0))
+    return codes, scale, value
+
+
 def act_absmax(x: Tensor, bits: int = 8):
     """k-bit activations, absmax per token (BitNet, arXiv 2310.11453; 8 bits by default).
 

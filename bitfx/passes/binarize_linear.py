@@ -10,6 +10,12 @@ After (preset "bipft")::
     alpha = get_attr(bitfx_alpha__<module>)    # scalar, init 2·mean|x| on the first batch
     y = bit_linear(x, W, b, None, move, alpha, "sign_tensor", "sign", 1)
 
+With ``config.act_nonneg`` (preset "bit": ``"unsigned"``), a linear whose input is provably
+non-negative — a ReLU, ReLU6, softmax, sigmoid, exp or abs output, through dropout, views and
+copies — takes that activation method instead (BiT's {0, α} codes after a ReLU)::
+
+    y = bit_linear(relu(h), W, b, None, move, alpha, "sign_tensor", "unsigned", 1)
+
 Linears stay float (and are reported) when the config keeps their module, when they are too
 small, or when their weight is not a parameter or their shape/dtype is unsupported.
 
@@ -33,6 +39,29 @@ PART = "bitfx_packed_part"
 
 aten = torch.ops.aten
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+#: Ops whose output is >= 0 wherever it is a number; and ops that keep their input's sign.
+_NON_NEGATIVE = {aten.relu.default, aten.relu_.default, aten.relu6.default, aten.softmax.int,
+                 aten._softmax.default, aten.sigmoid.default, aten.exp.default, aten.abs.default}
+_SIGN_KEEPING = VIEW_OPS | SLICE_OPS | {aten.dropout.default, aten._to_copy.default, aten.to.dtype,
+                                        aten.to.dtype_layout, aten.detach.default, aten.flatten.using_ints,
+                                        aten.unflatten.int, aten.squeeze.dim, aten.unsqueeze.default}
+
+
+def non_negative(x) -> bool:
+    """Whether ``x`` is provably >= 0: a ReLU-like output (``clamp``/``hardtanh`` with a minimum
+    >= 0 included), seen through dropout, views, slices and dtype copies."""
+    x, _ = trace_back(x, _SIGN_KEEPING)
+    if not (isinstance(x, fx.Node) and x.op == "call_function"):
+        return False
+    if x.target in _NON_NEGATIVE:
+        return True
+    low = {aten.clamp.default: 1, aten.clamp_min.default: 1, aten.hardtanh.default: 1}.get(x.target)
+    if low is None:
+        return False
+    bound = x.args[low] if len(x.args) > low else x.kwargs.get("min", x.kwargs.get("min_val", -1.0))
+    return isinstance(bound, (int, float)) and bound >= 0
 
 
 def weight_source(weight, ctx: PassContext) -> fx.Node | None:
@@ -127,7 +156,10 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     device = w.device if w.device.type != "meta" else torch.device("cpu")
 
     weight_scale = move = alpha = None
-    wm, am = methods.weight_method(cfg.weight), methods.act_method(cfg.act)
+    act, bits = cfg.act, cfg.act_bits
+    if cfg.act_nonneg is not None and non_negative(x):  # BiT: {0, α} codes after a ReLU
+        act, bits = cfg.act_nonneg, methods.act_method(cfg.act_nonneg).bits[0]
+    wm, am = methods.weight_method(cfg.weight), methods.act_method(act)
     if cfg.learnable_weight_scale and wm.scale_init is not None:
         weight_scale = add_parameter(gm, f"bitfx_wscale__{tag}", torch.ones(n, device=device), node)
     if am.takes_move and cfg.act_move:
@@ -136,7 +168,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         alpha = add_parameter(gm, f"bitfx_alpha__{tag}", torch.ones((), device=device), node)
     new = call(
         gm, BIT_LINEAR,
-        (x, weight, bias, weight_scale, move, alpha, cfg.weight, cfg.act, cfg.act_bits),
+        (x, weight, bias, weight_scale, move, alpha, cfg.weight, act, bits),
         before=node, like=node,
     )
     node.replace_all_uses_with(new)

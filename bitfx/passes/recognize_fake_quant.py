@@ -18,7 +18,9 @@ from ``x`` (``W``) to ``q_a(x)`` (``q_w(W)``) is evaluated, ``q_w`` on the param
   (per output row), ``ternary`` (``clamp(round(W/γ), -1, 1)·γ``, ``γ = mean|W|``, BitNet b1.58);
 * activations: ``absmax`` with 2..8 bits per token (BitNet), ``sign`` with the per-token
   ``mean|x|`` (XNOR-Net) or with the model's own scalar ``α`` and per-channel ``move`` parameters
-  (BiT/BiPFT elastic: ``α·sign(x + move)``; ``move`` may be added before the STE or inside ``q_a``).
+  (BiT/BiPFT elastic: ``α·sign(x + move)``; ``move`` may be added before the STE or inside ``q_a``),
+  ``unsigned`` with the model's ``α`` (and ``move``): BiT's ``α·clip(round((x + move)/α), 0, 1)``
+  for the non-negative inputs after a ReLU.
 
 A layer is rewritten only when both quantizers agree with a method (to float rounding, on at least
 99.9% of the elements: ``torch.sign(0) = 0`` where bitfx's sign(0) = +1), so the ``bit_linear``
@@ -161,7 +163,8 @@ def _act_candidates(gm, act: _STE, leaves: list[fx.Node], ctx: PassContext):
     for name, method in methods.ACT.items():
         lo, hi = method.bits
         for bits in range(hi, lo - 1, -1):
-            for alpha in [None, *scalars] if method.takes_alpha else [None]:
+            alphas = [*([] if method.needs_alpha else [None]), *scalars] if method.takes_alpha else [None]
+            for alpha in alphas:
                 for move in [None, *vectors] if method.takes_move else [None]:
                     a = None if alpha is None else _value(gm, alpha, ctx).detach().float()
                     mv = None if move is None else _value(gm, move, ctx).detach().float()

@@ -320,10 +320,27 @@ def _pack_sign(x2: torch.Tensor, K: int, move, *, mean: bool):
     return (out, rs) if mean else out
 
 
-def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move):
-    from bitfx.codegen.runtime import _check_bits
+def _pack_unsigned(x2: torch.Tensor, K: int, move, alpha):
+    """BiT's {0, 1} codes ``(x + move) > α/2`` in one plane (``pack_rows(mode="pos")`` with the threshold
+    ``-α/2`` as its move vector; see ``bitfx.codegen.runtime.unsigned_threshold``) and the row scale α."""
+    from bitfx.codegen.runtime import unsigned_threshold
+
+    dev, M = x2.device, x2.shape[0]
+    a, threshold = unsigned_threshold(alpha, K, dev)
+    u = x2.float() if move is None else x2.float() + _vector(move, K, "move", dev)
+    out = torch.empty(M, _words(K), dtype=torch.uint64, device=dev)
+    if M:
+        _run(_kernel("pack_rows", dev, mode="pos", K=K, dtype="float32", move=True), dev, u.contiguous(),
+             threshold, out)
+    return out, a.expand(M).contiguous()
+
+
+def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move, alpha=None):
+    from bitfx.codegen.runtime import _act_pack, _check_bits
 
     _check_bits(act, bits)
+    if _act_pack(act) == "unsigned":
+        return _pack_unsigned(x2, K, move, alpha)
     if act == "sign":
         return _pack_sign(x2, K, move, mean=True)
     dev, M = x2.device, x2.shape[0]
@@ -361,7 +378,7 @@ def bit_linear(x: torch.Tensor, packed, *, act: str = "sign", bits: int = 1, mov
         a = _pack_sign(x2, packed.K, move, mean=False)
         row_scale = _vector(alpha, 1, "alpha", dev).expand(M).contiguous()
     else:
-        a, row_scale = _quantize(x2, packed.K, act, bits, move)
+        a, row_scale = _quantize(x2, packed.K, act, bits, move, alpha)
     cs = _vector(col_scale, N, "col_scale", dev)
     if cs.numel() == 1:
         cs = cs.expand(N).contiguous()
@@ -374,11 +391,11 @@ def bit_linear(x: torch.Tensor, packed, *, act: str = "sign", bits: int = 1, mov
     return y.view(*lead, N)
 
 
-def bit_linear_int(x: torch.Tensor, packed, *, act: str = "sign", bits: int = 1, move=None):
+def bit_linear_int(x: torch.Tensor, packed, *, act: str = "sign", bits: int = 1, move=None, alpha=None):
     """The integer contract on CUDA tensors: ``(acc int32 [M, N], row_scale float32 [M])``."""
     x2, _, _ = _rows(x, packed.K, "x")
     dev, M = x2.device, x2.shape[0]
-    a, row_scale = _quantize(x2, packed.K, act, bits, move)
+    a, row_scale = _quantize(x2, packed.K, act, bits, move, alpha)
     acc = torch.empty(M, packed.N, dtype=torch.int32, device=dev)
     if M and packed.N:
         _run(_gemm(packed, act, bits, M, dev, epilogue="int", bias=False), dev, a, *_weights(packed, act, dev), acc)
@@ -445,8 +462,9 @@ class LinearPlan:
         _check_bits(act, bits)
         dev = packed.planes.device
         self.packed, self.act, self.bits = packed, act, bits
-        self.move = None if (act != "sign" or move is None) else _vector(move, packed.K, "move", dev)
-        self.alpha = None if (act != "sign" or alpha is None) else _vector(alpha, 1, "alpha", dev)
+        takes = act in ("sign", "unsigned")  # the methods with a move and an α
+        self.move = None if (not takes or move is None) else _vector(move, packed.K, "move", dev)
+        self.alpha = None if (not takes or alpha is None) else _vector(alpha, 1, "alpha", dev)
         cs = _vector(col_scale, packed.N, "col_scale", dev)
         self.col = cs.expand(packed.N).contiguous() if cs.numel() == 1 else cs
         self.bias = None if bias is None else _vector(bias, packed.N, "bias", dev)
