@@ -179,7 +179,7 @@ def bipft_residual(args) -> dict:
 def digits(args) -> dict:
     import digits as d
 
-    out = d.run(quick=args.quick, presets=args.presets, steps=args.steps, cache=args.teacher)
+    out = d.run(quick=args.quick, presets=args.presets, steps=args.steps, lr=args.lr, cache=args.teacher)
     print(json.dumps({"figure": "digits", **out}))
     return out
 
@@ -205,6 +205,7 @@ def main(argv=None) -> int:
     c.add_argument("--quick", action="store_true")
     c.add_argument("--presets", nargs="*", default=None)
     c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--lr", type=float, default=None, help="peak lr (default: examples/digits.py's per preset)")
     c.add_argument("--teacher", default=None, help="cache of the float ViT (state dict, read or written)")
     m = sub.add_parser("minilm")
     m.add_argument("--preset", default="bitnet")
