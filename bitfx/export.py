@@ -67,7 +67,7 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
 
     gm = _binarized(model_or_binarized_gm, example_inputs, config, example_kwargs)
     call = example_call(gm, example_inputs, example_kwargs)  # the graph's inputs, as flat leaves
-    flat = _fold_parameter_expressions(flat_module(gm))
+    flat = _unsigned_as_sign(_fold_parameter_expressions(flat_module(gm)))
     structured, (inputs, gm) = gm, (call.flat, flat)  # structured: output names for verify
     mod = to_relax(gm, inputs, target=dt)
     try:
@@ -176,6 +176,56 @@ def _fold_parameter_expressions(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 _NOT_CONSTANT = object()  # a value that depends on the graph's inputs
+
+
+def _unsigned_as_sign(gm: fx.GraphModule) -> fx.GraphModule:
+    """``bit_linear`` with BiT's unsigned {0, α} activations, rewritten for the device kernels as a sign
+    ``bit_linear`` (the converters lower sign and absmax activations) with the same integer sums.
+
+    With ``u = x + move``, ``h = α/2``, the code ``a = 1[u > h]`` and ``s = 2a - 1 = -sign(h - u)``
+    (sign(0) = +1: u = h gives a = 0)::
+
+        α·Σ_k a_k·w_k = h·Σ_k s_k·w_k + h·Σ_k w_k = (-h)·Σ_k sign(-u_k + h)·w_k + h·rowsum(w)
+
+    so ``y = bit_linear(-u, W, b + h·col·rowsum(w_codes), ws, move=[h]*K, alpha=-h, ..., "sign", 1)``:
+    the same codes exactly (``-u + h >= 0`` iff ``u <= h`` for floats), the epilogue within float rounding.
+    """
+    from bitfx.ops import BIT_LINEAR
+    from bitfx.ops.linear import quantize_weight
+    from bitfx.ops.quantizers import EPS
+    from bitfx.passes.graph import getattr_path
+
+    aten = torch.ops.aten
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is BIT_LINEAR]:
+        x, w, b, ws, move, alpha, weight_mode, act_mode, _ = node.args
+        if act_mode != "unsigned":
+            continue
+        value = {a: getattr_path(gm, a.target).detach().float() for a in (w, b, ws, move, alpha)
+                 if isinstance(a, fx.Node) and a.op == "get_attr"}
+        if any(isinstance(a, fx.Node) and a not in value for a in (w, b, ws, move, alpha)) or alpha is None:
+            raise ExportError(f"bit_linear {node.name} (unsigned activations): its weight, bias, scales, "
+                              "move and alpha must be parameters for the device export")
+        with torch.no_grad():
+            codes, col, _ = quantize_weight(value[w], value.get(ws), weight_mode)
+            h = value[alpha].reshape(()).clamp(min=EPS) * 0.5
+            bias = h * col.reshape(-1) * codes.sum(1)
+            bias = bias + value[b] if b is not None else bias
+        k = codes.shape[1]
+        names = []
+        for what, t in (("bias", bias), ("move", h.expand(k)), ("alpha", -h.reshape(1))):
+            names.append(f"bitfx_unsigned_{what}_{node.name}")
+            gm.register_buffer(names[-1], t.contiguous().clone())
+        with gm.graph.inserting_before(node):
+            u = gm.graph.call_function(aten.add.Tensor, (x, move)) if move is not None else x
+            neg = gm.graph.call_function(aten.neg.default, (u,))
+            b2, mv2, al2 = (gm.graph.get_attr(n) for n in names)
+            new = gm.graph.call_function(BIT_LINEAR, (neg, w, b2, ws, mv2, al2, weight_mode, "sign", 1))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def _binarized(model, inputs, config, example_kwargs=None):

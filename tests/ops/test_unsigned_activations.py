@@ -14,6 +14,7 @@ from bitfx.codegen import runtime
 from bitfx.ops import BIT_LINEAR, methods
 from bitfx.ops.linear import bit_linear_reference, quantize_weight
 from bitfx.passes.recognize_fake_quant import OWN
+from targets.target_tools import needs_gnu, needs_qemu
 
 G = torch.Generator().manual_seed(0)
 
@@ -123,6 +124,9 @@ def test_bit_preset_binarizes_every_linear_of_a_relu_mlp():
         fast = torch.compile(model, backend="bitfx", options={"config": "bit"})(x)  # TVM kernels
         torch._dynamo.reset()
     assert float((fast - ref).norm() / ref.norm()) <= 1e-5
+    d = bitfx.diff(model, (x,), "bit")  # the cost report counts them: 1 BOP per binary MAC, M = 15 tokens
+    assert d.totals["rewritten"]["linear"] == 3
+    assert d.totals["bops_after"] == 15 * (48 * 96 + 96 * 80 + 80 * 16)
     # every unsigned layer computes α·{0, 1} codes of its own input: check fc2 by hand
     h = F.relu(model.fc1(x)).detach()  # not the binarized fc1: fc2 alone, on a float input
     (fc2,) = [n for n in gm.graph.nodes if n.target == BIT_LINEAR and n.args[7] == "unsigned"][:1]
@@ -163,3 +167,35 @@ def test_own_bit_unsigned_fake_quant_layer_is_recognised():
     assert [s.module for s in gm.bitfx_report.skips] == ["0"]  # the author's float layer stays float
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_gnu
+@needs_qemu
+def test_unsigned_layers_export_for_arm64_with_the_hosts_numbers(tmp_path):
+    """The device export lowers unsigned layers as sign kernels with the same codes (bitfx.export's
+    _unsigned_as_sign); the library under qemu gives the host model's outputs."""
+    from bitfx.export import _fold_parameter_expressions, _unsigned_as_sign, export, verify
+    from bitfx.inputs import flat_module
+    from bitfx.targets import emulate
+
+    try:
+        emulate.fetch_arm64_runtime()
+    except (RuntimeError, FileNotFoundError) as err:
+        pytest.skip(f"aarch64 TVM runtime unavailable (offline?): {err}")
+    torch.manual_seed(0)
+    model, x = ReluMLP().eval(), torch.randn(3, 5, 48)
+    gm = bitfx.binarize(model, (x,), {"preset": "bit", "kernels": "reference"})
+    with torch.no_grad():  # trained-looking α and move
+        for name, p in gm.named_parameters():
+            if "alpha" in name:
+                p.fill_(0.9)
+            elif "move" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        expected = gm(x)
+        flat = _unsigned_as_sign(_fold_parameter_expressions(flat_module(gm)))
+        assert [n.args[7] for n in flat.graph.nodes if n.target == BIT_LINEAR] == ["sign"] * 3
+        host = flat(x)
+    host = host[0] if isinstance(host, (tuple, list)) else host
+    torch.testing.assert_close(host, expected, rtol=1e-5, atol=1e-5)
+    path = export(gm, (x,), "linux-arm64", tmp_path / "relu_mlp.so", bundle=False)
+    assert verify(path, (x,), expected, "linux-arm64") <= 1e-4 * max(1.0, float(expected.abs().max()))
