@@ -222,7 +222,7 @@ def _perm(s: fx.Node, r: int) -> list[int] | None:
     return None
 
 
-def _feeds_attention(node: fx.Node, limit: int = 64) -> bool:
+def _feeds_attention(node: fx.Node, limit: int = 256) -> bool:
     """Whether ``node`` reaches the q, k or v of a ``bitfx.attention`` (through any ops: rotary,
     caches, head repeats)."""
     seen, frontier = {node}, [node]

@@ -99,6 +99,36 @@ def test_plan_and_bit_linear_equal_the_reference_op():
     torch.testing.assert_close(direct, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_kernel_op_with_a_parameter_view_equals_the_reference():
+    """``bitfx_kernels.bit_linear`` (what a compiled graph calls; C++ dispatch falls back for this mode)."""
+    K, N = 70, 24
+    w = nn.Parameter(torch.randn(3 * N, K, generator=G))
+    x, alpha = torch.relu(torch.randn(5, K, generator=G)), torch.tensor(0.5)
+    move = torch.randn(K, generator=G) * 0.05
+    part = w[N:2 * N]  # a part of a packed projection: the parameter plus its view
+    with torch.no_grad():
+        y = torch.ops.bitfx_kernels.bit_linear(x, w, None, None, move, alpha, "sign_tensor", "unsigned", 1, True,
+                                               list(part.shape), list(part.stride()), part.storage_offset())
+        ref = bit_linear_reference(x, part, None, None, move, alpha, "sign_tensor", "unsigned", 1)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("M", [1, 37])  # CUDA cores, tensor cores
+def test_cuda_integer_sums_equal_the_reference(M):
+    K, N, alpha = 600, 200, torch.tensor(0.7)
+    x = torch.relu(torch.randn(M, K, generator=G))
+    move, w = torch.randn(K, generator=G) * 0.1, torch.randn(N, K, generator=G)
+    codes_w, col, _ = quantize_weight(w, None, "sign_tensor")
+    packed = runtime.pack_weight(codes_w.to(torch.int8).cuda(), ternary=False)
+    acc, rs = runtime.bit_linear_int(x.cuda(), packed, act="unsigned", move=move.cuda(), alpha=alpha.cuda())
+    a_codes, _, _ = methods.act_method("unsigned").quantize(x, move, alpha, 1)
+    assert torch.equal(acc.cpu(), (a_codes.double() @ codes_w.double().t()).to(torch.int32))
+    plan = runtime.LinearPlan(packed, act="unsigned", move=move, alpha=alpha, col_scale=col.cuda())
+    ref = bit_linear_reference(x, w, None, None, move, alpha, "sign_tensor", "unsigned", 1)
+    torch.testing.assert_close(plan(x.cuda()).cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
 class ReluMLP(nn.Module):
     def __init__(self):
         super().__init__()
