@@ -24,13 +24,15 @@ import bitfx
 
 PRESETS = ("bipft", "bit", "bibert", "bivit", "bitnet", "bitnet158")
 FULLY_BINARY = ("bipft", "bit", "bibert", "bivit")   # 1-bit weights and activations
-#: peak learning rate (cosine to 0): the 1-bit-activation presets need a larger one (bipft, 300 steps:
-#: 91.94 % at 2e-3, 93.89 % at 5e-3, 94.17 % at 1e-2); W1A8 / ternary were measured at 2e-3
-LR_FULLY_BINARY, LR_OTHER = 1e-2, 2e-3
+#: peak learning rate (cosine to 0), per preset, as measured (FIDELITY.md (c), 300 steps): bipft 91.94 % at
+#: 2e-3, 93.89 % at 5e-3, 94.17 % at 1e-2, 94.72 % at 2e-2, diverges (61.39 %) at 4e-2; bit 87.50 % at 2e-3,
+#: 93.33 % at 1e-2; bibert and bivit are better at 2e-3 (80.83 / 75.56 %) than at 1e-2 (76.94 / 72.50 %)
+LR = {"bipft": 1e-2, "bit": 1e-2}
+LR_OTHER = 2e-3
 
 
 def default_lr(preset: str) -> float:
-    return LR_FULLY_BINARY if preset in FULLY_BINARY else LR_OTHER
+    return LR.get(preset, LR_OTHER)
 
 
 class Block(nn.Module):
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", action="append", choices=PRESETS, help="(repeatable) default: all")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None,
-                    help=f"peak learning rate (default {LR_FULLY_BINARY:g} for W1A1 presets, {LR_OTHER:g} otherwise)")
+                    help=f"peak learning rate (default: {LR} and {LR_OTHER:g} for the others)")
     ap.add_argument("--save", default="digits.bitfx", help="where to save the first preset's student")
     ap.add_argument("--teacher", default=None, help="cache of the float ViT's state dict (read or written)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
