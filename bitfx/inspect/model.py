@@ -282,7 +282,8 @@ def _model_bytes(gm: fx.GraphModule, shape_of) -> int:
     """Every parameter and buffer once; weights of ``bit_linear`` nodes at 1 bit (2 ternary) + the
     scales of each ``bit_linear`` that reads them (three for a q/k/v projection split in parts)."""
     users: dict[str, list[fx.Node]] = {}
-    for src, user, index, _ in _params([n for n in gm.graph.nodes if short_name(target_name(n)) == "bit_linear"]).values():
+    bit_linears = [n for n in gm.graph.nodes if short_name(target_name(n)) == "bit_linear"]
+    for src, user, index, _ in _params(bit_linears).values():
         if _binary_weight(user, index):
             users.setdefault(src.target, []).append(user)
     total = 0

@@ -38,7 +38,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from bitfx.ops import ATTENTION
 from bitfx.passes.binarize_linear import PART, refusal
 from bitfx.passes.context import PassContext, Rewrite, fake_value, module_of
-from bitfx.passes.graph import call, copy_meta, erase_unused
+from bitfx.passes.graph import call, erase_unused
 
 aten = torch.ops.aten
 PASS = "split_packed_projections"

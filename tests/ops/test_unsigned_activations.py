@@ -163,7 +163,8 @@ def test_bit_preset_binarizes_every_linear_of_a_relu_mlp():
     alpha, move = gm.get_parameter(fc2.args[5].target).detach(), gm.get_parameter(fc2.args[4].target).detach()
     codes = np.clip(np.round((h + move).numpy() / np.float32(alpha)), 0, 1)
     wc = np.where(model.fc2.weight.detach().numpy() - model.fc2.weight.detach().numpy().mean() < 0, -1.0, 1.0)
-    expected = (codes @ wc.T) * float(alpha) * float(model.fc2.weight.detach().abs().mean()) + model.fc2.bias.detach().numpy()
+    scale = float(alpha) * float(model.fc2.weight.detach().abs().mean())
+    expected = (codes @ wc.T) * scale + model.fc2.bias.detach().numpy()
     y = torch.ops.bitfx.bit_linear(h, model.fc2.weight.detach(), model.fc2.bias.detach(), None, move, alpha,
                                    "sign_tensor", "unsigned", 1)
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
