@@ -13,7 +13,9 @@ passes are calibrated once per model and reused when dynamo recompiles for new s
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -87,11 +89,65 @@ def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
 
     try:
         graph = make_fx(lowered, decomposition_table=select_decomp_table())(*inputs)
-        return compile_fx_inner(graph, inputs)
+        with _simd_probes_remembered():
+            return compile_fx_inner(graph, inputs)
     except Exception as err:  # noqa: BLE001 - the kernels still run; only the glue stays eager
         log.warning("bitfx: inductor could not compile the float parts (%s: %s); they run as PyTorch ops",
                     type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
         return make_boxed_func(lowered)
+
+
+@contextlib.contextmanager
+def _simd_probes_remembered():
+    """Inductor checks each SIMD ISA the CPU reports by loading a compiled test kernel in a child Python,
+    in every process (six children here, ~0.5 s each, even when its FX graph cache hits). The answer
+    depends only on the test library, this CPU, torch and the C++ compiler: bitfx keeps each passed
+    probe in its compile cache and answers it from there in later processes. A failed probe is not
+    kept (it is asked again), so a transient failure never disables an ISA."""
+    from torch._inductor import cpu_vec_isa
+
+    real = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
+    if real is None or not compile_cache.enabled():
+        yield
+        return
+
+    def probe(self, output_path: str) -> bool:
+        try:
+            stamp = os.stat(output_path)
+            key = compile_cache.content_key(
+                "simd_probe", [], extra=f"{_isa_fingerprint()}|{output_path}|{stamp.st_size}|{stamp.st_mtime_ns}")
+        except OSError:
+            return real(self, output_path)
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():  # real tensors inside the compile
+            if compile_cache.load(key, stat="simd_probe_") is not None:
+                return True
+            ok = real(self, output_path)
+            if ok:
+                compile_cache.store(key, {"ok": torch.tensor(True)}, stat="simd_probe_")
+        return ok
+
+    cpu_vec_isa.VecISA._probe_load = probe
+    try:
+        yield
+    finally:
+        cpu_vec_isa.VecISA._probe_load = real
+
+
+def _isa_fingerprint() -> str:
+    """The CPU's flags, the torch version and the C++ compiler (path and modification time)."""
+    import platform
+    import shutil
+
+    from torch._inductor import cpu_vec_isa
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        flags = sorted(cpu_vec_isa.x86_isa_checker()) if platform.machine() in ("x86_64", "AMD64") else []
+        cxx = shutil.which(get_cpp_compiler()) or get_cpp_compiler()
+        stamp = os.stat(cxx).st_mtime_ns if os.path.exists(cxx) else 0
+    except Exception:  # noqa: BLE001 - an unknown setup never matches a stored outcome
+        return f"unknown-{os.getpid()}"
+    return f"{platform.machine()}|{flags}|{torch.__version__}|{cxx}|{stamp}"
 
 
 def _initialise(traced: fx.GraphModule, before: set[str], example_inputs, config) -> None:

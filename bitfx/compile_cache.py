@@ -61,13 +61,15 @@ def content_key(kind: str, tensors: Iterable[torch.Tensor], extra: str = "") -> 
     return f"{kind}-{h.hexdigest()}"
 
 
-def load(key: str) -> dict[str, torch.Tensor] | None:
-    """The tensors stored under `key`, or None when absent, damaged or the cache is off."""
+def load(key: str, stat: str = "") -> dict[str, torch.Tensor] | None:
+    """The tensors stored under `key`, or None when absent, damaged or the cache is off.
+
+    `stat`: a prefix for the `STATS` counters of this entry (``"simd_probe_"`` counts apart)."""
     if not enabled():
         return None
     path = _root() / f"{key}.npz"
     if not path.exists():
-        STATS["miss"] += 1
+        STATS[stat + "miss"] += 1
         return None
     try:
         # NumPy's format, not torch.load: no code runs on load (allow_pickle=False), and torch.load
@@ -78,12 +80,12 @@ def load(key: str) -> dict[str, torch.Tensor] | None:
         log.warning("bitfx compile cache entry %s is damaged (%s); computing it again", path.name, err)
         STATS["damaged"] += 1
         return None
-    STATS["hit"] += 1
+    STATS[stat + "hit"] += 1
     return values
 
 
-def store(key: str, values: dict[str, torch.Tensor]) -> None:
-    """Write `values` under `key` atomically; a read-only or full disk only logs."""
+def store(key: str, values: dict[str, torch.Tensor], stat: str = "") -> None:
+    """Write `values` under `key` atomically; a read-only or full disk only logs (`stat`: as `load`)."""
     if not enabled():
         return
     root = _root()
@@ -94,6 +96,6 @@ def store(key: str, values: dict[str, torch.Tensor]) -> None:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, root / f"{key}.npz")
-        STATS["store"] += 1
+        STATS[stat + "store"] += 1
     except (OSError, TypeError, RuntimeError) as err:  # disk, or a dtype NumPy has no type for
         log.warning("bitfx could not write compile cache entry %s (%s)", key, err)

@@ -70,3 +70,38 @@ def test_damaged_entry_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("BITFX_COMPILE_CACHE", "0")
     compile_cache.store("x-2", {"v": torch.ones(3)})
     assert not (tmp_path / "x-2.npz").exists()
+
+
+PROBE_SCRIPT = r"""
+import json, subprocess, torch, bitfx
+probes = []
+run = subprocess.run
+def spy(cmd, *a, **k):
+    if isinstance(cmd, list) and any("cdll.LoadLibrary" in str(c) for c in cmd):  # inductor's SIMD probe
+        probes.append(1)
+    return run(cmd, *a, **k)
+subprocess.run = spy
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32)).eval()
+with torch.no_grad():
+    y = torch.compile(model, backend="bitfx")(torch.randn(4, 32))
+print(json.dumps({"probes": len(probes), "y": y.sum().item()}))
+"""
+
+
+def test_warm_start_skips_inductors_simd_probes(tmp_path):
+    """inductor loads a test library per SIMD ISA in a child Python in every process; bitfx keeps the
+    passed probes, so a second process starts none (counted: the child commands)."""
+    import pytest
+
+    pytest.importorskip("torch._inductor.cpu_vec_isa")
+    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path)}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["probes"] >= 1  # the first process probes (the test is not vacuous)
+    assert warm["probes"] == 0
+    assert warm["y"] == cold["y"]
