@@ -118,7 +118,7 @@ def _match(linear: fx.Node) -> _Match | None:
 
 def _lead_view(u: fx.Node, n: int) -> bool:
     out = _shape(u)
-    return bool(out) and isinstance(out[-1], int) and out[-1] == n and list(u.args[1])[-1] == n
+    return bool(out) and isinstance(out[-1], int) and out[-1] == n and list(u.args[1])[-1] in (n, -1)
 
 
 def _match_split(m: _Match, u: fx.Node, n: int, rank: int) -> _Match | None:

@@ -41,6 +41,8 @@ class Packed(nn.Module):
         elif self.spelling == "select":  # older timm: qkv[0], qkv[1], qkv[2]
             qkv = self.qkv(x).reshape(b, n, 3, HEADS, E // HEADS).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
+        elif self.spelling == "flat_split":  # a 2-D projection, viewed back with -1, then split
+            q, k, v = (self.heads(t, b, n) for t in self.qkv(x.reshape(b * n, E)).view(b, n, -1).split(E, -1))
         elif self.spelling == "flat":  # a 2-D projection, viewed into [b, n, 3, h, d] directly
             y = self.qkv(x.reshape(b * n, E))
             q, k, v = y.view(b, n, 3, HEADS, E // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
@@ -111,7 +113,7 @@ def weights_called(gm, target, *inputs):
 X = torch.randn(2, 6, E)
 
 
-@pytest.mark.parametrize("spelling", ["split", "chunk", "unbind", "select", "flat", "unflatten"])
+@pytest.mark.parametrize("spelling", ["split", "chunk", "unbind", "select", "flat", "flat_split", "unflatten"])
 def test_each_spelling_becomes_three_linears_with_the_same_numbers(spelling):
     torch.manual_seed(0)
     model = Packed(spelling).eval()
