@@ -63,7 +63,10 @@ def row(name: str, export_target: str | None) -> list[str]:
             with tempfile.TemporaryDirectory() as tmp:
                 bitfx.export(gm, args, export_target, Path(tmp) / "model.so", example_kwargs=kwargs,
                              verify=export_target.endswith("arm64"), bundle=False)
-            exported = "verified" if export_target.endswith("arm64") else "built"
+            from bitfx.relax.importer import to_relax
+
+            exported = ("verified" if export_target.endswith("arm64") else "built") + (
+                ", symbolic shapes" if to_relax.last_dynamic else ", example shapes")
         except Exception as e:  # noqa: BLE001 — the table reports it
             exported = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
     fmt = lambda p: f"{p[0]} / {p[1]}"  # noqa: E731
