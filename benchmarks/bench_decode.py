@@ -6,7 +6,9 @@
 
 Rows (median wall time per call, microseconds; ratio = fp32 eager / row):
   linear KxN      one projection at M = 1: F.linear (fp32, MKL) vs bitfx.codegen.runtime.bit_linear
-                  (sign packing + per-token scale + popcount GEMV + fused epilogue)
+                  (sign packing + per-token scale + popcount GEMV + fused epilogue), and the kernel op
+                  ``torch.ops.bitfx_kernels.bit_linear`` as a compiled model calls it (plan cached per
+                  parameter; its C++ kernel, or the Python path with BITFX_NATIVE=0)
   decode step     a transformers GPT2Model (n_embd 768, 12 heads, random weights) called with one token and
                   the cache of ``--past`` tokens (use_cache=True, HF's default): eager fp32, then
                   torch.compile(backend="bitfx") with the TVM kernels (every projection bit_linear, every
@@ -54,7 +56,12 @@ def linear_rows() -> list[tuple[str, float, float]]:
         scale = w.abs().mean(1)
         fp32 = bench(lambda: F.linear(x, w, b))
         bit = bench(lambda: runtime.bit_linear(x, packed, col_scale=scale, bias=b))
-        rows.append((f"linear {k}x{n}", fp32, bit))
+        # the kernel op a compiled model calls (its plan cached per parameter; C++ unless BITFX_NATIVE=0)
+        param = torch.nn.Parameter(w)
+        with torch.no_grad():
+            op = bench(lambda: torch.ops.bitfx_kernels.bit_linear(x, param, b, None, None, None, "sign_channel",
+                                                                  "sign", 1, True))
+        rows.append((f"linear {k}x{n}", fp32, bit, op))
     return rows
 
 
@@ -84,7 +91,7 @@ def decode_row(layers: int, past: int) -> tuple[str, float, float]:
     step(compiled)
     print(f"# bitfx compile of the decode step: {time.perf_counter() - t0:.1f} s")
     bit = bench(lambda: step(compiled))
-    return (f"decode step ({layers} blocks, {past} cached)", fp32, bit)
+    return (f"decode step ({layers} blocks, {past} cached)", fp32, bit, None)
 
 
 def main(argv=None) -> None:
@@ -98,10 +105,15 @@ def main(argv=None) -> None:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| row | fp32 eager µs | bitfx µs | x_fp32 |")
-    print("|---|---|---|---|")
-    for name, fp32, bit in [*linear_rows(), decode_row(a.layers, a.past)]:
-        print(f"| {name} | {fp32:.1f} | {bit:.1f} | {fp32 / bit:.2f} |", flush=True)
+    from bitfx.ops import native
+
+    native.load()  # the kernel ops' C++ kernels (built once per machine), unless BITFX_NATIVE=0
+    print(f"# kernel ops: {native.status()}")
+    print("| row | fp32 eager µs | bitfx µs | x_fp32 | kernel op µs | x_fp32 |")
+    print("|---|---|---|---|---|---|")
+    for name, fp32, bit, op in [*linear_rows(), decode_row(a.layers, a.past)]:
+        ops = f"{op:.1f} | {fp32 / op:.2f}" if op is not None else "| "
+        print(f"| {name} | {fp32:.1f} | {bit:.1f} | {fp32 / bit:.2f} | {ops} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ the Python path, which computes the same results (one warning names the reason; 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -62,9 +64,8 @@ def _command(compiler: str, out: Path) -> list[str]:
     includes = [f"-I{p}" for p in (*cpp_extension.include_paths(), libinfo.find_include_path(),
                                    libinfo.find_dlpack_include_path())]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return [compiler, *FLAGS, abi, *includes, str(SOURCE), "-o", str(out),
-            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-L{ffi_lib}", "-ltvm_ffi",
-            f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{ffi_lib}"]
+    return [compiler, *FLAGS, abi, *includes, str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+            f"-L{ffi_lib}", "-ltvm_ffi", f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{ffi_lib}", "-o", str(out)]
 
 
 def library_path(compiler: str | None = None) -> Path:
@@ -79,19 +80,36 @@ def library_path(compiler: str | None = None) -> Path:
     return cache_dir() / f"native-ops-{hashlib.sha256(desc.encode()).hexdigest()[:16]}.so"
 
 
+# Compile to a temporary name, then rename into place (atomic: processes building at once each publish a
+# complete library). The shell does the rename, so a process that exits mid-build (a short script; the build
+# thread is a daemon) still publishes the library for the next one; the compiler's messages go to a file.
+_PUBLISH = ('tmp=$1; out=$2; log=$3; shift 3; "$@" -o "$tmp" 2> "$log" && mv -f "$tmp" "$out" && rm -f "$log"; '
+            'rc=$?; rm -f "$tmp"; exit $rc')
+
+
 def _build(compiler: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for stale in out.parent.glob(".native-ops-*"):  # left by a build that was killed
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > 3600:
+                stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=".native-ops-", suffix=".so", dir=out.parent)
     os.close(fd)
+    log_path = tmp[:-3] + ".log"
+    cmd = _command(compiler, Path(tmp))[:-2]  # (without its "-o tmp": the shell adds it)
     try:
-        proc = subprocess.run(_command(compiler, Path(tmp)), capture_output=True, text=True)
+        # at the lowest priority: on a cold cache it runs beside the model's compile, on idle cycles
+        proc = subprocess.run(["sh", "-c", _PUBLISH, "sh", tmp, str(out), log_path, *cmd],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              preexec_fn=(lambda: os.nice(19)) if hasattr(os, "nice") else None)
         if proc.returncode:
-            raise RuntimeError(f"{compiler} could not build {SOURCE.name} (exit {proc.returncode}):\n"
-                               f"{proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)  # atomic: processes building at once each publish a complete library
+            message = Path(log_path).read_text(errors="replace").strip()[-2000:] if os.path.exists(log_path) else ""
+            raise RuntimeError(f"{compiler} could not build {SOURCE.name} (exit {proc.returncode}):\n{message}")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, log_path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def start() -> None:
