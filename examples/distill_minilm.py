@@ -95,14 +95,23 @@ def _file_sentences(path: Path):
 
 
 class Encoder(torch.nn.Module):
-    """BertModel -> last_hidden_state (positional inputs, one output)."""
+    """BertModel -> last_hidden_state (positional inputs, one output); ``pooled=True``: the sentence
+    embedding itself (mean over the real tokens, L2-normalised), so that distillation's output term
+    is the quantity evaluated."""
 
-    def __init__(self, model):
+    def __init__(self, model, pooled: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.pooled = model, pooled
 
     def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(h, attention_mask) if self.pooled else h
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' embedding: mean over the real tokens, L2-normalised."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
 
 
 def load_minilm():
@@ -124,8 +133,7 @@ def batches(tokenizer, texts: list[str], size: int, max_len: int) -> list[tuple[
 def embed(model, ids, mask) -> torch.Tensor:
     """sentence-transformers' embedding: mean over the real tokens, L2-normalised."""
     h = model(ids, mask).float()
-    m = mask.unsqueeze(-1).float()
-    return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+    return F.normalize(h, dim=-1) if h.dim() == 2 else mean_pool(h, mask)  # 2-D: already pooled
 
 
 @torch.no_grad()
@@ -135,7 +143,10 @@ def cosine(student, teacher, held) -> float:
 
 
 def run(preset: str, steps: int, batch: int, max_len: int, lr: float, n_held: int, calib: int,
-        save: str | None, weights: dict | None = None, attention: str = "scores") -> dict:
+        save: str | None, weights: dict | None = None, attention: str = "scores",
+        objective: str = "tokens", output_loss: str = "mse") -> dict:
+    """``objective="tokens"``: the output term compares the last hidden state (``output_loss``);
+    ``"pooled"``: the student and teacher output the sentence embedding and the term compares it."""
     torch.manual_seed(0)
     tokenizer, teacher = load_minilm()
     train, held = sentences()
@@ -145,16 +156,21 @@ def run(preset: str, steps: int, batch: int, max_len: int, lr: float, n_held: in
     train_b = batches(tokenizer, train[: batch * max(steps, calib)], batch, max_len)
     held_b = batches(tokenizer, held, 32, max_len)
     t0 = time.time()
-    student = bitfx.binarize(teacher, train_b[0], preset)  # its own copy of the weights
+    if objective not in ("tokens", "pooled"):
+        raise ValueError(f"objective={objective!r} (accepted: 'tokens', 'pooled')")
+    source = Encoder(teacher.model, pooled=objective == "pooled")  # the same weights
+    student = bitfx.binarize(source, train_b[0], preset)  # its own copy of the weights
     bitfx.calibrate(student, train_b[:calib])
     before = cosine(student, teacher, held_b)
-    bitfx.distill(student, teacher, train_b, steps=steps, lr=lr, weights=weights, attention=attention)
+    bitfx.distill(student, source, train_b, steps=steps, lr=lr, weights=weights, attention=attention,
+                  output_loss=output_loss)
     train_s = time.time() - t0
     if save:
         bitfx.save(student, save)
         student = bitfx.load(save)
     after = cosine(student, teacher, held_b)
     result = {"preset": preset, "steps": steps, "batch": batch, "max_len": max_len, "lr": lr,
+              "objective": objective, "output_loss": output_loss, "weights": weights,
               "train_sentences": len(train), "held_out_sentences": sum(b[0].shape[0] for b in held_b),
               "cosine_before": round(before, 4), "cosine_after": round(after, 4),
               "train_seconds": round(train_s, 1), "final_log": student.bitfx_distill_log[-1]
@@ -173,12 +189,21 @@ def main(argv=None) -> int:
     ap.add_argument("--held", type=int, default=512, help="held-out sentences to evaluate on")
     ap.add_argument("--save", default=None, help="write the distilled model here (bitfx.save), then reload it")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
+    ap.add_argument("--objective", choices=("tokens", "pooled"), default="tokens",
+                    help="output term on the last hidden state (tokens) or on the sentence embedding (pooled)")
+    ap.add_argument("--output-loss", choices=("mse", "cosine"), default="mse")
+    ap.add_argument("--weights", default=None, help="loss-term weights, e.g. output=10,attention=0 (default 1 each)")
     args = ap.parse_args(argv)
+    try:
+        weights = {k: float(v) for k, v in (kv.split("=") for kv in args.weights.split(","))} if args.weights else None
+    except ValueError:
+        ap.error(f"--weights {args.weights!r} (accepted: name=number pairs, e.g. output=10,attention=0)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.batch, args.max_len, args.held = 100, 16, 40, 256
-    result = run(args.preset, args.steps, args.batch, args.max_len, args.lr, args.held, calib=4, save=args.save)
+    result = run(args.preset, args.steps, args.batch, args.max_len, args.lr, args.held, calib=4, save=args.save,
+                 weights=weights, objective=args.objective, output_loss=args.output_loss)
     print(json.dumps(result))
     return 0
 
