@@ -13,6 +13,7 @@ from bitfx import BinarizeConfig
 from bitfx.codegen import runtime
 from bitfx.ops import BIT_LINEAR, methods
 from bitfx.ops.linear import bit_linear_reference, quantize_weight
+from bitfx.passes.context import module_of
 from bitfx.passes.recognize_fake_quant import OWN
 from targets.target_tools import needs_gnu, needs_qemu
 
@@ -230,3 +231,21 @@ def test_unsigned_layers_export_for_arm64_with_the_hosts_numbers(tmp_path):
     torch.testing.assert_close(host, expected, rtol=1e-5, atol=1e-5)
     path = export(gm, (x,), "linux-arm64", tmp_path / "relu_mlp.so", bundle=False)
     assert verify(path, (x,), expected, "linux-arm64") <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+
+def test_decoder_layer_ffn_after_relu_is_unsigned_and_compile_agrees():
+    """nn.TransformerDecoderLayer (ReLU FFN) under "bit": q, k, v, out of self and cross attention and
+    linear1 take sign activations, linear2 (after ReLU and dropout) unsigned; TVM kernels == reference."""
+    from hf_zoo import ZOO
+
+    model, args, _ = ZOO["decoder_layer"].make()
+    gm = bitfx.binarize(model, args, {"preset": "bit", "kernels": "reference"})
+    modes = {(module_of(n), n.name): n.args[7] for n in gm.graph.nodes if n.target == BIT_LINEAR}
+    assert sorted(modes.values()) == ["sign"] * 9 + ["unsigned"]
+    assert [m for (m, _), mode in modes.items() if mode == "unsigned"] == ["layer.linear2"]
+    with torch.no_grad():
+        ref = gm(*args)
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="bitfx", options={"config": "bit"})(*args)
+        torch._dynamo.reset()
+    assert float((fast - ref).norm() / ref.norm()) <= 1e-5
