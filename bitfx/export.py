@@ -11,7 +11,8 @@ kernel set implements: ``bitfx.targets.registry``) → ``relax.build`` for the t
 Relax ops on the device; its two integer products and every ``bit_linear`` run the popcount kernels.
 
 Shapes: batch and sequence dims stay symbolic where the importer keeps them (``to_relax(dynamic=True)``);
-if the symbolic import fails the library is built for the example shapes (a warning says so).
+if the symbolic import or build fails it is retried with only the batch symbolic (a model whose token grid is
+fixed: its image size is), then at the example shapes (a warning says each step).
 The bit_linear kernels themselves take any M. The command line is ``bitfx export`` (``bitfx/cli.py``).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from bitfx.deploy.verify import VerifyError
-from bitfx.relax.importer import ExportError, fused, to_relax
+from bitfx.relax.importer import SHAPE_MODES, ExportError, fused, next_shape_mode, to_relax
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,18 @@ def export(model_or_binarized_gm: torch.nn.Module, example_inputs: Sequence[Any]
     flat = _unsigned_as_sign(_fold_parameter_expressions(flat_module(gm)))
     structured, (inputs, gm) = gm, (call.flat, flat)  # structured: output names for verify
     mod = to_relax(gm, inputs, target=dt)
-    try:
-        exe = _build(mod, dt)
-    except Exception as e:  # noqa: BLE001 — a symbolic-shape build failure is retried static
-        if not to_relax.last_dynamic:
-            raise
-        log.warning("bitfx.export: building with symbolic shapes failed (%s: %s); building at the example shapes",
-                    type(e).__name__, (str(e).strip().splitlines() or [""])[-1][:200])
-        exe = _build(to_relax(gm, inputs, dynamic=False, target=dt), dt)
+    while True:
+        try:
+            exe = _build(mod, dt)
+            break
+        except Exception as e:  # noqa: BLE001 — a symbolic-shape build failure is retried with fewer symbols
+            mode = to_relax.last_dynamic
+            if mode is False:
+                raise
+            log.warning("bitfx.export: building with %s failed (%s: %s); building with %s", SHAPE_MODES[mode],
+                        type(e).__name__, (str(e).strip().splitlines() or [""])[-1][:200],
+                        SHAPE_MODES[next_shape_mode(mode)])
+            mod = to_relax(gm, inputs, dynamic=next_shape_mode(mode), target=dt)
     path = cross.export_library(exe, path, dt)
     if bundle:
         from bitfx.deploy import write_bundle

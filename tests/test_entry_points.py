@@ -393,6 +393,11 @@ def test_nn_transformer_with_a_float_causal_mask_compiles_in_one_graph():
 @pytest.mark.slow
 @needs_gnu
 @needs_qemu
+#: The shapes each zoo library keeps symbolic: every dim torch keeps symbolic, except the BinaryViT pyramid,
+#: whose token mixer reshapes to a fixed 8x8 grid (its image size is fixed; its batch stays symbolic).
+EXPORT_SHAPES = {"binary_vit": "batch"}
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_exports_for_linux_arm64_and_verifies(name, tmp_path):
     """Every zoo model exports as users hold its inputs (a tokenizer's dict, a cache in the output), with
@@ -409,7 +414,7 @@ def test_zoo_exports_for_linux_arm64_and_verifies(name, tmp_path):
     path = bitfx.export(model, args, "linux-arm64", tmp_path / f"{name}.so", example_kwargs=kwargs,
                         verify=True, bundle=False)
     assert path.exists() and path.stat().st_size > 0
-    assert to_relax.last_dynamic is True  # symbolic shapes, not the example shapes
+    assert to_relax.last_dynamic == EXPORT_SHAPES.get(name, True)  # symbolic shapes, not the example shapes
 
 
 @pytest.mark.slow

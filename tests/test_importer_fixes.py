@@ -121,3 +121,42 @@ def test_masked_softmax_gradients_stay_finite_on_a_fully_masked_row():
     (p * torch.arange(5.0)).sum().backward()
     assert torch.isfinite(s.grad).all()
     assert (s.grad[0] == 0).all()
+
+
+class FixedGrid(torch.nn.Module):
+    """Patch tokens mixed on their fixed 4x4 grid (BinaryViT's pooling token mixer): the reshape to the
+    grid ties the image size, so only the batch can stay symbolic on the device."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, d, 4, stride=4)
+        self.fc = torch.nn.Linear(d, d)
+        self.pool = torch.nn.AvgPool2d(3, 1, 1)
+        self.head = torch.nn.Linear(d, 10)
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)  # [B, N, d]
+        b, _, d = x.shape
+        grid = x.transpose(1, 2).reshape(b, d, 4, 4)
+        x = x + self.pool(grid).reshape(b, d, 16).transpose(1, 2)
+        x = x + self.fc(x)
+        return self.head(x.mean(1))
+
+
+def test_a_fixed_token_grid_exports_with_a_symbolic_batch(tmp_path):
+    """All dims symbolic fails to build (the grid reshape), so export retries with the batch alone symbolic
+    before the example shapes: the library then runs at another batch size, equal to the host model."""
+    import bitfx
+    from tvm import relax
+
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 16, 16)
+    gm = bitfx.binarize(FixedGrid().eval(), (img,))
+    path = bitfx.export(gm, (img,), "host", tmp_path / "grid.so", bundle=False)
+    assert to_relax.last_dynamic == "batch"
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    other = torch.randn(3, 3, 16, 16)  # another batch size than the example's
+    out = vm["main"](tvm.runtime.tensor(other.numpy()))
+    out = out[0] if not hasattr(out, "numpy") else out
+    with torch.no_grad():
+        np.testing.assert_allclose(out.numpy(), gm(other).numpy(), rtol=1e-4, atol=1e-4)

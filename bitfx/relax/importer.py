@@ -29,17 +29,16 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def to_relax(gm: torch.nn.Module, example_inputs: Sequence[Any], *, dynamic: bool = True, target=None):
+def to_relax(gm: torch.nn.Module, example_inputs: Sequence[Any], *, dynamic: bool | str = True, target=None):
     """The binarized GraphModule as a Relax IRModule (see ``bitfx.export`` for the lowering).
 
     Args:
         target: the device target (name or ``DeviceTarget``) whose kernel set the bitfx ops lower to;
             ``None``: the reference compute.
-        dynamic: keep the batch and sequence dims symbolic where the model allows
-            (``torch.export.Dim.AUTO``); if that import fails (some graphs lose static shape
-            information in the importer, e.g. ``nn.TransformerEncoderLayer``), it falls back to the
-            example shapes and logs a warning. ``to_relax.last_dynamic`` says which one the last call
-            produced.
+        dynamic: ``True``: keep the batch and sequence dims symbolic where the model allows
+            (``torch.export.Dim.AUTO`` on every dim); ``"batch"``: only the first dim of each input;
+            ``False``: the example shapes. If an import fails it is retried with the next of these
+            (a warning says so); ``to_relax.last_dynamic`` says which one the last call produced.
     """
     inputs = _as_tuple(example_inputs)
     kernels = "reference"
@@ -47,21 +46,40 @@ def to_relax(gm: torch.nn.Module, example_inputs: Sequence[Any], *, dynamic: boo
         from bitfx.targets import cross
 
         kernels = cross.get_target(target).kernels
-    if dynamic:
-        from bitfx.api import _auto_dynamic_shapes
-
+    if dynamic not in (True, False, "batch"):
+        raise ValueError(f"to_relax: dynamic={dynamic!r} (accepted: True, 'batch', False)")
+    modes = {True: [True, "batch"], "batch": ["batch"], False: []}[dynamic]
+    for mode in modes:
         try:
-            mod = _import(gm, inputs, _auto_dynamic_shapes(inputs), kernels)
-            to_relax.last_dynamic = True
+            mod = _import(gm, inputs, _dynamic_shapes(inputs, mode), kernels)
+            to_relax.last_dynamic = mode
             return mod
         except ExportError:
             raise
-        except Exception as e:  # noqa: BLE001 — retried with static shapes below
-            log.warning("bitfx.export: symbolic shapes failed (%s: %s); exporting at the example shapes",
-                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        except Exception as e:  # noqa: BLE001 — retried with fewer symbolic dims below
+            log.warning("bitfx.export: %s failed (%s: %s); trying %s", SHAPE_MODES[mode], type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "",
+                        SHAPE_MODES[next_shape_mode(mode)])
     mod = _import(gm, inputs, None, kernels)
     to_relax.last_dynamic = False
     return mod
+
+
+#: How each ``dynamic`` mode reads in a warning.
+SHAPE_MODES = {True: "symbolic shapes", "batch": "a symbolic batch only", False: "the example shapes"}
+
+
+def next_shape_mode(mode):
+    """The mode to retry with when ``mode`` fails: all symbolic → batch only → the example shapes."""
+    return {True: "batch", "batch": False}.get(mode, False)
+
+
+def _dynamic_shapes(inputs: tuple, mode):
+    if mode is True:
+        from bitfx.api import _auto_dynamic_shapes
+
+        return _auto_dynamic_shapes(inputs)
+    return tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
 
 
 to_relax.last_dynamic = None
