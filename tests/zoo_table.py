@@ -65,8 +65,8 @@ def row(name: str, export_target: str | None) -> list[str]:
                              verify=export_target.endswith("arm64"), bundle=False)
             from bitfx.relax.importer import to_relax
 
-            exported = ("verified" if export_target.endswith("arm64") else "built") + (
-                ", symbolic shapes" if to_relax.last_dynamic else ", example shapes")
+            exported = ("verified" if export_target.endswith("arm64") else "built") + ", " + {
+                True: "symbolic shapes", "batch": "symbolic batch", False: "example shapes"}[to_relax.last_dynamic]
         except Exception as e:  # noqa: BLE001 — the table reports it
             exported = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
     fmt = lambda p: f"{p[0]} / {p[1]}"  # noqa: E731
