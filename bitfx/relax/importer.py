@@ -195,29 +195,46 @@ def _decompose(ep, integer_kernels: bool = True):
     return ep.run_decompositions(table)
 
 
+def _rewrite_calls(ep, target, rewrite):
+    """Each call of ``target`` in ``ep``'s graph replaced by ``rewrite(graph, node)``: a new node (given
+    the old node's meta unless it set its own), another existing node, ``node`` itself (edited in place),
+    or None (kept as it is)."""
+    g, changed = ep.graph, False
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target != target:
+            continue
+        new = rewrite(g, node)
+        if new is None:
+            continue
+        changed = True
+        if new is node:
+            continue
+        if not new.meta:
+            new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    if changed:
+        g.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return ep
+
+
 def _drop_empty_cat_operands(ep):
     """``cat([empty_1d, x, ...], dim)`` -> ``cat([x, ...], dim)``: torch (legacy behaviour) skips 1-D
     tensors of size 0 in a cat whatever the other operands' rank; Relax's concat requires one rank.
     Hugging Face's ``DynamicCache`` starts each layer's keys and values as ``torch.tensor([])`` and
     concatenates the new keys onto it: the reason GPT-2 with its cache on did not import."""
-    g, changed = ep.graph, False
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.cat.default:
-            continue
-        tensors = node.args[0]
-        kept = [t for t in tensors if not _is_empty_1d(t)]
-        if len(kept) == len(tensors) or not kept:
-            continue
+
+    def rewrite(g, node):
+        kept = [t for t in node.args[0] if not _is_empty_1d(t)]
+        if len(kept) == len(node.args[0]) or not kept:
+            return None
         if len(kept) == 1:
-            node.replace_all_uses_with(kept[0])
-            g.erase_node(node)
-        else:
-            node.args = (kept, *node.args[1:])
-        changed = True
-    if changed:
-        g.eliminate_dead_code()
-        ep.graph_module.recompile()
-    return ep
+            return kept[0]
+        node.args = (kept, *node.args[1:])
+        return node
+
+    return _rewrite_calls(ep, torch.ops.aten.cat.default, rewrite)
 
 
 def _is_empty_1d(node) -> bool:
@@ -229,14 +246,12 @@ def _finite_full_fills(ep):
     """``full(shape, ±inf or nan)`` -> ``full(shape, 0) + scalar_tensor(value)``: TVM's legalization of
     ``R.full`` fails on a non-finite fill (``TypeError: argument of type 'PrimType' is not iterable``
     in ``topi.full``), e.g. ``nn.Transformer.generate_square_subsequent_mask``'s ``full((n, n), -inf)``."""
-    aten, g, changed = torch.ops.aten, ep.graph, False
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target != aten.full.default:
-            continue
-        value = node.args[1]
-        if not isinstance(value, float) or value == value and abs(value) != float("inf"):
-            continue
-        val = node.meta.get("val")
+    aten = torch.ops.aten
+
+    def rewrite(g, node):
+        value, val = node.args[1], node.meta.get("val")
+        if not isinstance(value, float) or (value == value and abs(value) != float("inf")) or val is None:
+            return None
         with g.inserting_before(node):
             zeros = g.call_function(aten.full.default, (node.args[0], 0.0), dict(node.kwargs))
             fill = g.call_function(aten.scalar_tensor.default, (value,), {"dtype": val.dtype, "device": val.device})
@@ -244,13 +259,9 @@ def _finite_full_fills(ep):
         with val.fake_mode:
             zeros.meta["val"] = torch.zeros_like(val)
             fill.meta["val"] = torch.scalar_tensor(value, dtype=val.dtype, device=val.device)
-        out.meta = dict(node.meta)
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        changed = True
-    if changed:
-        ep.graph_module.recompile()
-    return ep
+        return out
+
+    return _rewrite_calls(ep, aten.full.default, rewrite)
 
 
 def _exact_symbolic_slices(ep):
@@ -260,28 +271,22 @@ def _exact_symbolic_slices(ep):
     Relax infers ``min(s, size)`` for the slice, cannot prove it equal to ``s`` at the next broadcast
     (the embeddings' add) and drops the shape, and a later reshape with -1 fails: the reason real
     MiniLM exported only at the example shapes. The gather has the same values and length ``s``."""
-    aten, g = torch.ops.aten, ep.graph
-    changed = False
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target != aten.slice.Tensor:
-            continue
+    aten = torch.ops.aten
+
+    def rewrite(g, node):
         x, dim, start, end, step = (*node.args, *(None, 0, None, None, 1)[len(node.args):])
         val, xval = node.meta.get("val"), getattr(x, "meta", {}).get("val")
         if (not isinstance(end, fx.Node) or start not in (0, None) or step not in (1, None)
                 or val is None or xval is None or not isinstance(xval.shape[dim], int)):
-            continue
+            return None
         with g.inserting_before(node):
             idx = g.call_function(aten.arange.start_step, (0, end, 1), {"dtype": torch.int64, "device": xval.device})
             sel = g.call_function(aten.index_select.default, (x, dim, idx))
         with xval.fake_mode:
             idx.meta["val"] = torch.arange(0, val.shape[dim], dtype=torch.int64, device=xval.device)
-        sel.meta = dict(node.meta)
-        node.replace_all_uses_with(sel)
-        g.erase_node(node)
-        changed = True
-    if changed:
-        ep.graph_module.recompile()
-    return ep
+        return sel
+
+    return _rewrite_calls(ep, aten.slice.Tensor, rewrite)
 
 
 def _constant_values(ep) -> dict[str, torch.Tensor]:
