@@ -149,8 +149,8 @@ def _linear_plan_parts(weight, bias, weight_scale, move, alpha, weight_mode, act
                        view_size=None, view_stride=None, view_offset=0):
     """The C++ ``bit_linear``'s view of ``linear_plan(...)``: ``(tensors, ints)``, laid out as native.cpp reads
     them: tensors ``[packed planes, (nnz), col_scale, (bias), (move), (alpha)]``; ints ``[quant kernel handle,
-    GEMM handle, quantizer kind (0 sign with mean|x|, 1 sign with α, 2 absmax), bits, K, N, number of weight
-    tensors, has bias, has move, has alpha]``. The handles stay valid: ``build`` memoises every kernel.
+    GEMM handle, quantizer kind (0 sign with mean|x|, 1 sign with α, 2 absmax, 3 unsigned: then the threshold
+    tensor follows), bits, K, N, number of weight tensors, has bias, has move, has alpha]``. The handles stay valid: ``build`` memoises every kernel.
     A plan whose activation quantizer is none of these (kind -1, e.g. a newer method) is run per call by
     the Python implementation (``_bit_linear_python``), as before the C++ kernels."""
     view = None if view_size is None else (tuple(view_size), tuple(view_stride), view_offset)
@@ -160,9 +160,12 @@ def _linear_plan_parts(weight, bias, weight_scale, move, alpha, weight_mode, act
         kind = 0 if plan.alpha is None else 1
     elif packing == "absmax" and plan.act != "sign":
         kind = 2
+    elif packing == "unsigned" and plan.alpha is not None and getattr(plan, "threshold", None) is not None:
+        kind = 3  # {0, α}: codes (x + move) > α/2, threshold -α/2 as the pack kernel's move (one more tensor)
     else:
         return [], [0, 0, -1, plan.bits, plan.K, plan.N, 0, 0, 0, 0]
     extra = [t for t in (plan.bias, plan.move, plan.alpha) if t is not None]
+    extra += [plan.threshold] if kind == 3 else []
     ints = [plan.quant.__chandle__(), plan.gemm.__chandle__(), kind, plan.bits, plan.K, plan.N, len(plan.weights),
             int(plan.bias is not None), int(plan.move is not None), int(plan.alpha is not None)]
     return [*plan.weights, plan.col, *extra], ints

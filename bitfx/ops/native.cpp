@@ -15,6 +15,7 @@
 // op bitfx_kernels::_linear_plan_parts, which returns the plan's tensors and kernel handles.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
@@ -156,13 +157,14 @@ at::Tensor rows(const at::Tensor& x, int64_t K, const char* name) {
 
 // ------------------------------------------------------------------------------------- bit_linear
 // kPython: a quantizer this file does not know (a newer activation method): the Python path runs each call.
-enum Quant : int64_t { kPython = -1, kSignMean = 0, kSignAlpha = 1, kAbsmax = 2 };
+// kUnsigned: {0, α} codes (x + move) > α/2, packed by pack_rows("pos") with the threshold -α/2 as its move.
+enum Quant : int64_t { kPython = -1, kSignMean = 0, kSignAlpha = 1, kAbsmax = 2, kUnsigned = 3 };
 
 struct Plan {  // runtime.LinearPlan's resolved parts
   std::unique_ptr<Fn> quant, gemm;
   int64_t kind = 0, bits = 1, K = 0, N = 0;
   std::vector<at::Tensor> weights;  // packed planes [, nnz]
-  at::Tensor col, bias, move, alpha;  // bias/move/alpha undefined when absent
+  at::Tensor col, bias, move, alpha, threshold;  // bias/move/alpha/threshold undefined when absent
 };
 
 // The plan's parts from Python (kernel_ops._linear_plan_parts): tensors [w, (nnz), col, (bias), (move),
@@ -190,6 +192,7 @@ std::shared_ptr<Plan> plan_from_python(const Stack& args) {
   if (is[7]) plan->bias = ts.at(i++);
   if (is[8]) plan->move = ts.at(i++);
   if (is[9]) plan->alpha = ts.at(i++);
+  if (plan->kind == kUnsigned) plan->threshold = ts.at(i++);
   return plan;
 }
 
@@ -206,6 +209,11 @@ at::Tensor run_plan(const Plan& p, const at::Tensor& x_in) {
   DLTensor dr = dl(rows_, {kDLFloat, 32, 1}, r_shape, 1);
   if (p.kind == kAbsmax) {
     call(*p.quant, {&dx, &da, &dr});
+  } else if (p.kind == kUnsigned) {
+    at::Tensor u = p.move.defined() ? at::add(x.view({M, p.K}), p.move) : x;  // as LinearPlan: x2 + move
+    DLTensor du = dl(u.data_ptr(), {kDLFloat, 32, 1}, x_shape, 2), dt = dl(p.threshold);
+    call(*p.quant, {&du, &dt, &da});
+    std::fill(rows_, rows_ + M, p.alpha.data_ptr<float>()[0]);
   } else if (p.kind == kSignMean) {
     DLTensor dm = p.move.defined() ? dl(p.move) : DLTensor{};
     if (p.move.defined()) call(*p.quant, {&dx, &dm, &da, &dr});

@@ -230,3 +230,26 @@ def test_a_plan_the_cpp_kernel_does_not_know_runs_on_the_python_path(monkeypatch
     assert len(calls) == 4  # one plan for the C++ cache, then the Python implementation on each of 3 calls
     monkeypatch.setattr(kernel_ops, "linear_plan", real)
     assert all(torch.equal(t, kernel_ops.bit_linear(*_args(x, w, None, mode))) for t in y)
+
+
+@pytest.mark.parametrize("wm", ["sign_tensor", "ternary"])
+def test_unsigned_activations_run_in_cpp_and_are_exact(wm, monkeypatch):
+    """act "unsigned" ({0, α}, codes (x + move) > α/2): the C++ kernel, no Python per call."""
+    real, calls = kernel_ops.linear_plan, []
+    monkeypatch.setattr(kernel_ops, "linear_plan", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    g = torch.Generator().manual_seed(7)
+    K, N = 100, 40
+    x = torch.randn(2, 5, K, generator=g).abs()
+    w = torch.nn.Parameter(torch.randn(N, K, generator=g))
+    b, move = torch.randn(N, generator=g), torch.randn(K, generator=g) * 0.1
+    mode, alpha = (wm, "unsigned", 1), torch.tensor([0.8])
+    with torch.no_grad():
+        ys = [OP(*_args(x, w, b, mode, move, alpha=alpha)) for _ in range(3)]
+        assert len(calls) == 1  # one plan, then C++ only
+        monkeypatch.setattr(kernel_ops, "linear_plan", real)
+        assert all(torch.equal(y, kernel_ops.bit_linear(*_args(x, w, b, mode, move, alpha=alpha))) for y in ys)
+        ref = REFERENCE(x, w, b, None, move, alpha, wm, "unsigned", 1)
+        torch.testing.assert_close(ys[0], ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+        y_int = OP(*_args(x, w, None, mode, move, alpha=torch.ones(1), ws=torch.ones(N))).reshape(-1, N).numpy()
+    codes = ((x.reshape(-1, K) + move).numpy() > 0.5).astype(np.int64)
+    np.testing.assert_array_equal(y_int.astype(np.int64), codes @ _np_weight_codes(w.detach().numpy(), wm).T)
