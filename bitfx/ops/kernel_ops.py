@@ -150,7 +150,8 @@ def _linear_plan_parts(weight, bias, weight_scale, move, alpha, weight_mode, act
     """The C++ ``bit_linear``'s view of ``linear_plan(...)``: ``(tensors, ints)``, laid out as native.cpp reads
     them: tensors ``[packed planes, (nnz), col_scale, (bias), (move), (alpha)]``; ints ``[quant kernel handle,
     GEMM handle, quantizer kind (0 sign with mean|x|, 1 sign with α, 2 absmax, 3 unsigned: then the threshold
-    tensor follows), bits, K, N, number of weight tensors, has bias, has move, has alpha]``. The handles stay valid: ``build`` memoises every kernel.
+    tensor follows), bits, K, N, number of weight tensors, has bias, has move, has alpha]``. The handles stay
+    valid: ``build`` memoises every kernel.
     A plan whose activation quantizer is none of these (kind -1, e.g. a newer method) is run per call by
     the Python implementation (``_bit_linear_python``), as before the C++ kernels."""
     view = None if view_size is None else (tuple(view_size), tuple(view_stride), view_offset)
