@@ -4,7 +4,7 @@
     python examples/distill_minilm.py --preset bipft --steps 3000  # the longer run
     # the better recipe per step (FIDELITY.md (d)): distil the sentence embedding, its cosine weighted up
     python examples/distill_minilm.py --preset bitnet --quick --objective pooled --output-loss cosine \
-        --weights output=10,attention=0
+        --weights output=10
 
 binarize -> calibrate (a few batches) -> distill (hidden states, attention scores, last hidden
 state) -> save -> load -> cosine of the sentence embeddings (mean pooling + L2 norm, as
