@@ -390,14 +390,14 @@ def test_nn_transformer_with_a_float_causal_mask_compiles_in_one_graph():
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
 
 
-@pytest.mark.slow
-@needs_gnu
-@needs_qemu
 #: The shapes each zoo library keeps symbolic: every dim torch keeps symbolic, except the BinaryViT pyramid,
 #: whose token mixer reshapes to a fixed 8x8 grid (its image size is fixed; its batch stays symbolic).
 EXPORT_SHAPES = {"binary_vit": "batch"}
 
 
+@pytest.mark.slow
+@needs_gnu
+@needs_qemu
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_exports_for_linux_arm64_and_verifies(name, tmp_path):
     """Every zoo model exports as users hold its inputs (a tokenizer's dict, a cache in the output), with
