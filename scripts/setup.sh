@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 
-# Cross compilers and emulator for ARM (bitfx export), llvm-mca, Graphviz for `bitfx diff`.
-APT_PACKAGES="g++-aarch64-linux-gnu qemu-user clang lld llvm graphviz"
+# The host C++ compiler (inductor's fused glue, bitfx's C++ kernel ops), cross compilers and emulator for ARM
+# (bitfx export), llvm-mca, Graphviz for `bitfx diff`.
+APT_PACKAGES="g++ g++-aarch64-linux-gnu qemu-user clang lld llvm graphviz"
 missing=""
 for p in $APT_PACKAGES; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
