@@ -160,17 +160,11 @@ def _dim(name: str, static):
 
 
 def _bit_pred(mode: str, u, dtype: str):
-    """(predicate, inverted): the packed bit is ``pred`` or NOT ``pred`` (sign = NOT(u < 0): 0, -0, NaN -> 1)."""
-    zero = tirx.const(0, dtype)
-    if mode == "sign":
-        return u < zero, True
-    if mode == "pos":
-        return u > zero, False
-    if mode == "neg":
-        return u < zero, False
-    if mode == "nonzero":
-        return u != zero, False
-    raise ValueError(f"unknown bit mode {mode!r}; expected sign, pos, neg or nonzero")
+    """(predicate, inverted) of one scalar: the host kernels' rule (``host._bit_predicate``), so that the
+    packed bits are the same on every target (sign = NOT(u < 0): 0, -0, NaN -> 1)."""
+    from bitfx.targets.host import _bit_predicate
+
+    return _bit_predicate(mode, u, dtype, 1)
 
 
 # --------------------------------------------------------------------------------------------- packing
