@@ -209,12 +209,17 @@ def _words(k: int) -> int:
     return (k + WORD - 1) // WORD
 
 
-def _rows(x: torch.Tensor, K: int, name: str):
-    """x[..., K] -> (contiguous float32 [M, K], leading shape, original dtype)."""
+def check_features(x: torch.Tensor, K: int, name: str) -> None:
+    """The activation contract of every kernel set: a float dtype and K features in the last dim."""
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name} must be float32, float16 or bfloat16; got {x.dtype}")
     if x.shape[-1] != K:
         raise ValueError(f"{name} has {x.shape[-1]} features in its last dim; the kernel expects K={K}")
+
+
+def _rows(x: torch.Tensor, K: int, name: str):
+    """x[..., K] -> (contiguous float32 [M, K], leading shape, original dtype)."""
+    check_features(x, K, name)
     if x.device.type != "cpu":
         raise ValueError(f"{name} is on {x.device}; the host kernels run on CPU tensors")
     return x.reshape(-1, K).to(torch.float32).contiguous(), x.shape[:-1], x.dtype

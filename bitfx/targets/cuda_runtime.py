@@ -48,7 +48,6 @@ __all__ = ["pack_weight", "bit_linear", "bit_linear_int", "sign_scores", "binary
 WORD = 64
 #: GEMMs with fewer rows run on CUDA cores: a 16-row mma tile would be mostly padding.
 MMA_MIN_ROWS = 16
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _TVM_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -266,10 +265,9 @@ def _words(k: int) -> int:
 
 def _rows(x: torch.Tensor, K: int, name: str):
     """x[..., K] on a CUDA device -> (contiguous [M, K] in its own float dtype, leading shape, dtype)."""
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16; got {x.dtype}")
-    if x.shape[-1] != K:
-        raise ValueError(f"{name} has {x.shape[-1]} features in its last dim; the kernel expects K={K}")
+    from bitfx.codegen.runtime import check_features
+
+    check_features(x, K, name)
     if not x.is_cuda:
         raise ValueError(f"{name} is on {x.device}; the CUDA kernels run on CUDA tensors")
     return x.reshape(-1, K).contiguous(), x.shape[:-1], x.dtype
