@@ -30,6 +30,8 @@ import numpy as np
 
 from tvm.script import tirx as T
 
+from bitfx.targets.host import gemm_output
+
 LANES = 16  # bytes per NEON q register
 MAX_CHUNK = 31  # 31 * 8 = 248 <= 255: uint8 lane counts cannot overflow
 
@@ -298,6 +300,7 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         W = match(w_h, (*bat, *([2] if ternary else []), kw, n), "uint64")
         NZ = match(nz_h, (n,), "int32") if nz_h is not None else None
         O = match(out_h, (*bat, M, n), "float32" if epilogue == "float" else "int32")
+        RS = CS = BI = None  # the float epilogue's vectors
         if epilogue == "float":
             RS, CS = match(rs_h, (M,), "float32"), match(cs_h, (n,), "float32")
             BI = match(b_h, (n,), "float32") if bias else None
@@ -406,19 +409,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
             for i, m in enumerate(rows):
                 with Tb.vectorized(0, width) as j:
                     col = col0 + j
-                    s = accs[i][j].astype("int32")
-                    if mode == "xnor":
-                        val = tirx.const(K, "int32") - s * 2
-                    elif mode == "xnor_ternary":
-                        val = NZ[col] - s * 2
-                    elif mode == "and":
-                        val = s * 2 - rterm[i][0].astype("int32")
-                    else:
-                        val = s
-                    if epilogue == "float":
-                        val = (val.astype("float32") * RS[m]) * CS[col]
-                        if bias:
-                            val = val + BI[col]
+                    val = gemm_output(mode, accs[i][j].astype("int32"), K, NZ, col,
+                                      rterm[i][0] if rterm is not None else None, epilogue, RS, m, CS, BI)
                     Tb.buffer_store(O, val, [*([g] if batched else []), m, col])
 
         def emit_cols(g, rows, nb, n_full):

@@ -335,6 +335,7 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         NZ = _match(nz_h, (n,), "int32") if nz_h is not None else None
         out_dtype = "float32" if epilogue == "float" else "int32"
         O = _match(out_h, (*bat, M, n), out_dtype)
+        RS = CS = BI = None  # the float epilogue's vectors
         if epilogue == "float":
             RS = _match(rs_h, (M,), "float32")
             CS = _match(cs_h, (n,), "float32")
@@ -385,19 +386,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
             for i, (m, acc) in enumerate(zip(rows, accs)):
                 with T.vectorized(0, width) as j:
                     col = col0 + j
-                    s = acc[j].astype("int32")
-                    if mode == "xnor":
-                        val = tirx.const(K, "int32") - s * 2
-                    elif mode == "xnor_ternary":
-                        val = NZ[col] - s * 2
-                    elif mode == "and":
-                        val = s * 2 - rterm[i].astype("int32")
-                    else:
-                        val = s
-                    if epilogue == "float":
-                        val = (val.astype("float32") * RS[m]) * CS[col]
-                        if bias:
-                            val = val + BI[col]
+                    val = gemm_output(mode, acc[j].astype("int32"), K, NZ, col, rterm[i] if rterm is not None else None,
+                                      epilogue, RS, m, CS, BI)
                     T.buffer_store(O, val, [*([g] if batched else []), m, col])
 
         def emit_cols(g, rows, nb, n_full):
@@ -436,6 +426,27 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                     emit_tile(g, [m], n_full * C + c, 1)
 
     return _build(body, f"gemm_{mode}")
+
+
+def gemm_output(mode: str, s, K, NZ, col, rterm, epilogue: str, RS, m, CS, BI):
+    """One output element of the bit-serial GEMM from its popcount sum ``s`` (int32), the same on every CPU
+    kernel set (host, arm64): the integer dot product of the mode (xnor: ``K - 2s``; ternary: ``nnz - 2s``;
+    and: ``2s - rterm``, the row's popcount term; otherwise ``s``), then the float epilogue
+    ``(int · row_scale[m]) · col_scale[col] (+ bias[col])`` when ``epilogue == "float"`` (``BI``: None
+    without bias)."""
+    if mode == "xnor":
+        val = tirx.const(K, "int32") - s * 2
+    elif mode == "xnor_ternary":
+        val = NZ[col] - s * 2
+    elif mode == "and":
+        val = s * 2 - rterm.astype("int32")
+    else:
+        val = s
+    if epilogue == "float":
+        val = (val.astype("float32") * RS[m]) * CS[col]
+        if BI is not None:
+            val = val + BI[col]
+    return val
 
 
 def _one64():
