@@ -34,6 +34,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from bitfx.targets.host import _bit_predicate, _when
+
 # Bump when a generator below changes the code it emits (part of every CUDA kernel-cache key).
 SCHEDULE_VERSION = 3
 
@@ -145,16 +147,6 @@ def _store(buf, value, idx) -> None:
     T.buffer_store(buf, value, [idx] if not isinstance(idx, (list, tuple)) else list(idx))
 
 
-def _when(cond, emit) -> None:
-    if isinstance(cond, bool):
-        if cond:
-            emit()
-        return
-    with T.If(cond):
-        with T.Then():
-            emit()
-
-
 def _dim(name: str, static):
     return tirx.Var(name, "int64") if static is None else static
 
@@ -162,8 +154,6 @@ def _dim(name: str, static):
 def _bit_pred(mode: str, u, dtype: str):
     """(predicate, inverted) of one scalar: the host kernels' rule (``host._bit_predicate``), so that the
     packed bits are the same on every target (sign = NOT(u < 0): 0, -0, NaN -> 1)."""
-    from bitfx.targets.host import _bit_predicate
-
     return _bit_predicate(mode, u, dtype, 1)
 
 
