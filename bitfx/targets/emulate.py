@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -118,10 +119,19 @@ def build_loader(target: str = "linux-arm64", out: str | Path | None = None) -> 
     key = hashlib.sha256(LOADER_SOURCE.read_bytes() + GLIBC_START_SOURCE.read_bytes() +
                          repr((cxx, runtime_versions())).encode())
     dest = Path(out) if out else cache_dir() / "loader" / key.hexdigest()[:16] / "bitfx_loader"
-    if dest.exists() and out is None:
-        return dest
+    with _LOADER_LOCK:  # verify runs its qemu jobs on threads: one build per process, not one per thread
+        if dest.exists() and out is None:
+            return dest
+        return _build_loader(cxx, runtime, include, dlpack, dest)
+
+
+_LOADER_LOCK = threading.Lock()
+
+
+def _build_loader(cxx: str, runtime: Path, include: str, dlpack: str, dest: Path) -> Path:
     _mkdir(dest.parent)
-    partial = dest.with_name(f".{dest.name}.{os.getpid()}")
+    # unique per process and thread; os.replace publishes it whole (other processes may build it too)
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}")
     # glibc_start.c replaces Scrt1.o (see there): the loader then needs GLIBC_2.17, not 2.34.
     crt = {name: _compiler_file(cxx, name) for name in ("crti.o", "crtbeginS.o", "crtendS.o", "crtn.o")}
     cmd = [cxx, "-std=c++17", "-O2", "-fPIE", "-pie", "-nostartfiles", f"-I{include}", f"-I{dlpack}",

@@ -94,3 +94,17 @@ def test_loader_errors_name_the_problem(toy_libs, loader, arm64_runtime, tmp_pat
     assert proc.returncode == 1 and "12 bytes of data, shape needs 384" in proc.stderr
     proc = _run_loader(loader, arm64_runtime, toy_libs["linux-arm64"], tmp_path, "--func", "nope")
     assert proc.returncode == 1 and "no function 'nope'" in proc.stderr
+
+
+@needs_gnu
+def test_loader_built_from_several_threads_at_once(arm64_runtime, tmp_path, monkeypatch):
+    """verify runs its qemu jobs on threads; each asks for the loader. With an empty cache they all
+    built it under one temporary name and all but one rename failed (FileNotFoundError, seen in CI)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("BITFX_CACHE_DIR", str(tmp_path))
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: emulate.build_loader("linux-arm64"), range(4)))
+    assert len(set(paths)) == 1 and paths[0].exists()
+    assert read_elf(paths[0]).machine == EM_AARCH64
+    assert not [p for p in paths[0].parent.iterdir() if p.name.startswith(".")]  # no partial left behind
