@@ -14,10 +14,12 @@ every in-place update, e.g. ``optimizer.step()``), so packed weights are never s
 is a slice of a packed parameter (MHA's ``in_proj_weight[E:]``) is a view: its pointer is the
 slice's own and its ``_version`` is the parameter's. A weight the graph *computes* (not a view or
 slice of an input) is a fresh tensor each call, whose address may be reused: it is packed per call.
-``bit_attention`` becomes ``tvm_bit_attention``: the two integer products (sign(q)·sign(k)ᵀ and
-P_b·sign(v)) run as kernels, the float parts (scales, estimators, mask, softmax) in PyTorch.
-With ``glue="inductor"`` (``PassContext.glue``) both become the opaque kernel ops of
-``bitfx.ops.kernel_ops`` instead, and the backend compiles the float parts around them with inductor.
+``bit_attention`` becomes ``tvm_bit_attention``: one call of the fused host kernel where it covers the
+call (``bitfx.codegen.fused_attention.unsupported_reason``), else the two integer products (sign(q)·sign(k)ᵀ
+and P_b·sign(v)) run as kernels, the float parts (scales, estimators, mask, softmax) in PyTorch.
+With ``glue="inductor"`` (``PassContext.glue``) both become opaque kernel ops instead (``fused_attention``,
+or ``sign_scores``/``binary_pv`` of ``bitfx.ops.kernel_ops``), and the backend compiles the float parts
+around them (the score bias; the two-kernel path's softmax and binarizer) with inductor.
 With ``kernels="reference"`` the graph is left as it is and the ops run their PyTorch reference.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from bitfx.codegen import fused_attention
 from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops, native
 from bitfx.ops import attention as A
 from bitfx.passes.context import PassContext
@@ -81,10 +84,16 @@ ALIASING_OPS = (VIEW_OPS - {torch.ops.aten.clone.default, torch.ops.aten.contigu
 
 
 def tvm_bit_attention(*args):
-    """``bit_attention`` with its integer products on the kernels (the reference's one formula)."""
+    """``bit_attention`` on the fused host kernel when it covers the call (``bitfx.codegen.fused_attention``:
+    bivit, bool, elastic with a given α_P, CPU, same q/k/v leading dims), else with its two integer products
+    on the kernels and the float parts in PyTorch (the reference's one formula)."""
     from bitfx.codegen import runtime
+    from bitfx.codegen.fused_attention import bit_attention_fused
 
-    return A.bit_attention_formula(*args, sign_scores=runtime.sign_scores, binary_pv=runtime.binary_pv)
+    def two_kernels(*a):
+        return A.bit_attention_formula(*a, sign_scores=runtime.sign_scores, binary_pv=runtime.binary_pv)
+
+    return bit_attention_fused(*args, fallback=two_kernels)
 
 
 def _view_of(weight: fx.Node, src: fx.Node):
@@ -130,7 +139,8 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     gm.add_submodule(name, BitLinearKernel(*node.args[6:9], cache=persistent))
                     new = gm.graph.call_module(name, tuple(node.args[:6]))
         elif node.target == BIT_ATTENTION:
-            fn = kernel_ops.bit_attention_on_kernels if ctx.glue == "inductor" else tvm_bit_attention
+            # the fused kernel op where it covers the call (decided when traced), else the two kernel ops
+            fn = fused_attention.bit_attention_on_fused_kernel if ctx.glue == "inductor" else tvm_bit_attention
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(fn, tuple(node.args))
         else:

@@ -31,6 +31,9 @@ __all__ = ["KERNEL_OPS", "register_kernel", "implementation", "kernel_sets", "im
 
 # The kernel ops every set may implement (the names of the generators in bitfx/codegen/compute.py).
 KERNEL_OPS = ("pack_rows", "pack_cols", "absmax_planes", "gemm")
+# Fused kernels a set may add beyond these; they have no reference compute, so a set without one keeps
+# the unfused ops (e.g. "fused_attention": the host's one-call ``bit_attention``, bitfx/targets/host_attention.py).
+FUSED_OPS = ("fused_attention",)
 
 # Where each built-in set registers its kernels; imported on first use (keeps `import bitfx` cheap).
 _MODULES: dict[str, str] = {
@@ -40,6 +43,8 @@ _MODULES: dict[str, str] = {
     "arm64-dotprod": "bitfx.targets.arm",
     "cuda": "bitfx.targets.cuda",
 }
+# Further modules of a built-in set, imported with it (fused kernels kept out of the set's main file).
+_EXTRA_MODULES: dict[str, tuple[str, ...]] = {"host": ("bitfx.targets.host_attention",)}
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 
 
@@ -49,8 +54,8 @@ class UnknownKernelSetError(ValueError):
 
 def register_kernel(kernel_set: str, op: str) -> Callable[[Callable], Callable]:
     """Decorator: ``fn`` implements kernel ``op`` for ``kernel_set``. Duplicates are refused."""
-    if op not in KERNEL_OPS:
-        raise ValueError(f"unknown kernel op {op!r}; expected one of {list(KERNEL_OPS)}")
+    if op not in KERNEL_OPS + FUSED_OPS:
+        raise ValueError(f"unknown kernel op {op!r}; expected one of {list(KERNEL_OPS + FUSED_OPS)}")
 
     def deco(fn: Callable) -> Callable:
         ops = _REGISTRY.setdefault(kernel_set, {})
@@ -70,6 +75,8 @@ def _load(kernel_set: str) -> dict[str, Callable]:
     if kernel_set not in _REGISTRY and kernel_set in _MODULES:
         importlib.import_module(_MODULES[kernel_set])
         _REGISTRY.setdefault(kernel_set, {})  # a built-in set with nothing of its own yet
+    for extra in _EXTRA_MODULES.get(kernel_set, ()):  # also when the main module was imported directly
+        importlib.import_module(extra)
     if kernel_set not in _REGISTRY:
         raise UnknownKernelSetError(f"unknown kernel set {kernel_set!r}; expected one of {kernel_sets()}")
     return _REGISTRY[kernel_set]
@@ -80,6 +87,8 @@ def implementation(kernel_set: str, op: str) -> Callable:
     ops = _load(kernel_set)
     fn = ops.get(op)
     if fn is None:
+        if op in FUSED_OPS:
+            raise ValueError(f"kernel set {kernel_set!r} has no fused kernel {op!r}; use the unfused ops")
         if op not in KERNEL_OPS:
             raise ValueError(f"unknown kernel op {op!r}; expected one of {list(KERNEL_OPS)}")
         log.debug("kernel set %r has no %r; using the reference compute", kernel_set, op)

@@ -1,0 +1,222 @@
+"""``bit_attention`` as one call of the fused host kernel (``bitfx/targets/host_attention.py``).
+
+    out = fused_attention(q, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, scale, is_causal, "bivit")
+
+Covered (``unsupported_reason`` is None): CPU tensors; prob modes ``bivit`` (β given or the default 0.25),
+``bool``, and ``elastic`` with a given α_P; q, k, v with the same leading dims (any number, flattened to
+(batch, heads)); D up to 1024 and Dv up to 256 (any width, not only multiples of 64); any mask (boolean,
+additive, broadcastable), causality, the BiPFT estimators, α_q/α_k/α_v given (scalars) or None (the means).
+Everything else (elastic with α_P None: a batch-wide mean of the softmax; other prob modes; broadcast
+q/k/v; CUDA tensors; empty sequences) keeps the two-kernel formula: the lowering asks first.
+
+The additive ``bias`` (masks as 0/-inf, estimators' residual times the scale) is built by ``score_bias``
+with torch ops (the compiled glue); the kernel adds it broadcast over batch, heads and query rows as its
+shape says. Inputs are computed in float32 (fp16/bf16 cast here); the output is float32.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["fused_attention", "score_bias", "unsupported_reason", "bit_attention_fused", "MAX_D", "MAX_DV"]
+
+#: "calls" of the fused kernel; "fused" / "two_kernels": bit_attention calls (or traces) routed each way.
+STATS: collections.Counter = collections.Counter()
+MAX_D = 1024
+MAX_DV = 256
+_MODES = ("bivit", "bool", "elastic")
+
+
+def unsupported_reason(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v,
+                       scale, is_causal, prob_mode) -> Optional[str]:
+    """Why this ``bit_attention`` call keeps the two-kernel path, or None when the fused kernel runs it."""
+    if prob_mode not in _MODES:
+        return f"prob_mode {prob_mode!r}"
+    if prob_mode == "elastic" and prob_param is None:
+        return "elastic with alpha_P None (4·mean(P) over the whole batch)"
+    if any(t.device.type != "cpu" for t in (qt, k, v)):
+        return "not on the CPU"
+    if qt.dim() < 2 or qt.shape[:-2] != k.shape[:-2] or qt.shape[:-2] != v.shape[:-2]:
+        return "q, k, v leading dims differ (broadcast)"
+    if qt.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        return "shapes do not match"
+    if not (1 <= qt.shape[-1] <= MAX_D and 1 <= v.shape[-1] <= MAX_DV):
+        return f"D={qt.shape[-1]} or Dv={v.shape[-1]} out of range (1..{MAX_D}, 1..{MAX_DV})"
+    if qt.shape[-2] == 0 or k.shape[-2] == 0 or qt.numel() == 0:
+        return "empty"
+    if any(t is not None and t.numel() != 1 for t in (alpha_q, alpha_k, alpha_v, prob_param)):
+        return "a scale is not a scalar"
+    if est_v is not None and est_v.shape[-1] != 1:
+        return "est_v is not [..., Lk, 1]"
+    return None
+
+
+def score_bias(attn_mask: Optional[Tensor], est_q: Optional[Tensor], est_k: Optional[Tensor],
+               scale: float) -> Optional[Tensor]:
+    """The one additive float32 score term: ``residual(est_q, est_k)·scale + mask`` (boolean: 0/-inf)."""
+    from bitfx.ops.attention import _score_residual
+
+    bias = None
+    res = _score_residual(est_q, est_k)
+    if res is not None:
+        bias = res * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            m = torch.where(attn_mask, 0.0, float("-inf"))
+        else:
+            m = attn_mask.float()
+        bias = m if bias is None else bias + m
+    return bias
+
+
+def _heads(lead) -> tuple[int, int]:
+    if len(lead) == 0:
+        return 1, 1
+    return math.prod(lead[:-1]), lead[-1]
+
+
+def _canonical_bias(bias: Tensor, lead, Bt: int, H: int, Lq: int, Lk: int):
+    """``bias`` broadcastable to ``[*lead, Lq, Lk]`` as a contiguous float32 ``[bB, bH, bQ, Lk]`` (each of
+    the first three dims full or 1) and its pattern (which are full)."""
+    n = len(lead) + 2
+    if bias.dim() > n:
+        raise ValueError(f"bit_attention mask/bias of shape {tuple(bias.shape)} has more dims than the scores "
+                         f"{(*lead, Lq, Lk)}")
+    b = bias.reshape((1,) * (n - bias.dim()) + tuple(bias.shape))
+    try:
+        torch.broadcast_shapes(b.shape, (*lead, Lq, Lk))
+    except RuntimeError:
+        raise ValueError(f"bit_attention mask/bias of shape {tuple(bias.shape)} does not broadcast to the "
+                         f"scores {(*lead, Lq, Lk)}") from None
+    nf = len(lead) - 1  # batch dims in front of the heads, merged into one
+    if nf >= 1:
+        rest = tuple(b.shape[nf:])
+        if all(d == 1 for d in b.shape[:nf]):
+            b = b.reshape(1, *rest)
+        else:
+            b = b.expand(*lead[:-1], *rest).reshape(Bt, *rest)
+    else:
+        b = b.reshape((1,) * (-nf) + tuple(b.shape))
+    if b.shape[-1] != Lk:
+        b = b.expand(*b.shape[:-1], Lk)
+    full = tuple(bool(s != 1) for s in b.shape[:3])
+    return b.to(torch.float32).contiguous(), full
+
+
+def _rows(t: Tensor, Bt: int, H: int) -> Tensor:
+    return t.reshape(Bt, H, t.shape[-2], t.shape[-1]).to(torch.float32).contiguous()
+
+
+def _scalar(t: Optional[Tensor]) -> Tensor:
+    return t.detach().reshape(()).to(torch.float32)
+
+
+def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], est_v: Optional[Tensor],
+                    alpha_q: Optional[Tensor], alpha_k: Optional[Tensor], alpha_v: Optional[Tensor],
+                    prob_param: Optional[Tensor], scale: float, is_causal: bool, prob_mode: str, *,
+                    debug: bool = False, threads: Optional[int] = None):
+    """float32 ``[*lead, Lq, Dv]``; with ``debug`` also the packed codes ``[*lead, Lq, ceil(Lk/64)]`` (uint64,
+    bit j of word w = key 64w + j) and the integer counts ``Σ_j P[i, j]·sign(v[j, d])`` ``[*lead, Lq, Dv]``."""
+    from bitfx.codegen.build import kernel
+    from bitfx.codegen.runtime import _parallel
+    from bitfx.ops.quantizers import EPS
+
+    if prob_mode not in _MODES:
+        raise ValueError(f"fused_attention: prob_mode={prob_mode!r} (accepted: {', '.join(map(repr, _MODES))})")
+    if prob_mode == "elastic" and prob_param is None:
+        raise ValueError("fused_attention: elastic needs a given alpha_P (prob_param); None is the two-kernel path")
+    if qt.dim() < 2 or qt.shape[:-2] != k.shape[:-2] or qt.shape[:-2] != v.shape[:-2] \
+            or qt.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"fused_attention needs q [..., Lq, D], k [..., Lk, D], v [..., Lk, Dv] with the same "
+                         f"leading dims; got {tuple(qt.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    lead, (Lq, D), Lk, Dv = qt.shape[:-2], qt.shape[-2:], k.shape[-2], v.shape[-1]
+    Bt, H = _heads(lead)
+    args = [_rows(qt, Bt, H), _rows(k, Bt, H), _rows(v, Bt, H)]
+    pattern = None
+    if bias is not None:
+        b, pattern = _canonical_bias(bias, lead, Bt, H, Lq, Lk)
+        args.append(b)
+    if est_v is not None:
+        args.append(est_v.reshape(Bt, H, Lk).to(torch.float32).contiguous())
+    if prob_mode == "bivit":
+        beta = torch.tensor(0.25) if prob_param is None else _scalar(prob_param)
+        p = torch.where(beta > 0, torch.log(beta.clamp(min=1e-38).double()).float(), float("-inf"))
+    elif prob_mode == "elastic":
+        p = _scalar(prob_param).clamp(min=EPS)
+    else:
+        p = torch.zeros(())
+    zero = torch.zeros(())
+    scalars = torch.stack([torch.tensor(float(scale)), zero if alpha_q is None else _scalar(alpha_q),
+                           zero if alpha_k is None else _scalar(alpha_k),
+                           zero if alpha_v is None else _scalar(alpha_v), p.float()]).contiguous()
+    args.append(scalars)
+    out = torch.empty(Bt, H, Lq, Dv, dtype=torch.float32)
+    args.append(out)
+    if debug:
+        codes = torch.empty(Bt, H, Lq, (Lk + 63) // 64, dtype=torch.uint64)
+        counts = torch.empty(Bt, H, Lq, Dv, dtype=torch.int32)
+        args += [codes, counts]
+    fn = kernel("fused_attention", D=D, Dv=Dv, prob_mode=prob_mode, bias=pattern, causal=bool(is_causal),
+                alpha_q=alpha_q is not None, alpha_k=alpha_k is not None, alpha_v=alpha_v is not None,
+                est_v=est_v is not None, debug=debug, parallel=_parallel(threads))
+    fn(*args)
+    STATS["calls"] += 1
+    out = out.view(*lead, Lq, Dv)
+    if debug:
+        return out, codes.view(*lead, Lq, -1), counts.view(*lead, Lq, Dv)
+    return out
+
+
+def bit_attention_fused(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v,
+                        scale, is_causal, prob_mode, *, kernel_op=None, fallback=None):
+    """``bit_attention`` on the fused kernel when covered (traceable: the bias is torch ops, the kernel one
+    op), else ``fallback(*args)`` (the two-kernel formula)."""
+    from bitfx.ops.attention import _default_scale, check_prob_mode
+
+    args = (qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v, scale, is_causal,
+            prob_mode)
+    check_prob_mode(prob_mode)
+    if unsupported_reason(*args) is not None:
+        STATS["two_kernels"] += 1
+        return fallback(*args)
+    STATS["fused"] += 1
+    s = _default_scale(qt, scale)
+    bias = score_bias(attn_mask, est_q, est_k, s)
+    run = kernel_op or fused_attention
+    out = run(qt, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, float(s), bool(is_causal), prob_mode)
+    return out.to(qt.dtype)
+
+
+# -- the kernel op: what a compiled graph calls (glue="inductor"), opaque to inductor ---------------------
+def _define_op():
+    from bitfx.ops import kernel_ops  # noqa: F401 - defines the "bitfx_kernels" namespace first
+
+    lib = torch.library.Library("bitfx_kernels", "FRAGMENT")
+    lib.define("fused_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? est_v, Tensor? alpha_q, "
+               "Tensor? alpha_k, Tensor? alpha_v, Tensor? prob_param, float scale, bool is_causal, "
+               "str prob_mode) -> Tensor")
+    # TODO(native): a C++ entry (bitfx/ops/native.cpp) would take the Python per call away; this is Python.
+    lib.impl("fused_attention", fused_attention, "CompositeExplicitAutograd")
+
+    @torch.library.register_fake("bitfx_kernels::fused_attention", lib=lib)
+    def _(q, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, scale, is_causal, prob_mode):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32)
+
+    return lib
+
+
+_LIB = _define_op()
+FUSED_ATTENTION_KERNEL = torch.ops.bitfx_kernels.fused_attention.default
+
+
+def bit_attention_on_fused_kernel(*args):
+    """``bit_attention`` for a compiled graph (glue="inductor"): the fused kernel op when covered, else the
+    two kernel ops ``sign_scores``/``binary_pv`` with the float parts between them (traceable)."""
+    from bitfx.ops.kernel_ops import bit_attention_on_kernels
+
+    return bit_attention_fused(*args, kernel_op=FUSED_ATTENTION_KERNEL, fallback=bit_attention_on_kernels)

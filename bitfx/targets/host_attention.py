@@ -1,0 +1,318 @@
+"""The fused host kernel of ``bit_attention``: one call, one loop nest per (batch, head) block.
+
+``fused_attention`` computes, for each (batch b, head h) in a parallel loop, with only small per-block
+buffers (the TVM workspace) and vector registers::
+
+    pack sign(k) key-major per word (8 keys per 512-bit vector), α_k[j] = mean_d |k[j, d]|
+    pack sign(v) key-major per output dim (words of 64 keys), α_v = mean |v| of the head
+    for each query row i:
+        pack sign(q[i]), α_q[i] = mean_d |q[i, d]|
+        S[j] = float(D - 2 popc(q ⊕ k[j])) · α_q[i] · α_k[j] · scale + B[b, h, i, j]   (-inf: j > i if causal)
+        codes (no full softmax; m = max_j S[j]):
+            bivit    S[j] - m >= ln β                (⟺ P >= β·rowmax P; an all -inf row: all ones, as the reference)
+            bool     S[j] > 0
+            elastic  exp(S[j] - m) > (α_P/2) Σ_j exp(S[j] - m)   (⟺ round(P/α_P) >= 1; polynomial exp)
+        packed along keys; cnt[d] = 2 popc(P & vpos_d) - popc(P)
+        out[i, d] = cnt[d] (· α_P) · α_v  (+ Σ_j P[j] r_v[j] (· α_P))
+
+``B`` is one additive float tensor ``[bB, bH, bQ, Lk]`` (each of the first three dims full or 1, a static
+``bias`` pattern), built by the caller (masks as 0/-inf, BiPFT score estimators times the scale).
+α_q, α_k, α_v are the per-row / per-head means when not given, else scalars read from ``scalars``:
+``[scale, α_q, α_k, α_v, ln β | α_P]``. ``debug=True`` adds two outputs: the packed codes
+``[Bt, H, Lq, ceil(Lk/64)]`` uint64 and the integer counts ``cnt`` ``[Bt, H, Lq, Dv]`` int32.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import tirx as T
+
+from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _when, _zero
+
+# Bump when the generator changes the code it emits (part of every kernel-cache key).
+SCHEDULE_VERSION = 1
+
+PROB_MODES = ("bivit", "bool", "elastic")
+LANES = 16  # float32 / int64 lanes per vector step over keys and feature dims
+_F32 = "float32"
+
+
+def _f(v) -> tirx.PrimExpr:
+    return tirx.const(v, _F32)
+
+
+def _bc(v, lanes: int):
+    return T.broadcast(v, lanes) if lanes > 1 else v
+
+
+def fast_exp(x, lanes: int):
+    """exp(x) in float32 without libm (as topi's fast_exp: Cody-Waite range reduction, degree-7 polynomial,
+    2^n by exponent bits); exp(-inf) and anything below -88.37 give exactly 0."""
+    c = lambda v: _bc(_f(v), lanes)  # noqa: E731
+    xc = T.max(T.min(x, c(88.3762626647950)), c(-88.3762626647949))
+    n = T.floor(xc * c(1.44269504088896341) + c(0.5))
+    f = xc - n * c(0.6931471805)
+    p = c(1.9875691500e-4)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * f + c(coef)
+    y = p * f * f + f + c(1.0)
+    i32 = "int32" if lanes == 1 else f"int32x{lanes}"
+    bits = (n + c(127.0)).astype(i32) << _bc(tirx.const(23, "int32"), lanes)
+    e = y * T.reinterpret(_F32 if lanes == 1 else f"float32x{lanes}", bits)
+    return tirx.Select(x < c(-88.3762626647949), c(0.0), e)
+
+
+def _sign_word(buf, prefix, start, n: int):
+    """Sign bits (bit = NOT(u < 0)) of `n` consecutive floats as one uint64, zero above bit n."""
+    if n == WORD:
+        return ~T.reinterpret("uint64", tirx.Cast("uint1x64", _vec_load(buf, prefix, WORD, start) < _bc(_f(0.0), WORD)))
+    if n in (8, 16, 32):
+        neg = tirx.Cast(f"uint1x{n}", _vec_load(buf, prefix, n, start) < _bc(_f(0.0), n))
+        return (~T.reinterpret(f"uint{n}", neg)).astype("uint64")
+    word = _u64(0)
+    for j in range(n):  # static, small: an odd width
+        word = word | tirx.Select(buf[(*prefix, start + j)] < _f(0.0), _u64(0), _u64(1 << j))
+    return word
+
+
+def _abs_sum(buf, prefix, n: int, acc):
+    """Σ_d |buf[prefix, d]| for d < n (static), through the 16-lane buffer `acc` (left holding partial sums)."""
+    _vec_store(acc, _zero(_F32, LANES), [], LANES, 0)
+    for c0 in range(0, n - n % LANES, LANES):
+        _vec_store(acc, _vec_load(acc, [], LANES, 0) + T.abs(_vec_load(buf, prefix, LANES, c0)), [], LANES, 0)
+    total = acc[0]
+    for i in range(1, LANES):
+        total = total + acc[i]
+    for d in range(n - n % LANES, n):
+        total = total + T.abs(buf[(*prefix, d)])
+    return total
+
+
+def _lane_reduce(acc, op):
+    total = acc[0]
+    for i in range(1, LANES):
+        total = op(total, acc[i])
+    return total
+
+
+def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = None, causal: bool = False,
+                    alpha_q: bool = False, alpha_k: bool = False, alpha_v: bool = False, est_v: bool = False,
+                    debug: bool = False, parallel: bool = True) -> tirx.PrimFunc:
+    """``out[Bt, H, Lq, Dv] = bit_attention(q, k, v, ...)`` in one kernel (see the module docstring).
+
+    Buffers, in order: q ``[Bt, H, Lq, D]``, k ``[Bt, H, Lk, D]``, v ``[Bt, H, Lk, Dv]`` (float32), then
+    ``bias [bB, bH, bQ, Lk]`` when ``bias`` (a pattern of 3 bools: dim full, else size 1), ``rv [Bt, H, Lk]``
+    when ``est_v``, ``scalars [5]``, ``out``, and with ``debug`` ``codes`` and ``counts``. Bt, H, Lq, Lk are
+    symbolic; ``alpha_q/alpha_k/alpha_v``: the scalar is given (in ``scalars``) instead of the mean.
+    """
+    if prob_mode not in PROB_MODES:
+        raise ValueError(f"fused_attention: prob_mode={prob_mode!r} (accepted: {', '.join(map(repr, PROB_MODES))})")
+    if D < 1 or Dv < 1:
+        raise ValueError(f"fused_attention needs D >= 1 and Dv >= 1; got D={D}, Dv={Dv}")
+    if bias is not None and (len(bias) != 3 or not all(isinstance(b, bool) for b in bias)):
+        raise ValueError(f"fused_attention: bias={bias!r} (accepted: None or 3 bools: batch, head, query dim full)")
+    DW = (D + WORD - 1) // WORD
+    ninf = _f(float("-inf"))
+
+    def body():
+        q_h, k_h, v_h = T.arg("q", T.handle()), T.arg("k", T.handle()), T.arg("v", T.handle())
+        b_h = T.arg("bias", T.handle()) if bias is not None else None
+        rv_h = T.arg("rv", T.handle()) if est_v else None
+        sc_h, out_h = T.arg("scalars", T.handle()), T.arg("out", T.handle())
+        pc_h = T.arg("codes", T.handle()) if debug else None
+        cn_h = T.arg("counts", T.handle()) if debug else None
+        Bt, H = tirx.Var("Bt", "int64"), tirx.Var("H", "int64")
+        Lq, Lk = tirx.Var("Lq", "int64"), tirx.Var("Lk", "int64")
+        lkw = (Lk + WORD - 1) // WORD
+        Q = _match(q_h, (Bt, H, Lq, D), _F32)
+        K = _match(k_h, (Bt, H, Lk, D), _F32)
+        V = _match(v_h, (Bt, H, Lk, Dv), _F32)
+        BI = None
+        if bias is not None:
+            BI = _match(b_h, tuple(n if full else 1 for n, full in zip((Bt, H, Lq), bias)) + (Lk,), _F32)
+        RV = _match(rv_h, (Bt, H, Lk), _F32) if est_v else None
+        SC = _match(sc_h, (5,), _F32)
+        O = _match(out_h, (Bt, H, Lq, Dv), _F32)
+        PC = _match(pc_h, (Bt, H, Lq, lkw), "uint64") if debug else None
+        CN = _match(cn_h, (Bt, H, Lq, Dv), "int32") if debug else None
+        scale = SC[0]
+
+        with _outer(parallel, Bt * H) as t:
+            b, h = t // H, t % H
+            lp = lkw * WORD  # keys padded to whole words
+            KP = T.alloc_buffer((DW * lp,), "uint64")  # sign(k), word w of key j at w * lp + j
+            AK = T.alloc_buffer((lp,), _F32)
+            VP = T.alloc_buffer((lkw * Dv,), "uint64")  # sign(v), keys 64w.. of dim d at w * Dv + d
+            S = T.alloc_buffer((lp,), _F32)
+            PW = T.alloc_buffer((lkw,), "uint64")
+            RVP = T.alloc_buffer((lp,), _F32) if est_v else None
+            acc = T.alloc_buffer((LANES,), _F32)
+            qw = T.alloc_buffer((DW,), "uint64")
+            cnt = T.alloc_buffer((Dv,), "int64")
+            red = T.alloc_buffer((1,), _F32)
+            # per-block / per-row scalars, each in its own slot (a bound expression that reads `acc` could be
+            # re-evaluated after `acc` is reused): α_v, α_q·(α_k·scale), row max, max or 0, threshold, Σ P r_v
+            sv = T.alloc_buffer((6,), _F32)
+            npos = T.alloc_buffer((1,), "int64")
+
+            # -- keys: packed sign bits (key-major per word) and α_k
+            with T.serial(0, Lk) as j:
+                for w in range(DW):
+                    T.buffer_store(KP, _sign_word(K, [b, h, j], w * WORD, min(WORD, D - w * WORD)), [w * lp + j])
+                if not alpha_k:
+                    T.buffer_store(AK, _abs_sum(K, [b, h, j], D, acc) / _f(float(D)), [j])
+            # -- values: sign bits packed down the keys per output dim, α_v of the head
+            with T.serial(0, lkw) as w:
+                rows = T.bind(tirx.Min(Lk - w * WORD, tirx.const(WORD, "int64")))
+                for d in range(Dv):
+                    T.buffer_store(VP, _u64(0), [w * Dv + d])
+                with T.serial(0, rows) as j:
+                    one = _u64(1) << j.astype("uint64")
+                    for d0 in range(0, Dv, LANES):
+                        n = min(LANES, Dv - d0)
+                        vv = _vec_load(V, [b, h, w * WORD + j], n, d0) if n > 1 else V[b, h, w * WORD + j, d0]
+                        bit = tirx.Select(vv < _bc(_f(0.0), n), _zero("uint64", n), _bc(one, n))
+                        if n > 1:
+                            _vec_store(VP, _vec_load(VP, [], n, w * Dv + d0) | bit, [], n, w * Dv + d0)
+                        else:
+                            T.buffer_store(VP, VP[w * Dv + d0] | bit, [w * Dv + d0])
+            if alpha_v:
+                T.buffer_store(sv, SC[3], [0])
+            else:
+                T.buffer_store(red, _f(0.0), [0])
+                with T.serial(0, Lk) as j:
+                    T.buffer_store(red, red[0] + _abs_sum(V, [b, h, j], Dv, acc), [0])
+                T.buffer_store(sv, red[0] / (Lk * Dv).astype(_F32), [0])
+            av = sv[0]
+            if est_v:
+                with T.serial(0, lp) as j:
+                    T.buffer_store(RVP, tirx.Select(j < Lk, RV[b, h, tirx.Min(j, Lk - 1)], _f(0.0)), [j])
+
+            # -- query rows
+            with T.serial(0, Lq) as i:
+                for w in range(DW):
+                    T.buffer_store(qw, _sign_word(Q, [b, h, i], w * WORD, min(WORD, D - w * WORD)), [w])
+                aq = SC[1] if alpha_q else _abs_sum(Q, [b, h, i], D, acc) / _f(float(D))
+                T.buffer_store(sv, aq * SC[2] * scale if alpha_k else aq, [1])  # α_q (·α_k·scale for a given α_k)
+                aqs = sv[1]
+
+                def score(j, lanes):
+                    """S at keys j.. (`lanes` of them), masked; j + lanes <= Lk."""
+                    x = _bc(qw[0], lanes) ^ (_vec_load(KP, [], lanes, j) if lanes > 1 else KP[j])
+                    pc = T.popcount(x).astype("int32" if lanes == 1 else f"int32x{lanes}")
+                    for w in range(1, DW):
+                        y = _bc(qw[w], lanes) ^ (_vec_load(KP, [], lanes, w * lp + j) if lanes > 1 else KP[w * lp + j])
+                        pc = pc + T.popcount(y).astype("int32" if lanes == 1 else f"int32x{lanes}")
+                    s = (_bc(tirx.const(D, "int32"), lanes) - pc * _bc(tirx.const(2, "int32"), lanes))
+                    s = s.astype(_F32 if lanes == 1 else f"float32x{lanes}") * _bc(aqs, lanes)
+                    if not alpha_k:
+                        s = s * (_vec_load(AK, [], lanes, j) if lanes > 1 else AK[j]) * _bc(scale, lanes)
+                    if bias is not None:
+                        idx = [b if bias[0] else 0, h if bias[1] else 0, i if bias[2] else 0]
+                        s = s + (_vec_load(BI, idx, lanes, j) if lanes > 1 else BI[(*idx, j)])
+                    if causal:
+                        jj = T.ramp(j, 1, lanes) if lanes > 1 else j
+                        s = tirx.Select(jj > _bc(i, lanes), _bc(ninf, lanes), s)
+                    return s
+
+                with T.serial(0, Lk // LANES) as c:
+                    _vec_store(S, score(c * LANES, LANES), [], LANES, c * LANES)
+                with T.serial(Lk - Lk % LANES, Lk) as j:
+                    T.buffer_store(S, score(j, 1), [j])
+                with T.serial(Lk, lp) as j:
+                    T.buffer_store(S, ninf, [j])
+                # row max
+                _vec_store(acc, _bc(ninf, LANES), [], LANES, 0)
+                with T.serial(0, lp // LANES) as c:
+                    _vec_store(acc, T.max(_vec_load(acc, [], LANES, 0), _vec_load(S, [], LANES, c * LANES)), [], LANES, 0)
+                T.buffer_store(sv, _lane_reduce(acc, T.max), [2])
+                m = sv[2]
+                empty = m == ninf
+
+                def valid(w):
+                    return T.ramp(w * WORD, 1, WORD) < _bc(Lk, WORD)
+
+                if prob_mode == "elastic":
+                    T.buffer_store(sv, tirx.Select(empty, _f(0.0), m), [3])  # an all -inf row: every exp is 0
+                    mm = sv[3]
+                    _vec_store(acc, _zero(_F32, LANES), [], LANES, 0)
+                    with T.serial(0, lp // LANES) as c:
+                        e = fast_exp(_vec_load(S, [], LANES, c * LANES) - _bc(mm, LANES), LANES)
+                        _vec_store(acc, _vec_load(acc, [], LANES, 0) + e, [], LANES, 0)  # e reads S: sum first
+                        _vec_store(S, e, [], LANES, c * LANES)
+                    T.buffer_store(sv, (SC[4] * _f(0.5)) * _lane_reduce(acc, lambda a, b_: a + b_), [4])
+                    thr = sv[4]
+
+                    def cond(w):
+                        return (_vec_load(S, [], WORD, w * WORD) > _bc(thr, WORD)) & valid(w)
+                elif prob_mode == "bivit":
+                    def cond(w):
+                        keep = (_vec_load(S, [], WORD, w * WORD) - _bc(m, WORD)) >= _bc(SC[4], WORD)
+                        return (keep | _bc(empty, WORD)) & valid(w)
+                else:
+                    def cond(w):
+                        return (_vec_load(S, [], WORD, w * WORD) > _bc(_f(0.0), WORD)) & valid(w)
+
+                T.buffer_store(npos, tirx.const(0, "int64"), [0])
+                with T.serial(0, lkw) as w:
+                    word = T.bind(T.reinterpret("uint64", tirx.Cast("uint1x64", cond(w))))
+                    T.buffer_store(PW, word, [w])
+                    T.buffer_store(npos, npos[0] + T.popcount(word).astype("int64"), [0])
+                    if debug:
+                        T.buffer_store(PC, word, [b, h, i, w])
+                # P·V: cnt[d] = 2 popc(P & vpos_d) - popc(P)
+                for d0 in range(0, Dv, LANES):
+                    n = min(LANES, Dv - d0)
+                    _vec_store(cnt, _zero("int64", n), [], n, d0) if n > 1 else T.buffer_store(cnt, tirx.const(0, "int64"), [d0])
+                with T.serial(0, lkw) as w:
+                    pw = PW[w]
+                    for d0 in range(0, Dv, LANES):
+                        n = min(LANES, Dv - d0)
+                        if n > 1:
+                            term = T.popcount(_bc(pw, n) & _vec_load(VP, [], n, w * Dv + d0)).astype(f"int64x{n}")
+                            _vec_store(cnt, _vec_load(cnt, [], n, d0) + term, [], n, d0)
+                        else:
+                            term = T.popcount(pw & VP[w * Dv + d0]).astype("int64")
+                            T.buffer_store(cnt, cnt[d0] + term, [d0])
+                rsum = None
+                if est_v:  # Σ_j P[j] r_v[j], a masked float sum
+                    _vec_store(acc, _zero(_F32, LANES), [], LANES, 0)
+                    with T.serial(0, lkw) as w:
+                        for c0 in range(0, WORD, LANES):
+                            bits = (_bc(PW[w], LANES) >> T.ramp(_u64(c0), _u64(1), LANES)) & _bc(_u64(1), LANES)
+                            r = _vec_load(RVP, [], LANES, w * WORD + c0)
+                            _vec_store(acc, _vec_load(acc, [], LANES, 0)
+                                       + tirx.Select(bits != _zero("uint64", LANES), r, _zero(_F32, LANES)), [], LANES, 0)
+                    T.buffer_store(sv, _lane_reduce(acc, lambda a, b_: a + b_), [5])
+                    rsum = sv[5]
+                for d0 in range(0, Dv, LANES):
+                    n = min(LANES, Dv - d0)
+                    c = (_vec_load(cnt, [], n, d0) if n > 1 else cnt[d0])
+                    c = c * _bc(tirx.const(2, "int64"), n) - _bc(npos[0], n)
+                    ci = c.astype("int32" if n == 1 else f"int32x{n}")
+                    if debug:
+                        if n > 1:
+                            _vec_store(CN, ci, [b, h, i], n, d0)
+                        else:
+                            T.buffer_store(CN, ci, [b, h, i, d0])
+                    o = ci.astype(_F32 if n == 1 else f"float32x{n}")
+                    if prob_mode == "elastic":
+                        o = o * _bc(SC[4], n)
+                    o = o * _bc(av, n)
+                    if est_v:
+                        o = o + _bc(rsum * SC[4] if prob_mode == "elastic" else rsum, n)
+                    if n > 1:
+                        _vec_store(O, o, [b, h, i], n, d0)
+                    else:
+                        T.buffer_store(O, o, [b, h, i, d0])
+
+    return _build(body, "fused_attention")
+
+
+def _register() -> None:
+    from bitfx.targets.registry import register_kernel
+
+    register_kernel("host", "fused_attention")(fused_attention)
+
+
+_register()
