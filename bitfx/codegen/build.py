@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 STATS: collections.Counter = collections.Counter()
 CACHE_FORMAT = 1
 _MEMO: dict = {}
+_LOADED: list[str] = []  # the kernel libraries this process loaded (bitfx.ops.native repoints their pool)
 
 
 def cache_dir() -> Path:
@@ -54,6 +55,11 @@ def kernel(op: str, *, impl: str = "host", target: tvm.target.Target | None = No
     if fn is None:
         fn = _MEMO[memo_key] = _load_or_build(op, impl, target, params)
     return fn
+
+
+def loaded_libraries() -> list[str]:
+    """Paths of the kernel libraries this process has loaded, in load order."""
+    return list(_LOADED)
 
 
 def _generator(op: str, impl: str):
@@ -116,7 +122,9 @@ def _load(manifest: Path, root: Path):
         data = lib.read_bytes()
         if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"{lib.name}: size or sha256 differs from its manifest")
-        return tvm.runtime.load_module(str(lib))
+        mod = tvm.runtime.load_module(str(lib))
+        _LOADED.append(str(lib))
+        return mod
     except Exception as err:  # noqa: BLE001 - any damage means "rebuild"
         log.warning("bitfx kernel cache entry %s is damaged (%s); rebuilding it", manifest.name, err)
         return None
@@ -128,13 +136,21 @@ def _compile_and_store(op: str, impl: str, target, params: dict, root: Path, key
     STATS["compiled"] += 1
     log.debug("kernel %s %s compiled", op, params)
     try:
-        _store(lib, root, key, op, params)
+        path = _store(lib, root, key, op, params)
     except Exception as err:  # noqa: BLE001 - no compiler/linker or read-only disk: run uncached
         log.warning("bitfx could not cache kernel %s (%s); it will be compiled again next run", op, err)
-    return lib.mod["main"]
+        return lib.mod["main"]
+    # the stored library, not the JIT module: the same code, but a file `bitfx.ops.native` can repoint
+    # to torch's thread pool if it loads later (a JIT module keeps the pool it was linked with)
+    try:
+        mod = tvm.runtime.load_module(str(path))
+    except Exception:  # noqa: BLE001 - e.g. the file vanished: the in-memory module computes the same
+        return lib.mod["main"]
+    _LOADED.append(str(path))
+    return mod["main"]
 
 
-def _store(lib, root: Path, key: str, op: str, params: dict) -> None:
+def _store(lib, root: Path, key: str, op: str, params: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".so", dir=root)
     os.close(fd)
@@ -153,3 +169,4 @@ def _store(lib, root: Path, key: str, op: str, params: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(entry, f)
     os.replace(tmp, root / f"{key}.json")
+    return root / name

@@ -20,8 +20,13 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
 #include <tvm/ffi/c_api.h>
+#include <tvm/ffi/extra/c_env_api.h>
 
+#include <dlfcn.h>
+
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -416,6 +421,104 @@ at::Tensor binary_pv(const at::Tensor& p_in, const at::Tensor& v) {
   shape.push_back(Dv);
   return out.view(shape);
 }
+
+// ------------------------------------------------------------------------------------ one thread pool
+// TVM-generated host kernels run their parallel loops through two function pointers that every kernel
+// library holds, __TVMBackendParallelLaunch and __TVMBackendParallelBarrier. TVM-FFI fills them in when
+// it loads the library (or JIT-links a module), from a registry of "context symbols" where the last
+// registration of a name wins. TVM's runtime registers its own thread pool there. bitfx_pool_install()
+// registers the two functions below instead, so the kernels run on torch's OpenMP pool, the one ATen and
+// inductor's compiled float glue use: one set of workers on the cores, and no second pool that sleeps
+// between kernel calls or spins against OpenMP's. bitfx_pool_patch(path) rewrites the pointers of a
+// library loaded before the install.
+//
+// The OpenMP runtime is reached through the GNU OpenMP ABI (GOMP_parallel is what `#pragma omp parallel`
+// compiles to with g++), declared weak. It resolves to the libgomp that libtorch_cpu loaded, which is also
+// the one inductor's -fopenmp glue resolves to (by soname), whatever compiler builds this file. With a
+// torch that has no libgomp the symbols stay null and bitfx_pool_install() refuses: TVM's pool stays.
+extern "C" {
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} TVMParallelGroupEnv;  // as tvm/runtime/c_backend_api.h (TVM 0.27) declares it
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
+void GOMP_barrier() __attribute__((weak));
+int omp_get_thread_num() __attribute__((weak));
+int omp_get_num_threads() __attribute__((weak));
+int omp_in_parallel() __attribute__((weak));
+}
+
+char g_team;  // the sync_handle of every env launched as an OpenMP team (its barrier is an OpenMP barrier)
+std::atomic<int64_t> g_launches{0}, g_team_launches{0};
+
+struct PoolJob {
+  FTVMParallelLambda f;
+  void* cdata;
+  std::atomic<int> rc;
+};
+
+void run_task(void* data) {
+  auto* job = static_cast<PoolJob*>(data);
+  TVMParallelGroupEnv env{&g_team, omp_get_num_threads()};
+  if (int rc = job->f(omp_get_thread_num(), &env, job->cdata)) job->rc.store(rc, std::memory_order_relaxed);
+}
+
+// TVMBackendParallelLaunch on torch's pool. num_task 0 (what TVM's codegen passes) means one task per
+// torch thread (torch.set_num_threads); the lambda splits its loop by env.num_task, the team's size.
+// Inside a parallel region (a nested launch), or with one thread, it runs as one task on this thread.
+int pool_launch(FTVMParallelLambda f, void* cdata, int num_task) {
+  g_launches.fetch_add(1, std::memory_order_relaxed);
+  int n = num_task > 0 ? num_task : at::get_num_threads();
+  if (n <= 1 || omp_in_parallel()) {
+    TVMParallelGroupEnv env{nullptr, 1};
+    return f(0, &env, cdata);
+  }
+  g_team_launches.fetch_add(1, std::memory_order_relaxed);
+  PoolJob job{f, cdata, {0}};
+  GOMP_parallel(&run_task, &job, static_cast<unsigned>(n), 0);
+  return job.rc.load(std::memory_order_relaxed);
+}
+
+int pool_barrier(int, TVMParallelGroupEnv* env) {
+  if (env->sync_handle == &g_team && env->num_task > 1) GOMP_barrier();
+  return 0;
+}
+
+}  // namespace
+
+// 0: installed; 1: no GNU OpenMP runtime in this process (torch built without libgomp); 2: TVM-FFI refused.
+extern "C" int bitfx_pool_install() {
+  if (!GOMP_parallel || !GOMP_barrier || !omp_get_thread_num || !omp_get_num_threads || !omp_in_parallel)
+    return 1;
+  if (TVMFFIEnvModRegisterContextSymbol("__TVMBackendParallelLaunch", reinterpret_cast<void*>(&pool_launch)) ||
+      TVMFFIEnvModRegisterContextSymbol("__TVMBackendParallelBarrier", reinterpret_cast<void*>(&pool_barrier)))
+    return 2;
+  return 0;
+}
+
+// Points an already loaded kernel library's launch and barrier at the functions above. 1: patched; 0: the
+// library is not loaded, or has no parallel loops (nothing to do).
+extern "C" int bitfx_pool_patch(const char* path) {
+  void* h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+  if (!h) return 0;
+  int patched = 0;
+  if (auto** p = reinterpret_cast<void**>(dlsym(h, "__TVMBackendParallelLaunch"))) {
+    *p = reinterpret_cast<void*>(&pool_launch);
+    patched = 1;
+  }
+  if (auto** p = reinterpret_cast<void**>(dlsym(h, "__TVMBackendParallelBarrier")))
+    *p = reinterpret_cast<void*>(&pool_barrier);
+  dlclose(h);
+  return patched;
+}
+
+// How many parallel launches ran through pool_launch, and how many of them as a team of several threads.
+extern "C" int64_t bitfx_pool_launches() { return g_launches.load(std::memory_order_relaxed); }
+extern "C" int64_t bitfx_pool_team_launches() { return g_team_launches.load(std::memory_order_relaxed); }
+
+namespace {
 
 }  // namespace
 

@@ -16,6 +16,15 @@ plan lookup, one ``at::empty`` (the output) and two TVM-FFI calls with ``DLTenso
 If there is no C++ compiler, the build or the load fails, or ``BITFX_NATIVE=0`` is set, the ops stay on
 the Python path, which computes the same results (one warning names the reason; none for BITFX_NATIVE=0).
 ``$CXX`` picks the compiler (default: c++, g++, clang++, the first found).
+
+**One thread pool.** Loading the library also moves the parallel loops of the TVM kernels onto torch's
+OpenMP pool (``native.cpp``, "one thread pool"): TVM-FFI fills each kernel library's
+``__TVMBackendParallelLaunch`` / ``__TVMBackendParallelBarrier`` pointers from a registry where the last
+registration wins, and the library registers its own launch (``GOMP_parallel`` over torch's thread count)
+there, then rewrites the pointers of the kernel libraries loaded before it (``build.loaded_libraries()``).
+Kernels and inductor's float glue then share one set of workers: no TVM pool that sleeps between calls
+(``TVM_THREAD_POOL_SPIN_COUNT=0``) or spins against OpenMP's. ``BITFX_POOL=0`` keeps TVM's own pool;
+``pool_status()`` says which one runs. Results are the same either way (the same tasks, the same split).
 """
 from __future__ import annotations
 
@@ -37,7 +46,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["start", "poll", "load", "status", "plan_misses", "plans_held", "library_path", "SOURCE"]
+__all__ = ["start", "poll", "load", "status", "plan_misses", "plans_held", "library_path", "pool_status",
+           "pool_launches", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared")
@@ -45,7 +55,7 @@ _OFF = ("0", "off", "false", "no")
 
 _lock = threading.RLock()
 #: status: None (not started), "building", "built", "loaded", "disabled (...)" or "unavailable: <why>"
-_state: dict = {"status": None, "lib": None, "path": None, "thread": None, "error": None}
+_state: dict = {"status": None, "lib": None, "path": None, "thread": None, "error": None, "pool": None}
 
 
 def _compiler() -> str | None:
@@ -184,6 +194,7 @@ def poll() -> bool:
             _state["lib"] = lib = ctypes.CDLL(path)
             _setup_ctypes(lib)
             _state["status"] = "loaded"
+            _install_pool(lib)
         except Exception as err:  # noqa: BLE001 - e.g. an ABI mismatch: the Python path
             _fail(f"could not load {path}: {err}")
             return False
@@ -223,5 +234,44 @@ def plans_held() -> int:
 
 
 def _setup_ctypes(lib) -> None:
-    for name in ("bitfx_native_plan_misses", "bitfx_native_plans_held"):
+    for name in ("bitfx_native_plan_misses", "bitfx_native_plans_held", "bitfx_pool_launches",
+                 "bitfx_pool_team_launches"):
         getattr(lib, name).restype = ctypes.c_int64
+    lib.bitfx_pool_install.restype = ctypes.c_int
+    lib.bitfx_pool_patch.restype = ctypes.c_int
+    lib.bitfx_pool_patch.argtypes = [ctypes.c_char_p]
+
+
+def _install_pool(lib) -> None:
+    """Run the TVM kernels' parallel loops on torch's OpenMP pool from now on (unless BITFX_POOL=0)."""
+    if os.environ.get("BITFX_POOL", "").strip().lower() in _OFF:
+        _state["pool"] = "tvm (BITFX_POOL=0)"
+        return
+    from bitfx.codegen import build
+
+    rc = lib.bitfx_pool_install()
+    if rc != 0:
+        why = {1: "no GNU OpenMP runtime (libgomp) in this process"}.get(rc, "TVM-FFI refused the context symbols")
+        _state["pool"] = f"tvm ({why})"
+        log.warning("bitfx: TVM kernels keep TVM's thread pool: %s", why)
+        return
+    # libraries loaded before now hold TVM's launch; later ones get this one when TVM-FFI loads them
+    patched = sum(lib.bitfx_pool_patch(os.fsencode(path)) for path in build.loaded_libraries())
+    _state["pool"] = "torch-openmp"
+    log.debug("bitfx: TVM kernels run on torch's OpenMP pool (%d loaded libraries repointed)", patched)
+
+
+def pool_status() -> str:
+    """Which pool runs the parallel loops of the TVM kernels: "torch-openmp" (torch's OpenMP workers, once
+    the library is loaded), or "tvm (<why>)": TVM's own pool (BITFX_POOL=0, the library not loaded, ...)."""
+    if _state["pool"] is not None:
+        return _state["pool"]
+    return "tvm (the C++ library is not loaded: " + status() + ")"
+
+
+def pool_launches() -> tuple[int, int]:
+    """(parallel kernel launches that ran on torch's pool, those of them run by a team of several threads)."""
+    lib = _state["lib"]
+    if lib is None:
+        return (0, 0)
+    return int(lib.bitfx_pool_launches()), int(lib.bitfx_pool_team_launches())

@@ -253,3 +253,78 @@ def test_unsigned_activations_run_in_cpp_and_are_exact(wm, monkeypatch):
         y_int = OP(*_args(x, w, None, mode, move, alpha=torch.ones(1), ws=torch.ones(N))).reshape(-1, N).numpy()
     codes = ((x.reshape(-1, K) + move).numpy() > 0.5).astype(np.int64)
     np.testing.assert_array_equal(y_int.astype(np.int64), codes @ _np_weight_codes(w.detach().numpy(), wm).T)
+
+
+# One thread pool (native.cpp): the TVM kernels' parallel loops on torch's OpenMP pool, or TVM's own
+# (BITFX_POOL=0). Each process calls every parallel kernel once before the library loads (the kernel
+# libraries it loaded then are repointed) and again after, with 2 torch threads and with 1.
+_POOL_SCRIPT = r"""
+import json, sys, torch
+import bitfx
+from bitfx.codegen import runtime
+from bitfx.ops import native
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(67, 200, generator=g)
+codes = torch.where(torch.randn(96, 200, generator=g) < 0, -1, 1).to(torch.int8)
+scale, bias = torch.rand(96, generator=g), torch.randn(96, generator=g)
+plan = runtime.LinearPlan(runtime.pack_weight(codes, ternary=False), col_scale=scale, bias=bias)
+plan4 = runtime.LinearPlan(runtime.pack_weight(codes, ternary=False), act="absmax", bits=4,
+                           col_scale=torch.ones(96))
+q, k = torch.randn(3, 33, 70, generator=g), torch.randn(3, 41, 70, generator=g)
+p, v = (torch.rand(3, 33, 41, generator=g) < 0.3).to(torch.uint8), torch.randn(3, 41, 24, generator=g)
+calls = {"linear": lambda: plan(x), "linear4": lambda: plan4(x), "scores": lambda: runtime.sign_scores(q, k),
+         "pv": lambda: runtime.binary_pv(p, v)}
+out = {f"{name}_before": fn() for name, fn in calls.items()}
+assert native.load(), native.status()
+launches = {"after_load": native.pool_launches()}
+out.update({name: fn() for name, fn in calls.items()})
+launches["two_threads"] = native.pool_launches()
+late = runtime.LinearPlan(runtime.pack_weight(codes[:80], ternary=False), col_scale=scale[:80].clone(),
+                          bias=bias[:80].clone())  # (its kernels are loaded now)
+out["late"] = late(x)
+launches["late"] = native.pool_launches()
+torch.set_num_threads(1)
+out.update({f"{name}_1thread": fn() for name, fn in calls.items()})
+launches["one_thread"] = native.pool_launches()
+torch.save(out, sys.argv[1])
+print(json.dumps({"pool": native.pool_status(), "launches": launches}))
+"""
+
+
+def _pool_run(tmp_path, name, env):
+    path = tmp_path / f"{name}.pt"
+    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(path)], env={**os.environ, **env},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(path)
+
+
+def test_kernels_on_torchs_thread_pool_give_the_same_results(tmp_path):
+    on, on_out = _pool_run(tmp_path, "on", {"TVM_NUM_THREADS": "2"})
+    off, off_out = _pool_run(tmp_path, "off", {"TVM_NUM_THREADS": "2", "BITFX_POOL": "0"})
+    assert on["pool"] == "torch-openmp"
+    assert off == {"pool": "tvm (BITFX_POOL=0)", "launches": {
+        "after_load": [0, 0], "two_threads": [0, 0], "late": [0, 0], "one_thread": [0, 0]}}
+    (n0, t0), (n2, t2), (nl, tl), (n1, t1) = (on["launches"][k] for k in ("after_load", "two_threads", "late",
+                                                                          "one_thread"))
+    assert n0 == t0 == 0  # nothing ran on torch's pool before the library loaded
+    # every call after it launched on torch's pool, kernels loaded before it included (repointed): at least
+    # one parallel loop per call, each run by a team of 2 threads; with 1 torch thread, inline (no team)
+    assert n2 >= 4 and t2 == n2
+    assert nl > n2 and tl == nl  # a kernel library loaded after it gets torch's pool from TVM-FFI itself
+    assert n1 - nl >= 4 and t1 == tl
+    assert set(on_out) == set(off_out)
+    for name in on_out:  # bit for bit: the pool changes who runs a task, never what it computes
+        assert torch.equal(on_out[name], off_out[name]), name
+        assert torch.equal(on_out[name], on_out[name.split("_")[0]]), name
+    assert torch.equal(on_out["late"], on_out["linear"][:, :80])
+    # and the integer products are right, against NumPy from the definitions
+    g = torch.Generator().manual_seed(0)
+    torch.randn(67, 200, generator=g), torch.randn(96, 200, generator=g)
+    torch.rand(96, generator=g), torch.randn(96, generator=g)
+    q, k = torch.randn(3, 33, 70, generator=g).numpy(), torch.randn(3, 41, 70, generator=g).numpy()
+    p = (torch.rand(3, 33, 41, generator=g) < 0.3).numpy().astype(np.int64)
+    v = torch.randn(3, 41, 24, generator=g).numpy()
+    np.testing.assert_array_equal(on_out["scores"].numpy(), _np_sign(q) @ _np_sign(k).transpose(0, 2, 1))
+    np.testing.assert_array_equal(on_out["pv"].numpy(), p @ _np_sign(v))
