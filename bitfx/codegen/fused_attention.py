@@ -88,11 +88,9 @@ def _canonical_bias(bias: Tensor, lead, Bt: int, H: int, Lq: int, Lk: int):
         raise ValueError(f"bit_attention mask/bias of shape {tuple(bias.shape)} has more dims than the scores "
                          f"{(*lead, Lq, Lk)}")
     b = bias.reshape((1,) * (n - bias.dim()) + tuple(bias.shape))
-    try:
-        torch.broadcast_shapes(b.shape, (*lead, Lq, Lk))
-    except RuntimeError:
+    if any(d not in (1, want) for d, want in zip(b.shape, (*lead, Lq, Lk))):
         raise ValueError(f"bit_attention mask/bias of shape {tuple(bias.shape)} does not broadcast to the "
-                         f"scores {(*lead, Lq, Lk)}") from None
+                         f"scores {(*lead, Lq, Lk)}")
     nf = len(lead) - 1  # batch dims in front of the heads, merged into one
     if nf >= 1:
         rest = tuple(b.shape[nf:])
@@ -110,10 +108,6 @@ def _canonical_bias(bias: Tensor, lead, Bt: int, H: int, Lq: int, Lk: int):
 
 def _rows(t: Tensor, Bt: int, H: int) -> Tensor:
     return t.reshape(Bt, H, t.shape[-2], t.shape[-1]).to(torch.float32).contiguous()
-
-
-def _scalar(t: Optional[Tensor]) -> Tensor:
-    return t.detach().reshape(()).to(torch.float32)
 
 
 def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], est_v: Optional[Tensor],
@@ -143,17 +137,15 @@ def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], es
         args.append(b)
     if est_v is not None:
         args.append(est_v.reshape(Bt, H, Lk).to(torch.float32).contiguous())
-    if prob_mode == "bivit":
-        beta = torch.tensor(0.25) if prob_param is None else _scalar(prob_param)
-        p = torch.where(beta > 0, torch.log(beta.clamp(min=1e-38).double()).float(), float("-inf"))
+    if prob_mode == "bivit":  # the threshold ln β (β <= 0: every code 1)
+        beta = 0.25 if prob_param is None else float(prob_param)
+        p = math.log(beta) if beta > 0 else -math.inf
     elif prob_mode == "elastic":
-        p = _scalar(prob_param).clamp(min=EPS)
+        p = max(float(prob_param), EPS)  # as prob_elastic's clamp(min=EPS)
     else:
-        p = torch.zeros(())
-    zero = torch.zeros(())
-    scalars = torch.stack([torch.tensor(float(scale)), zero if alpha_q is None else _scalar(alpha_q),
-                           zero if alpha_k is None else _scalar(alpha_k),
-                           zero if alpha_v is None else _scalar(alpha_v), p.float()]).contiguous()
+        p = 0.0
+    scalars = torch.tensor([float(scale), *(0.0 if a is None else float(a) for a in (alpha_q, alpha_k, alpha_v)), p],
+                           dtype=torch.float32)
     args.append(scalars)
     out = torch.empty(Bt, H, Lq, Dv, dtype=torch.float32)
     args.append(out)
@@ -181,10 +173,13 @@ def bit_attention_fused(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_par
     args = (qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v, scale, is_causal,
             prob_mode)
     check_prob_mode(prob_mode)
+    count = not torch.compiler.is_dynamo_compiling()  # a counter dynamo traced would be a guard per value
     if unsupported_reason(*args) is not None:
-        STATS["two_kernels"] += 1
+        if count:
+            STATS["two_kernels"] += 1
         return fallback(*args)
-    STATS["fused"] += 1
+    if count:
+        STATS["fused"] += 1
     s = _default_scale(qt, scale)
     bias = score_bias(attn_mask, est_q, est_k, s)
     run = kernel_op or fused_attention

@@ -30,7 +30,7 @@ from tvm.script.ir_builder import tirx as T
 from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _when, _zero
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
-SCHEDULE_VERSION = 1
+SCHEDULE_VERSION = 2
 
 PROB_MODES = ("bivit", "bool", "elastic")
 LANES = 16  # float32 / int64 lanes per vector step over keys and feature dims
@@ -229,9 +229,6 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                 m = sv[2]
                 empty = m == ninf
 
-                def valid(w):
-                    return T.ramp(w * WORD, 1, WORD) < _bc(Lk, WORD)
-
                 if prob_mode == "elastic":
                     T.buffer_store(sv, tirx.Select(empty, _f(0.0), m), [3])  # an all -inf row: every exp is 0
                     mm = sv[3]
@@ -244,18 +241,21 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                     thr = sv[4]
 
                     def cond(w):
-                        return (_vec_load(S, [], WORD, w * WORD) > _bc(thr, WORD)) & valid(w)
+                        return (_vec_load(S, [], WORD, w * WORD) > _bc(thr, WORD))
                 elif prob_mode == "bivit":
                     def cond(w):
                         keep = (_vec_load(S, [], WORD, w * WORD) - _bc(m, WORD)) >= _bc(SC[4], WORD)
-                        return (keep | _bc(empty, WORD)) & valid(w)
+                        return keep | _bc(empty, WORD)
                 else:
                     def cond(w):
-                        return (_vec_load(S, [], WORD, w * WORD) > _bc(_f(0.0), WORD)) & valid(w)
+                        return (_vec_load(S, [], WORD, w * WORD) > _bc(_f(0.0), WORD))
 
                 T.buffer_store(npos, tirx.const(0, "int64"), [0])
                 with T.serial(0, lkw) as w:
-                    word = T.bind(T.reinterpret("uint64", tirx.Cast("uint1x64", cond(w))))
+                    # keys past Lk (the last word's tail) are cleared with one scalar mask
+                    left = Lk - w * WORD
+                    tail = tirx.Select(left >= WORD, ~_u64(0), (_u64(1) << left.astype("uint64")) - _u64(1))
+                    word = T.bind(T.reinterpret("uint64", tirx.Cast("uint1x64", cond(w))) & tail)
                     T.buffer_store(PW, word, [w])
                     T.buffer_store(npos, npos[0] + T.popcount(word).astype("int64"), [0])
                     if debug:

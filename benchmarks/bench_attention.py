@@ -1,0 +1,100 @@
+"""One ``bit_attention`` call: the fused host kernel against the two-kernel path, 1 thread, one run.
+
+    python benchmarks/bench_attention.py            # BERT-base (1 x 12 heads x 128 x 64) and MiniLM (8 x 12 x 128 x 32)
+    python benchmarks/bench_attention.py --quick
+
+Microseconds per call (median of interleaved batches, so load from other processes hits every path alike),
+with a boolean padding mask [B, 1, 1, L] (the last 16 keys of batch 0 masked), per probability mode:
+  fused kernel   the TVM kernel alone on prepared float32 inputs and outputs (no Python around it)
+  fused op       ``torch.ops.bitfx_kernels.fused_attention`` (dispatcher + the Python impl + the kernel)
+  fused graph    ``bit_attention_on_fused_kernel`` compiled by inductor (the score bias in the glue + the op):
+                 what a compiled model runs
+  two-kernel     ``bit_attention_on_kernels`` compiled by inductor (sign_scores op, float glue with softmax and
+                 the binarizer, binary_pv op): the path before the fused kernel
+  ratio          two-kernel / fused graph
+Nothing is asserted. Prints the load average at the start and the end.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+import bitfx  # noqa: E402,F401
+from bitfx.codegen import fused_attention as FA  # noqa: E402
+from bitfx.ops.kernel_ops import bit_attention_on_kernels  # noqa: E402
+
+
+def interleaved(fns: dict, calls: int, rounds: int = 9) -> dict:
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, rounds: int) -> None:
+    from bitfx.codegen.build import kernel
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    mask[0, ..., -16:] = False
+    param = {"bivit": None, "elastic": torch.tensor(0.03), "bool": None}[mode]
+    args = (q, k, v, mask, None, None, None, param, None, None, None, None, False, mode)
+    scale = 1.0 / math.sqrt(D)
+    # the kernel alone, on the arguments the op prepares
+    bias = FA.score_bias(mask, None, None, scale).reshape(B, 1, 1, L).contiguous()
+    p = torch.tensor(math.log(0.25)) if mode == "bivit" else (param if param is not None else torch.tensor(0.0))
+    scalars = torch.tensor([scale, 0.0, 0.0, 0.0, float(p)])
+    out = torch.empty(B, H, L, D)
+    fn = kernel("fused_attention", D=D, Dv=D, prob_mode=mode, bias=(True, False, False), causal=False,
+                alpha_q=False, alpha_k=False, alpha_v=False, est_v=False, debug=False, parallel=False)
+    torch._dynamo.reset()
+    fused_graph = torch.compile(FA.bit_attention_on_fused_kernel, backend="inductor", fullgraph=True)
+    two_graph = torch.compile(bit_attention_on_kernels, backend="inductor", fullgraph=True)
+    ref = two_graph(*args)
+    got = fused_graph(*args)
+    err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-9)
+    t = interleaved({
+        "fused kernel": lambda: fn(q, k, v, bias, scalars, out),
+        "fused op": lambda: FA.FUSED_ATTENTION_KERNEL(q, k, v, FA.score_bias(mask, None, None, scale), None, None,
+                                                      None, None, param, scale, False, mode),
+        "fused graph": lambda: fused_graph(*args),
+        "two-kernel": lambda: two_graph(*args),
+    }, calls, rounds)
+    cells = "  ".join(f"{name} {us:8.1f}" for name, us in t.items())
+    print(f"{label:<22} {mode:<8} {cells}  ratio {t['two-kernel'] / t['fused graph']:5.2f}x  (max rel diff {err:.1e})",
+          flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
+    ap.add_argument("--modes", default="bivit,elastic,bool")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    calls, rounds = (3, 3) if a.quick else (20, 9)
+    print(f"load average at start: {os.getloadavg()}; torch threads {torch.get_num_threads()}, "
+          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}; microseconds per call", flush=True)
+    with torch.no_grad():
+        for mode in a.modes.split(","):
+            row("BERT-base 1x12x128x64", 1, 12, 128, 64, mode, calls, rounds)
+            row("MiniLM 8x12x128x32", 8, 12, 128, 32, mode, max(1, calls // 4), rounds)
+    print(f"load average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
