@@ -30,7 +30,7 @@ from tvm.script.ir_builder import tirx as T
 from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _when, _zero
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
-SCHEDULE_VERSION = 2
+SCHEDULE_VERSION = 3
 
 PROB_MODES = ("bivit", "bool", "elastic")
 LANES = 16  # float32 / int64 lanes per vector step over keys and feature dims
@@ -80,19 +80,18 @@ def _abs_sum(buf, prefix, n: int, acc):
     _vec_store(acc, _zero(_F32, LANES), [], LANES, 0)
     for c0 in range(0, n - n % LANES, LANES):
         _vec_store(acc, _vec_load(acc, [], LANES, 0) + T.abs(_vec_load(buf, prefix, LANES, c0)), [], LANES, 0)
-    total = acc[0]
-    for i in range(1, LANES):
-        total = total + acc[i]
+    total = _lane_reduce(acc, lambda a, b: a + b)
     for d in range(n - n % LANES, n):
         total = total + T.abs(buf[(*prefix, d)])
     return total
 
 
 def _lane_reduce(acc, op):
-    total = acc[0]
-    for i in range(1, LANES):
-        total = op(total, acc[i])
-    return total
+    """op over the LANES slots of `acc` as a balanced tree (4 dependent steps, not a chain of 15)."""
+    terms = [acc[i] for i in range(LANES)]
+    while len(terms) > 1:
+        terms = [op(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
+    return terms[0]
 
 
 def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = None, causal: bool = False,
