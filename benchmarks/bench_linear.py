@@ -97,10 +97,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="M=128 only")
     args = ap.parse_args()
     ms = [128] if args.quick else [1, 32, 128, 512]
+    from bitfx.ops import native
+
+    # as a compiled model does when it lowers: the C++ library, which runs the kernels' parallel loops on
+    # torch's OpenMP pool (BITFX_POOL=0: on TVM's own pool, idle workers asleep between calls)
+    native.load()
     compiled = torch.compile(F.linear, dynamic=True)
     ceilings = {(K, N): ceiling.measure(128, N, K) for K, N in SHAPES_KN}
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads available, "
           f"torch {torch.__version__}")
+    print(f"# kernel thread pool: {native.pool_status()}")
     print("# same-run ceiling, 1 core: " + ", ".join(
         f"K={K} N={N}: {c.gbit_per_s:.0f} G bit-MACs/s ({c.isa})" for (K, N), c in ceilings.items()))
     cols = ["M", "K", "N", "thr", "fp32", "inductor", "bitfx", "x_fp32", "x_ind", "pack", "gemm", "Gbit/s",
