@@ -3,7 +3,8 @@
     python benchmarks/bench_attention.py            # BERT-base (1 x 12 heads x 128 x 64) and MiniLM (8 x 12 x 128 x 32)
     python benchmarks/bench_attention.py --quick
 
-Microseconds per call (median of interleaved batches, so load from other processes hits every path alike),
+Microseconds per call as wall/CPU (medians of interleaved batches, so load from other processes hits every path
+alike; CPU is this process's time, which load inflates less than wall time),
 with a boolean padding mask [B, 1, 1, L] (the last 16 keys of batch 0 masked), per probability mode:
   fused kernel   the TVM kernel alone on prepared float32 inputs and outputs (no Python around it)
   fused op       ``torch.ops.bitfx_kernels.fused_attention`` (dispatcher + the Python impl + the kernel)
@@ -11,7 +12,7 @@ with a boolean padding mask [B, 1, 1, L] (the last 16 keys of batch 0 masked), p
                  what a compiled model runs
   two-kernel     ``bit_attention_on_kernels`` compiled by inductor (sign_scores op, float glue with softmax and
                  the binarizer, binary_pv op): the path before the fused kernel
-  ratio          two-kernel / fused graph
+  ratio          two-kernel / fused graph (wall/CPU)
 Nothing is asserted. Prints the load average at the start and the end.
 """
 from __future__ import annotations
@@ -32,17 +33,19 @@ from bitfx.ops.kernel_ops import bit_attention_on_kernels  # noqa: E402
 
 
 def interleaved(fns: dict, calls: int, rounds: int = 9) -> dict:
+    """{name: (median wall µs, median CPU µs of this process)} per call, batches interleaved over rounds."""
     for fn in fns.values():
         for _ in range(5):
             fn()
-    samples = {name: [] for name in fns}
+    samples = {name: ([], []) for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
-    return {name: statistics.median(s) for name, s in samples.items()}
+            samples[name][0].append((time.perf_counter() - t0) / calls * 1e6)
+            samples[name][1].append((time.process_time() - c0) / calls * 1e6)
+    return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in samples.items()}
 
 
 def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, rounds: int) -> None:
@@ -75,8 +78,9 @@ def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, round
         "fused graph": lambda: fused_graph(*args),
         "two-kernel": lambda: two_graph(*args),
     }, calls, rounds)
-    cells = "  ".join(f"{name} {us:8.1f}" for name, us in t.items())
-    print(f"{label:<22} {mode:<8} {cells}  ratio {t['two-kernel'] / t['fused graph']:5.2f}x  (max rel diff {err:.1e})",
+    cells = "  ".join(f"{name} {w:7.1f}/{c:7.1f}" for name, (w, c) in t.items())
+    ratio = t["two-kernel"][0] / t["fused graph"][0], t["two-kernel"][1] / t["fused graph"][1]
+    print(f"{label:<22} {mode:<8} {cells}  ratio {ratio[0]:5.2f}x/{ratio[1]:5.2f}x  (max rel diff {err:.1e})",
           flush=True)
 
 

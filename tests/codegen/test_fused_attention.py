@@ -183,8 +183,8 @@ def test_two_kernel_path_keeps_what_the_fused_kernel_does_not_cover():
     torch.testing.assert_close(out, bit_attention_reference(*args), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", ["bipft", "bivit"])
-def test_compiled_hf_bert_uses_the_fused_kernel_and_equals_the_reference(config):
+@pytest.mark.parametrize("config,glue", [("bipft", "inductor"), ("bivit", "inductor"), ("bivit", "eager")])
+def test_compiled_hf_bert_uses_the_fused_kernel_and_equals_the_reference(config, glue):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -200,7 +200,7 @@ def test_compiled_hf_bert_uses_the_fused_kernel_and_equals_the_reference(config)
             input_ids=ids, attention_mask=attn).last_hidden_state
         torch._dynamo.reset()
         before = FA.STATS["calls"]
-        out = torch.compile(model, backend="bitfx", options={"config": config})(
+        out = torch.compile(model, backend="bitfx", options={"config": config, "glue": glue})(
             input_ids=ids, attention_mask=attn).last_hidden_state
     assert FA.STATS["calls"] > before  # the fused kernel ran
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
