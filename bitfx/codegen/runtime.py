@@ -34,10 +34,16 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 WORD = 64
 
 
+PANEL = 32  # output columns per weight panel (`bitfx.targets.host.PANEL`)
+
+
 @dataclass(frozen=True)
 class PackedWeight:
-    """Weight codes packed along K into uint64 words, K-major: `planes[P, ceil(K/64), N]`.
+    """Weight codes packed along K into uint64 words (KW = ceil(K/64) words per output column).
 
+    `layout="panel"` (what `pack_weight` makes on the CPU): `planes[P, ceil(N/32), KW, 32]`, column
+    panels of 32, each panel's K words contiguous, so the host GEMM reads the weight front to back;
+    columns past N are zero. `layout="kmajor"` (CUDA, and a weight built by hand): `planes[P, KW, N]`.
     Binary: P = 1, bit = 1 for +1. Ternary: P = 2 (plane 0 = "is +1", plane 1 = "is -1") and `nnz[n]`,
     the number of nonzero codes of output channel n. Tail bits (K not a multiple of 64) are zero.
     """
@@ -47,11 +53,40 @@ class PackedWeight:
     K: int
     ternary: bool
     nnz: torch.Tensor | None = None
+    layout: str = "kmajor"
+
+    def __post_init__(self):
+        if self.layout not in ("kmajor", "panel"):
+            raise ValueError(f"PackedWeight layout must be 'kmajor' or 'panel', got {self.layout!r}")
+        P, kw = 2 if self.ternary else 1, _words(self.K)
+        want = (P, _panels(self.N), kw, PANEL) if self.layout == "panel" else (P, kw, self.N)
+        if tuple(self.planes.shape) != want:
+            raise ValueError(f"PackedWeight planes of shape {tuple(self.planes.shape)} do not fit layout "
+                             f"{self.layout!r} with N={self.N}, K={self.K}: expected {want}")
 
     @property
     def w(self) -> torch.Tensor:
-        """The argument the GEMM takes: `[KW, N]` (binary) or `[2, KW, N]` (ternary)."""
+        """The argument the GEMM takes: `planes`, without the plane dim when binary."""
         return self.planes if self.ternary else self.planes[0]
+
+    def kmajor(self) -> torch.Tensor:
+        """`planes` as `[P, KW, N]` (a copy when panelled): the layout of the CUDA and reference kernels."""
+        if self.layout == "kmajor":
+            return self.planes
+        P, nb, kw, _ = self.planes.shape
+        return self.planes.permute(0, 2, 1, 3).reshape(P, kw, nb * PANEL)[:, :, :self.N].contiguous()
+
+
+def _panels(n: int) -> int:
+    return (n + PANEL - 1) // PANEL
+
+
+def to_panels(rows: torch.Tensor) -> torch.Tensor:
+    """Packed rows `[N, KW]` (one output column's K words per row) -> panels `[ceil(N/32), KW, 32]`."""
+    N, kw = rows.shape
+    padded = torch.zeros(_panels(N) * PANEL, kw, dtype=rows.dtype)
+    padded[:N] = rows
+    return padded.view(-1, PANEL, kw).transpose(1, 2).contiguous()
 
 
 def pack_weight(w_int: torch.Tensor, ternary: bool) -> PackedWeight:
@@ -70,16 +105,17 @@ def pack_weight(w_int: torch.Tensor, ternary: bool) -> PackedWeight:
         values = bad.tolist() if bad.numel() else "non-integer values"
         raise ValueError(f"{'ternary' if ternary else 'binary'} weight codes must be in {allowed}; got {values}")
     N, K = codes.shape
-    planes = torch.stack([_pack_int8(codes, m) for m in (("pos", "neg") if ternary else ("pos",))])
+    planes = torch.stack([to_panels(_pack_int8(codes, m)) for m in (("pos", "neg") if ternary else ("pos",))])
     nnz = (codes != 0).sum(1, dtype=torch.int32) if ternary else None
-    return PackedWeight(planes.contiguous(), N, K, ternary, nnz)
+    return PackedWeight(planes.contiguous(), N, K, ternary, nnz, layout="panel")
 
 
 def _pack_int8(codes: torch.Tensor, mode: str) -> torch.Tensor:
+    """`[N, KW]`: each output column's codes packed along K (the `pack_rows` kernel)."""
     N, K = codes.shape
     out = torch.empty(N, _words(K), dtype=torch.uint64)
     kernel("pack_rows", mode=mode, K=K, dtype="int8", parallel=_parallel())(codes, out)
-    return out.t().contiguous()
+    return out
 
 
 def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
@@ -306,8 +342,9 @@ def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move, par: bool, al
 
 def _gemm(packed: PackedWeight, act: str, bits: int, par: bool, *, epilogue: str, bias: bool):
     mode = _act_kernel(act) + ("_ternary" if packed.ternary else "")
+    layout = {"layout": "panel"} if packed.layout == "panel" else {}  # K-major kernels keep their keys
     return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias,
-                  parallel=par)
+                  parallel=par, **layout)
 
 
 def _nnz(packed: PackedWeight, act: str) -> list:

@@ -74,11 +74,17 @@ def _packed_weight(weight: Tensor, weight_mode: str, use_disk: bool):
     from bitfx.codegen import runtime
 
     ternary = methods.weight_method(weight_mode).ternary
-    key = compile_cache.content_key("packed", [weight], extra=weight_mode) if use_disk else None
+    # the layout is in the key: packed planes of another layout are never read as panels
+    extra = f"{weight_mode}|panel{runtime.PANEL}"
+    key = compile_cache.content_key("packed", [weight], extra=extra) if use_disk else None
     hit = compile_cache.load(key) if use_disk else None
     if hit is not None and set(hit) >= {"planes", "col_scale"}:
-        packed = runtime.PackedWeight(hit["planes"], weight.shape[0], weight.shape[1], ternary, hit.get("nnz"))
-        return packed, hit["col_scale"]
+        try:
+            packed = runtime.PackedWeight(hit["planes"], weight.shape[0], weight.shape[1], ternary, hit.get("nnz"),
+                                          layout="panel")
+            return packed, hit["col_scale"]
+        except ValueError:  # planes of another shape under this key: repack (and overwrite) below
+            pass
     codes, col_scale, _ = quantize_weight(weight.detach().float(), None, weight_mode)
     packed = runtime.pack_weight(codes.to(torch.int8), ternary=ternary)
     col_scale = col_scale.float()

@@ -4,10 +4,15 @@
 here: the LLVM target for this machine, and small generators of explicit loop nests, because in TVM 0.27
 `s_tir` refuses `vectorize` on a spatial loop that sits inside a reduction (DESIGN §5).
 
-The binary GEMM keeps a `rows x cols` tile of int64 accumulators in registers: packed weights are stored
-K-major (`[KW, N]` uint64), so 8 consecutive output columns fill one 512-bit register; each activation word
-is broadcast, then `xor`/`and` -> `vpopcntq` -> add. Each accumulator row is its own stack buffer: TVM moves
-an allocation of 1 KiB or more to the heap workspace, after which LLVM can no longer keep it in registers.
+The binary GEMM keeps a `rows x cols` tile of int64 accumulators in registers: 8 consecutive output columns
+of packed weight words fill one 512-bit register; each activation word is broadcast, then `xor`/`and` ->
+`vpopcntq` -> add. A linear layer's packed weight is stored in *panels* (`layout="panel"`,
+`[ceil(N/32), KW, 32]` uint64: column-block major, each block's K words contiguous, N padded with zero
+columns that are never stored), so the GEMM reads it front to back; at M = 1 (decode) each word is used
+once and the kernel is a stream over the weight. The K-major layout (`[KW, N]`, a weight row of N words
+per K word) stays for the attention GEMMs, whose "weights" are activations packed per call. Each accumulator
+row is its own stack buffer: TVM moves an allocation of 1 KiB or more to the heap workspace, after which LLVM
+can no longer keep it in registers.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from tvm.script.ir_builder import tirx as T
 from tvm.target import codegen
 
 # Bump when a generator below changes the code it emits: it is part of every kernel-cache key.
-SCHEDULE_VERSION = 2
+SCHEDULE_VERSION = 3
 
 WORD = 64  # bits per packed word
+PANEL = 32  # output columns per weight panel (layout="panel"); every tile width divides it
+_LAYOUTS = ("kmajor", "panel")
 _GEMM_MODES = ("xnor", "xnor_ternary", "and", "and_ternary")
 
 
@@ -297,10 +304,12 @@ def absmax_planes(*, K: int, bits: int, parallel: bool = True) -> tirx.PrimFunc:
 # --------------------------------------------------------------------------------------------- GEMM
 def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
          batched: bool = False, epilogue: str = "int", bias: bool = False,
-         tile: Tile | None = None, parallel: bool = True) -> tirx.PrimFunc:
+         tile: Tile | None = None, parallel: bool = True, layout: str = "kmajor") -> tirx.PrimFunc:
     """Bit-serial GEMM `acc[m, n] = sum_k a[m, k] * w[n, k]` on packed words, tiled for registers.
 
-    Modes (a = activation bits, w0/w1 = weight planes, K-major `[KW, N]`):
+    Weight layout: `layout="kmajor"`: `w[(2,) KW, N]`; `layout="panel"` (static N, not batched):
+    `w[(2,) ceil(N/PANEL), KW, PANEL]`, word `[p, k, j]` = column `PANEL*p + j` (zero past N).
+    Modes (a = activation bits, w0/w1 = weight planes):
       xnor          a, w in {+-1}:            acc = K - 2 popc(a ^ w0)
       xnor_ternary  a in {+-1}, w0=pos w1=neg: acc = nnz_n - 2 popc((a ^ w0) & (w0 | w1))
       and           `planes` activation planes x w in {+-1}: acc = sum_b c_b (2 popc(p_b & w0) - popc(p_b))
@@ -314,8 +323,15 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         raise ValueError(f"unknown GEMM mode {mode!r}; expected one of {_GEMM_MODES}")
     if mode.startswith("xnor") and (K is None or planes != 1):
         raise ValueError(f"mode {mode!r} needs a static K and one activation plane")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"unknown weight layout {layout!r}; expected one of {_LAYOUTS}")
+    panel = layout == "panel"
+    if panel and (N is None or batched):
+        raise ValueError(f"layout='panel' needs a static N and batched=False; got N={N}, batched={batched}")
     tile = tile or gemm_tile()
     R, C = tile.rows, tile.cols
+    if panel and PANEL % C:
+        raise ValueError(f"layout='panel' needs a tile width dividing {PANEL}; got {C}")
     ternary = mode.endswith("ternary")
 
     def body():
@@ -331,7 +347,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         kw = tirx.Var("KW", "int64") if K is None else (K + WORD - 1) // WORD
         bat = [G] if batched else []
         A = _match(a_h, (*bat, M, *([planes] if planes > 1 else []), kw), "uint64")
-        W = _match(w_h, (*bat, *([2] if ternary else []), kw, n), "uint64")
+        w_cols = ((n + PANEL - 1) // PANEL, kw, PANEL) if panel else (kw, n)
+        W = _match(w_h, (*bat, *([2] if ternary else []), *w_cols), "uint64")
         NZ = _match(nz_h, (n,), "int32") if nz_h is not None else None
         out_dtype = "float32" if epilogue == "float" else "int32"
         O = _match(out_h, (*bat, M, n), out_dtype)
@@ -344,11 +361,16 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         def a_word(g, m, b, w):
             return A[(*([g] if batched else []), m, *([b] if planes > 1 else []), w)]
 
-        def w_word(g, p, w, col):
+        def w_word(g, p, w, col, at=None):
+            """Weight word (plane p, K word w) of column `col`; `at` = (panel, offset in it) when panelled."""
+            if at is not None:
+                return W[(*([p] if ternary else []), at[0], w, at[1])]
             return W[(*([g] if batched else []), *([p] if ternary else []), w, col)]
 
-        def emit_tile(g, rows, col0, width):
-            """`rows` (exprs) x `width` (static) columns starting at `col0`, accumulate then store."""
+        def emit_tile(g, rows, col0, width, at=None):
+            """`rows` (exprs) x `width` (static) columns starting at `col0`, accumulate then store.
+            `at` = (panel, static offset): where the columns' words sit in the panel layout."""
+            wat = (lambda j: (at[0], at[1] + j)) if at is not None else (lambda j: None)
             accs = [T.alloc_buffer((width,), "int64") for _ in rows]
             rterm = T.alloc_buffer((len(rows),), "int64") if mode == "and" else None
             for i, acc in enumerate(accs):
@@ -371,16 +393,16 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                             pa = T.popcount(a).astype("int64")
                             T.buffer_store(rterm, rterm[i] - pa if neg else rterm[i] + pa, [i])
                         with T.vectorized(0, width) as j:
-                            w0 = w_word(g, 0, w, col0 + j)
+                            w0 = w_word(g, 0, w, col0 + j, wat(j))
                             if mode == "xnor":
                                 term = T.popcount(a ^ w0)
                             elif mode == "xnor_ternary":
-                                term = T.popcount((a ^ w0) & (w0 | w_word(g, 1, w, col0 + j)))
+                                term = T.popcount((a ^ w0) & (w0 | w_word(g, 1, w, col0 + j, wat(j))))
                             elif mode == "and":
                                 term = T.popcount(a & w0)
                             else:
                                 term = T.popcount(a & w0).astype("int64") - T.popcount(
-                                    a & w_word(g, 1, w, col0 + j)).astype("int64")
+                                    a & w_word(g, 1, w, col0 + j, wat(j))).astype("int64")
                             term = term.astype("int64")
                             T.buffer_store(acc, acc[j] - term if neg else acc[j] + term, [j])
             for i, (m, acc) in enumerate(zip(rows, accs)):
@@ -390,9 +412,26 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                                       epilogue, RS, m, CS, BI)
                     T.buffer_store(O, val, [*([g] if batched else []), m, col])
 
+        def emit_panel(rows, pb):
+            """Panel `pb`: PANEL // C tiles side by side, or the static ragged tail (N % PANEL) in the last."""
+            def tiles(p, cols):
+                for s0 in range(0, cols, C):
+                    emit_tile(None, rows, p * PANEL + s0, min(C, cols - s0), (p, s0))
+
+            if N % PANEL:
+                with T.If(pb < N // PANEL):
+                    with T.Then():
+                        tiles(pb, PANEL)
+                    with T.Else():
+                        tiles(N // PANEL, N % PANEL)
+            else:
+                tiles(pb, PANEL)
+
         def emit_cols(g, rows, nb, n_full):
             """Column block `nb`: a full tile, or the static ragged tail when nb == n_full."""
-            if N is not None and N % C:
+            if panel:
+                emit_panel(rows, nb)
+            elif N is not None and N % C:
                 with T.If(nb < n_full):
                     with T.Then():
                         emit_tile(g, rows, nb * C, C)
@@ -404,6 +443,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         g_count = G if batched else 1
         n_full = n // C
         n_blocks = n_full + (1 if N is not None and N % C else 0)
+        if panel:  # a column block is one panel
+            n_blocks = (N + PANEL - 1) // PANEL
         m_full, m_rem = M // R, M % R
         # Full row blocks; column-block major so a weight block stays in L1 across row blocks.
         with _outer(parallel, g_count * n_blocks * m_full) as t:

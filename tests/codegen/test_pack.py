@@ -57,13 +57,14 @@ def test_absmax_planes(bits, K):
 
 @pytest.mark.parametrize("ternary", [False, True])
 def test_pack_weight_is_k_major(ternary):
+    """The K-major view `[P, KW, N]` of the packed weight (stored in panels: tests/codegen/test_panel_layout.py)."""
     w = weights(33, 130, ternary, seed=1)
     packed = runtime.pack_weight(w, ternary=ternary)
     assert (packed.N, packed.K, packed.ternary) == (33, 130, ternary)
     pos = pack_bits((w > 0).numpy()).T
-    np.testing.assert_array_equal(as_numpy_u64(packed.planes[0]), pos)
+    np.testing.assert_array_equal(as_numpy_u64(packed.kmajor()[0]), pos)
     if ternary:
-        np.testing.assert_array_equal(as_numpy_u64(packed.planes[1]), pack_bits((w < 0).numpy()).T)
+        np.testing.assert_array_equal(as_numpy_u64(packed.kmajor()[1]), pack_bits((w < 0).numpy()).T)
         assert torch.equal(packed.nnz, (w != 0).sum(1).int())
 
 

@@ -57,7 +57,8 @@ def test_bit_linear_int_is_exact(M, K, weight_mode, act_mode, bits):
     packed = runtime.pack_weight(w_codes.to(torch.int8).cuda(), ternary=weight_mode == "ternary")
     assert packed.planes.is_cuda
     cpu = runtime.pack_weight(w_codes.to(torch.int8), ternary=weight_mode == "ternary")
-    assert torch.equal(packed.planes.cpu().view(torch.int64), cpu.planes.view(torch.int64))
+    # the CPU stores panels (the host GEMM's layout); its K-major view is the CUDA layout
+    assert torch.equal(packed.planes.cpu().view(torch.int64), cpu.kmajor().view(torch.int64))
     acc, rs = runtime.bit_linear_int(x.cuda(), packed, act=act_mode, bits=bits,
                                      move=None if move is None else move.cuda())
     assert acc.is_cuda and acc.dtype == torch.int32

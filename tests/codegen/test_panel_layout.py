@@ -1,0 +1,102 @@
+"""The panel weight layout of the host GEMM (`[ceil(N/32), KW, 32]`, what `pack_weight` makes on the CPU):
+the words where an independent NumPy packing puts them, zero padding columns, and GEMMs bit-exact against
+the op reference (`torch.ops.bitfx.bit_linear`) for ragged N and K, M = 1 (decode), 2, 5 and 128, binary
+and ternary weights, sign and multi-plane absmax activations."""
+
+import numpy as np
+import pytest
+import torch
+
+import bitfx  # noqa: F401
+from bitfx.codegen import runtime
+from bitfx.ops.linear import quantize_activation, quantize_weight
+
+from codegen_reference import as_numpy_u64, pack_bits, weights
+
+REFERENCE = torch.ops.bitfx.bit_linear.default
+# (weight mode, activation mode, bits): binary and ternary weights x 1-bit and multi-plane activations
+CASES = [("sign_channel", "sign", 1), ("ternary", "sign", 1), ("sign_tensor", "absmax", 8), ("ternary", "absmax", 3)]
+
+
+def _panels_np(bits_nk: np.ndarray) -> np.ndarray:
+    """bool [N, K] -> uint64 [ceil(N/32), KW, 32], written from the layout's definition."""
+    rows = pack_bits(bits_nk)  # [N, KW]
+    n, kw = rows.shape
+    nb = -(-n // 32)
+    out = np.zeros((nb, kw, 32), dtype=np.uint64)
+    for col in range(n):
+        out[col // 32, :, col % 32] = rows[col]
+    return out
+
+
+@pytest.mark.parametrize("ternary", [False, True])
+@pytest.mark.parametrize("N,K", [(33, 130), (70, 64), (32, 1)])
+def test_pack_weight_makes_panels(N, K, ternary):
+    w = weights(N, K, ternary, seed=N + K)
+    packed = runtime.pack_weight(w, ternary=ternary)
+    nb, kw = -(-N // 32), -(-K // 64)
+    assert packed.layout == "panel"
+    assert tuple(packed.planes.shape) == (2 if ternary else 1, nb, kw, 32)
+    np.testing.assert_array_equal(as_numpy_u64(packed.planes[0]), _panels_np((w > 0).numpy()))
+    if ternary:
+        np.testing.assert_array_equal(as_numpy_u64(packed.planes[1]), _panels_np((w < 0).numpy()))
+    # padding columns past N are zero words (never stored, but read by the last panel's tiles)
+    assert not packed.planes[..., -1, :, N - 32 * (nb - 1):].any()
+    # the K-major view is the old layout: [P, KW, N]
+    np.testing.assert_array_equal(as_numpy_u64(packed.kmajor()[0]), pack_bits((w > 0).numpy()).T)
+
+
+def test_packed_weight_checks_its_shape_and_layout():
+    w = weights(40, 100, False, seed=3)
+    packed = runtime.pack_weight(w, ternary=False)
+    with pytest.raises(ValueError, match=r"layout 'kmajor' with N=40, K=100: expected \(1, 2, 40\)"):
+        runtime.PackedWeight(packed.planes, 40, 100, False)
+    with pytest.raises(ValueError, match="layout must be 'kmajor' or 'panel', got 'rows'"):
+        runtime.PackedWeight(packed.planes, 40, 100, False, layout="rows")
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 128])
+@pytest.mark.parametrize("w_mode,a_mode,bits", CASES)
+def test_panel_gemm_equals_op_reference(w_mode, a_mode, bits, M):
+    K, N = 200, 70  # K % 64 = 8 (a ragged last word), N % 32 = 6 (a ragged last panel)
+    g = torch.Generator().manual_seed(M * 7 + bits)
+    weight, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 2
+    alpha = torch.tensor([0.37]) if a_mode == "sign" else None  # a given α: the row scale is exact
+    w_codes, col, _ = quantize_weight(weight, None, w_mode)
+    packed = runtime.pack_weight(w_codes.to(torch.int8), ternary=w_mode == "ternary")
+    assert packed.layout == "panel" and tuple(packed.planes.shape[1:]) == (3, 4, 32)
+
+    # integers: the GEMM's accumulator against the codes' product, computed apart from bitfx's kernels
+    a_codes, _, _ = quantize_activation(x, None, alpha, a_mode, bits)
+    acc, _ = runtime.bit_linear_int(x, packed, act=a_mode, bits=bits)
+    assert torch.equal(acc, (a_codes.double() @ w_codes.double().t()).to(torch.int32))
+
+    # floats: the fused epilogue against the op reference, bit for bit (same product order, no bias)
+    plan = runtime.LinearPlan(packed, act=a_mode, bits=bits, alpha=alpha, col_scale=col)
+    ref = REFERENCE(x, weight, None, None, None, alpha, w_mode, a_mode, bits)
+    assert torch.equal(plan(x), ref)
+    assert torch.equal(runtime.bit_linear(x, packed, act=a_mode, bits=bits, alpha=alpha, col_scale=col,
+                                          threads=1), ref)
+
+
+@pytest.mark.parametrize("ternary", [False, True])
+def test_kmajor_weight_still_runs_and_agrees(ternary):
+    """A weight packed K-major by hand (the CUDA layout) takes the K-major host GEMM: same integers."""
+    w = weights(45, 130, ternary, seed=8)
+    panel = runtime.pack_weight(w, ternary=ternary)
+    kmajor = runtime.PackedWeight(panel.kmajor(), 45, 130, ternary, panel.nnz)
+    assert kmajor.layout == "kmajor"
+    x = torch.randn(9, 130, generator=torch.Generator().manual_seed(8))
+    for act, bits in (("sign", 1), ("absmax", 4)):
+        acc_p, _ = runtime.bit_linear_int(x, panel, act=act, bits=bits)
+        acc_k, _ = runtime.bit_linear_int(x, kmajor, act=act, bits=bits)
+        assert torch.equal(acc_p, acc_k)
+
+
+def test_panel_layout_needs_a_static_n():
+    from bitfx.targets import host
+
+    with pytest.raises(ValueError, match="layout='panel' needs a static N"):
+        host.gemm(mode="xnor", K=64, N=None, layout="panel")
+    with pytest.raises(ValueError, match="unknown weight layout 'rows'"):
+        host.gemm(mode="xnor", K=64, N=32, layout="rows")
