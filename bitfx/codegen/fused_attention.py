@@ -8,6 +8,7 @@ Covered (``unsupported_reason`` is None): CPU tensors; prob modes ``bivit`` (β 
 additive, broadcastable), causality, the BiPFT estimators, α_q/α_k/α_v given (scalars) or None (the means).
 Everything else (elastic with α_P None: a batch-wide mean of the softmax; other prob modes; broadcast
 q/k/v; CUDA tensors; empty sequences) keeps the two-kernel formula: the lowering asks first.
+``BITFX_FUSED_ATTENTION=0`` keeps it everywhere (A/B measurements).
 
 The additive ``bias`` (masks as 0/-inf, estimators' residual times the scale) is built by ``score_bias``
 with torch ops (the compiled glue); the kernel adds it broadcast over batch, heads and query rows as its
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 from typing import Optional
 
 import torch
@@ -35,6 +37,8 @@ _MODES = ("bivit", "bool", "elastic")
 def unsupported_reason(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v,
                        scale, is_causal, prob_mode) -> Optional[str]:
     """Why this ``bit_attention`` call keeps the two-kernel path, or None when the fused kernel runs it."""
+    if os.environ.get("BITFX_FUSED_ATTENTION", "1") == "0":
+        return "BITFX_FUSED_ATTENTION=0"
     if prob_mode not in _MODES:
         return f"prob_mode {prob_mode!r}"
     if prob_mode == "elastic" and prob_param is None:

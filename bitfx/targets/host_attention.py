@@ -30,7 +30,7 @@ from tvm.script.ir_builder import tirx as T
 from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _when, _zero
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
-SCHEDULE_VERSION = 3
+SCHEDULE_VERSION = 4
 
 PROB_MODES = ("bivit", "bool", "elastic")
 LANES = 16  # float32 / int64 lanes per vector step over keys and feature dims
@@ -160,7 +160,10 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                     T.buffer_store(KP, _sign_word(K, [b, h, j], w * WORD, min(WORD, D - w * WORD)), [w * lp + j])
                 if not alpha_k:
                     T.buffer_store(AK, _abs_sum(K, [b, h, j], D, acc) / _f(float(D)), [j])
-            # -- values: sign bits packed down the keys per output dim, α_v of the head
+            # -- values: sign bits packed down the keys per output dim; Σ|v| for α_v in the same pass
+            if not alpha_v:
+                _vec_store(acc, _zero(_F32, LANES), [], LANES, 0)
+                T.buffer_store(red, _f(0.0), [0])
             with T.serial(0, lkw) as w:
                 rows = T.bind(tirx.Min(Lk - w * WORD, tirx.const(WORD, "int64")))
                 for d in range(Dv):
@@ -171,6 +174,13 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                         n = min(LANES, Dv - d0)
                         vv = _vec_load(V, [b, h, w * WORD + j], n, d0) if n > 1 else V[b, h, w * WORD + j, d0]
                         bit = tirx.Select(vv < _bc(_f(0.0), n), _zero("uint64", n), _bc(one, n))
+                        if not alpha_v and n == LANES:
+                            _vec_store(acc, _vec_load(acc, [], LANES, 0) + T.abs(vv), [], LANES, 0)
+                        elif not alpha_v:  # a narrower tail chunk of Dv
+                            tail = T.abs(V[b, h, w * WORD + j, d0])
+                            for i in range(1, n):
+                                tail = tail + T.abs(V[b, h, w * WORD + j, d0 + i])
+                            T.buffer_store(red, red[0] + tail, [0])
                         if n > 1:
                             _vec_store(VP, _vec_load(VP, [], n, w * Dv + d0) | bit, [], n, w * Dv + d0)
                         else:
@@ -178,10 +188,8 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
             if alpha_v:
                 T.buffer_store(sv, SC[3], [0])
             else:
-                T.buffer_store(red, _f(0.0), [0])
-                with T.serial(0, Lk) as j:
-                    T.buffer_store(red, red[0] + _abs_sum(V, [b, h, j], Dv, acc), [0])
-                T.buffer_store(sv, red[0] / (Lk * Dv).astype(_F32), [0])
+                total = _lane_reduce(acc, lambda a, b_: a + b_) + red[0]
+                T.buffer_store(sv, total / (Lk * Dv).astype(_F32), [0])
             av = sv[0]
             if est_v:
                 with T.serial(0, lp) as j:

@@ -99,7 +99,7 @@ MODES = [("bivit", None), ("bivit", 0.1), ("bool", None), ("elastic", 0.05)]
 ])
 def test_codes_counts_and_output_equal_the_reference(mode, param, D, Lk, mask_kind, causal):
     lead, Lq = (2, 3), 9
-    q, k, v, g = _inputs(lead, Lq, Lk, D, 48, seed=D + Lk)
+    q, k, v, g = _inputs(lead, Lq, Lk, D, D, seed=D + Lk)  # Dv = D: 100 has a 4-lane tail chunk
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(2, 1, 1, Lk, generator=g) > 0.3
@@ -159,12 +159,14 @@ def test_real_bert_activations(hidden, heads, mode, param):
     _check(q, k, v, mask, None, None, None, p, None, None, None, False, mode)
 
 
-def test_unsupported_calls_are_named_and_bad_input_is_refused():
+def test_unsupported_calls_are_named_and_bad_input_is_refused(monkeypatch):
     q = torch.randn(2, 5, 32)
     args = [q, q, q, None, None, None, None, None, None, None, None, None, False]
     assert FA.unsupported_reason(*args, "bivit") is None
     assert "elastic" in FA.unsupported_reason(*args, "elastic")  # α_P None: the two-kernel path
     assert "broadcast" in FA.unsupported_reason(q, q[:1], q, *args[3:], "bool")
+    monkeypatch.setenv("BITFX_FUSED_ATTENTION", "0")
+    assert FA.unsupported_reason(*args, "bivit") == "BITFX_FUSED_ATTENTION=0"
     with pytest.raises(ValueError, match="prob_mode='softmax'.*accepted: 'bivit', 'bool', 'elastic'"):
         FA.fused_attention(q, q, q, None, None, None, None, None, None, 0.2, False, "softmax")
     with pytest.raises(ValueError, match=r"does not broadcast to the scores"):
