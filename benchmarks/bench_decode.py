@@ -16,15 +16,16 @@ Rows (median wall time per call, microseconds; ratio = fp32 eager / row):
                   holding the same past tensors, so every call is the same step.
 The cache copy-in is the same for every row.
 
-Then the GEMV alone (the GEMM kernel at M = 1 with its float epilogue, activation already packed), best of
-repeats, for the weight layouts side by side: ``kmajor`` (``[KW, N]``, the layout before the panels) and
-``panel`` (``[N/32, KW, 32]``, what ``pack_weight`` makes). GB/s = packed weight bytes (N·KW·8) per call;
-``%L2`` = share of one core's read bandwidth over a buffer of the same size (``bitfx/perf/bandwidth.c``,
-measured in this run: the weight stays cache-resident when the same layer runs again), ``%DRAM`` = share of
-the streaming rate over 256 MiB. The ``stream`` rows cycle through copies of the weight totalling 256 MiB
-(far larger than L3), so every call reads its weight from memory, as a model larger than the caches does.
-``net`` columns subtract the cost of one call of the same kernel family on a 64 x 32 weight (the Python ->
-TVM FFI call and DLPack conversion of six tensors, measured in this run): the kernel's own rate.
+First (``--gemv-only``: only this), the GEMV alone: the GEMM kernel at M = 1 with its float epilogue, the
+activation already packed, for both weight layouts, ``kmajor`` (``[KW, N]``, the layout before the panels)
+and ``panel`` (``[N/32, KW, 32]``, what ``pack_weight`` makes), timed in turns round by round (best sample),
+so load changes on a shared machine hit both alike. GB/s = packed weight bytes (N·KW·8) per call. ``hot``:
+the same weight every call (cache-resident, as when a layer runs again), as a share of one core's read
+bandwidth over a buffer of the weight's size (``bitfx/perf/bandwidth.c``, measured in this run). ``stream``:
+calls cycle through copies of the weight totalling 256 MiB (far larger than L3), so every call reads its
+weight from memory, as a model larger than the caches does; a share of the streaming rate over 256 MiB.
+``net`` columns subtract the cost of one call of the same kernel on a 64 x 32 weight (the Python -> TVM FFI
+call and DLPack conversion of six tensors, measured in this run): the kernel's own rate.
 Nothing here is asserted; tests never assert on time.
 """
 from __future__ import annotations
@@ -60,16 +61,30 @@ def best(fn, min_time: float = 0.02, repeats: int = 15) -> float:
     """Best over ``repeats`` of the mean time per call (µs) over >= ``min_time`` s: on a loaded machine
     the least disturbed sample is the closest to the kernel's own speed."""
     fn()
-    times = []
-    for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            if time.perf_counter() - t0 >= min_time:
-                break
-        times.append((time.perf_counter() - t0) / n * 1e6)
-    return min(times)
+    return min(sample(fn, min_time) for _ in range(repeats))
+
+
+def sample(fn, min_time: float) -> float:
+    """Mean time per call (µs) over >= ``min_time`` seconds."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        if time.perf_counter() - t0 >= min_time:
+            break
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def interleaved(fns: dict, min_time: float, rounds: int = 15) -> dict:
+    """Best sample (µs) per function, the functions taking turns round by round, so a load change on a
+    shared machine hits every variant alike (a fair A/B where back-to-back runs are not)."""
+    for fn in fns.values():
+        fn()
+    out = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            out[name] = min(out[name], sample(fn, min_time))
+    return out
 
 
 SHAPES = [(768, 768), (768, 2304), (768, 3072), (3072, 768)]
@@ -82,6 +97,7 @@ def gemv_rows(dram: float) -> None:
     from bitfx.perf import bandwidth
 
     par = runtime._parallel()
+
     def args(k, n, weight):
         a = torch.randint(-2**62, 2**62, (1, runtime._words(k)), dtype=torch.int64).view(torch.uint64)
         return [a, weight, torch.ones(1), torch.rand(n), torch.randn(n), torch.empty(1, n)]
@@ -92,31 +108,35 @@ def gemv_rows(dram: float) -> None:
     call = best(lambda: fn(*tiny_args))
     print(f"# GEMV (M = 1 GEMM kernel, float epilogue), DRAM stream 1 core: {dram:.1f} GB/s; one kernel call "
           f"(64 x 32 weight): {call:.2f} µs; load average {os.getloadavg()[0]:.1f}")
-    print("| K x N | layout | weight | µs | GB/s | %L2 | %DRAM | net µs | net GB/s | net %L2 | net %DRAM |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| K x N | layout | weight | µs | GB/s | % of bandwidth | net µs | net GB/s | net % |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k, n in SHAPES:
         torch.manual_seed(0)
         w = torch.randn(n, k)
         packed = runtime.pack_weight(torch.where(w < 0, -1, 1).to(torch.int8), ternary=False)
         nbytes = n * runtime._words(k) * 8
         l2 = bandwidth.measure(nbytes)
-        copies = max(1, (256 << 20) // nbytes)  # 256 MiB of weights, far past L3
+        copies = max(1, (256 << 20) // nbytes)  # 256 MiB of weights per layout, far past L3
+        hot, stream = {}, {}
         for layout, weight in (("kmajor", packed.kmajor()[0]), ("panel", packed.w)):
-            extra = {"layout": "panel"} if layout == "panel" else {}
             fn = kernel("gemm", mode="xnor", K=k, N=n, planes=1, epilogue="float", bias=True, parallel=par,
-                        **extra)
-            hot_args = args(k, n, weight)
-            hot = best(lambda: fn(*hot_args))
+                        layout=layout)
+            one, it = args(k, n, weight), iter(range(1 << 62))
             many = [args(k, n, weight.clone()) for _ in range(copies)]
-            it = iter(range(1 << 62))
-            cold = best(lambda: fn(*many[next(it) % copies]), min_time=0.05)
-            del many
-            for name, us in (("hot", hot), ("stream", cold)):
-                cells = []
-                for t in (us, us - call):
-                    gbs = nbytes / t / 1e3
-                    cells.append(f"{t:.2f} | {gbs:.1f} | {100 * gbs / l2:.0f} | {100 * gbs / dram:.0f}")
-                print(f"| {k}x{n} | {layout} | {name} | {' | '.join(cells)} |", flush=True)
+            hot[layout] = lambda fn=fn, one=one: fn(*one)
+            stream[layout] = lambda fn=fn, many=many, it=it: fn(*many[next(it) % copies])
+        times = {("hot", lay): t for lay, t in interleaved(hot, 0.01).items()}
+        times.update({("stream", lay): t for lay, t in interleaved(stream, 0.03).items()})
+        del hot, stream
+        print(f"| {k}x{n} | | | | | read bandwidth, {nbytes // 1024} KiB buffer: {l2:.1f} GB/s | | | |")
+        for (name, layout), us in sorted(times.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            ref, ref_name = (l2, "L2") if name == "hot" else (dram, "DRAM")
+            cells = []
+            for t in (us, us - call):
+                gbs = nbytes / t / 1e3
+                cells.append(f"{t:.2f} | {gbs:.1f} | {100 * gbs / ref:.0f}")
+            cells[0] += f" of {ref_name}"
+            print(f"| {k}x{n} | {layout} | {name} | {' | '.join(cells)} |", flush=True)
 
 
 def linear_rows() -> list[tuple[str, float, float]]:
