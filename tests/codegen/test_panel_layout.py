@@ -100,3 +100,30 @@ def test_panel_layout_needs_a_static_n():
         host.gemm(mode="xnor", K=64, N=None, layout="panel")
     with pytest.raises(ValueError, match="unknown weight layout 'rows'"):
         host.gemm(mode="xnor", K=64, N=32, layout="rows")
+
+
+@pytest.mark.parametrize("tile", [(3, 16), (2, 8)])  # the AVX2 and 128-bit (NEON) tiles: 2 or 4 tiles a panel
+@pytest.mark.parametrize("mode,planes", [("xnor", 1), ("and_ternary", 3)])
+def test_narrow_tiles_walk_each_panel(tile, mode, planes):
+    """Tiles narrower than a panel (other CPUs' vector widths) cover it side by side, the ragged last panel
+    included; forced here on this CPU through the generator's `tile`."""
+    from bitfx.codegen.build import kernel
+    from bitfx.targets.host import Tile
+
+    K, N, ternary = 200, 70, mode.endswith("ternary")
+    w = weights(N, K, ternary, seed=tile[1])
+    packed = runtime.pack_weight(w, ternary=ternary)
+    g = torch.Generator().manual_seed(tile[0])
+    for M in (1, 4, 7):
+        if planes == 1:
+            codes = torch.where(torch.randn(M, K, generator=g) < 0, -1, 1)
+            a = torch.from_numpy(pack_bits((codes > 0).numpy()).view(np.int64)).view(torch.uint64)
+        else:  # 3 two's-complement planes of codes in [-4, 3]
+            codes = torch.randint(-4, 4, (M, K), generator=g)
+            two = (codes & 7).numpy()
+            a = torch.from_numpy(np.stack([pack_bits(((two >> b) & 1).astype(bool)) for b in range(3)], axis=1)
+                                 .view(np.int64)).view(torch.uint64)
+        out = torch.empty(M, N, dtype=torch.int32)
+        fn = kernel("gemm", mode=mode, K=K, N=N, planes=planes, tile=Tile(*tile), layout="panel")
+        fn(a.contiguous(), packed.w, out)
+        assert torch.equal(out, (codes.double() @ w.double().t()).to(torch.int32)), M
