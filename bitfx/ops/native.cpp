@@ -147,6 +147,19 @@ T* scratch(std::vector<T>& buf, size_t n) {
 thread_local std::vector<uint64_t> t_packed;
 thread_local std::vector<float> t_rows;
 
+// The work (bit-MACs) of the op this thread is running, while it runs (-1: unknown). The pool launch runs a
+// kernel's parallel loop as one task on the calling thread below a threshold (bitfx_pool_set_min_work):
+// handing a few microseconds of work to another thread costs more than it saves, and on a busy machine a
+// handoff can wait for a whole time slice.
+thread_local int64_t t_work = -1;
+struct WorkHint {
+  int64_t prev;
+  explicit WorkHint(int64_t work) : prev(t_work) { t_work = work; }
+  ~WorkHint() { t_work = prev; }
+  WorkHint(const WorkHint&) = delete;
+  WorkHint& operator=(const WorkHint&) = delete;
+};
+
 int64_t words(int64_t k) { return (k + 63) / 64; }
 
 // x[..., K] -> contiguous float32 [M, K], as runtime._rows (same errors: TypeError / ValueError).
@@ -206,6 +219,7 @@ at::Tensor run_plan(const Plan& p, const at::Tensor& x_in) {
   const at::Tensor x = rows(x_in, p.K, "x");  // x itself when float32 and contiguous
   const int64_t M = x.numel() / std::max<int64_t>(p.K, 1), W = words(p.K);
   const int64_t planes = p.kind == kAbsmax ? p.bits : 1;
+  WorkHint hint(M * p.N * p.K * planes);
   int64_t x_shape[2] = {M, p.K}, a_shape[3] = {M, planes, W}, a2_shape[2] = {M, W}, r_shape[1] = {M};
   int64_t y_shape[2] = {M, p.N};
   DLTensor dx = dl(x.data_ptr(), {kDLFloat, 32, 1}, x_shape, 2);
@@ -381,6 +395,7 @@ at::Tensor sign_scores(const at::Tensor& q, const at::Tensor& k) {
   const int64_t Lq = q.size(-2), D = q.size(-1), Lk = k.size(-2), W = words(D);
   at::Tensor q2 = rows(q, D, "q").view({-1, D}), k2 = rows(k, D, "k").view({-1, D});
   const int64_t G = Lq ? q2.size(0) / Lq : 0;
+  WorkHint hint(G * Lq * Lk * D);
   const auto& fns = attention_kernels("scores", D);  // pack_rows(sign), batched xnor GEMM
   auto u64 = q2.options().dtype(at::kUInt64);
   at::Tensor qp = at::empty({q2.size(0), W}, u64), kp = at::empty({k2.size(0), W}, u64);
@@ -407,6 +422,7 @@ at::Tensor binary_pv(const at::Tensor& p_in, const at::Tensor& v) {
   p2 = (u8 ? p2 : p2.to(at::kFloat)).contiguous();
   at::Tensor v3 = rows(v, Dv, "v").view({-1, Dv});
   const int64_t G = Lk ? v3.size(0) / Lk : p2.size(0) / std::max<int64_t>(Lq, 1);
+  WorkHint hint(G * Lq * Lk * Dv);
   const auto& fns = attention_kernels(u8 ? "pv_uint8" : "pv_float32", Dv);  // pack_rows, pack_cols, and-GEMM
   auto u64 = v3.options().dtype(at::kUInt64);
   at::Tensor pp = at::empty({p2.size(0), words(Lk)}, u64);
@@ -453,6 +469,7 @@ int omp_in_parallel() __attribute__((weak));
 
 char g_team;  // the sync_handle of every env launched as an OpenMP team (its barrier is an OpenMP barrier)
 std::atomic<int64_t> g_launches{0}, g_team_launches{0};
+std::atomic<int64_t> g_min_work{0};  // bitfx_pool_set_min_work
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -490,11 +507,12 @@ void run_task(void* data) {
 
 // TVMBackendParallelLaunch on torch's pool. num_task 0 (what TVM's codegen passes) means one task per
 // torch thread (torch.set_num_threads); the lambda splits its loop by env.num_task, the team's size.
-// Inside a parallel region (a nested launch), or with one thread, it runs as one task on this thread.
+// It runs as one task on this thread instead with one thread, inside a parallel region (a nested
+// launch), or when the op calling the kernel has less work than the threshold (t_work).
 int pool_launch(FTVMParallelLambda f, void* cdata, int num_task) {
   g_launches.fetch_add(1, std::memory_order_relaxed);
   int n = num_task > 0 ? num_task : at::get_num_threads();
-  if (n <= 1 || omp_in_parallel()) {
+  if (n <= 1 || (t_work >= 0 && t_work < g_min_work.load(std::memory_order_relaxed)) || omp_in_parallel()) {
     TVMParallelGroupEnv env{nullptr, 1};
     return f(0, &env, cdata);
   }
@@ -536,6 +554,11 @@ extern "C" int bitfx_pool_patch(const char* path) {
   dlclose(h);
   return patched;
 }
+
+// Below this many bit-MACs, an op's kernels (bit_linear, sign_scores, binary_pv from this file) run their
+// parallel loops on the calling thread alone; 0: always on the team.
+extern "C" void bitfx_pool_set_min_work(int64_t work) { g_min_work.store(work, std::memory_order_relaxed); }
+extern "C" int64_t bitfx_pool_min_work() { return g_min_work.load(std::memory_order_relaxed); }
 
 // How many parallel launches ran through pool_launch, and how many of them as a team of several threads.
 extern "C" int64_t bitfx_pool_launches() { return g_launches.load(std::memory_order_relaxed); }

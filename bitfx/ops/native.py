@@ -24,7 +24,10 @@ registration wins, and the library registers its own launch (``GOMP_parallel`` o
 there, then rewrites the pointers of the kernel libraries loaded before it (``build.loaded_libraries()``).
 Kernels and inductor's float glue then share one set of workers: no TVM pool that sleeps between calls
 (``TVM_THREAD_POOL_SPIN_COUNT=0``) or spins against OpenMP's. ``BITFX_POOL=0`` keeps TVM's own pool;
-``pool_status()`` says which one runs. Results are the same either way (the same tasks, the same split).
+``pool_status()`` says which one runs. Results are the same either way (each output is computed by one
+task, whatever the split). An op with less work than ``BITFX_POOL_MIN_WORK`` bit-MACs (default
+``DEFAULT_POOL_MIN_WORK``; ``set_pool_min_work``) runs its kernels' loops on the calling thread alone: handing a
+few microseconds of work to another thread costs more than it saves (M = 1 decode, attention at one query).
 """
 from __future__ import annotations
 
@@ -47,11 +50,13 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["start", "poll", "load", "status", "plan_misses", "plans_held", "library_path", "pool_status",
-           "pool_launches", "SOURCE"]
+           "pool_launches", "pool_min_work", "set_pool_min_work", "DEFAULT_POOL_MIN_WORK", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared")
 _OFF = ("0", "off", "false", "no")
+#: bit-MACs below which an op's kernels do not hand work to other threads (see the module docstring)
+DEFAULT_POOL_MIN_WORK = 1 << 21
 
 _lock = threading.RLock()
 #: status: None (not started), "building", "built", "loaded", "disabled (...)" or "unavailable: <why>"
@@ -194,10 +199,10 @@ def poll() -> bool:
             _state["lib"] = lib = ctypes.CDLL(path)
             _setup_ctypes(lib)
             _state["status"] = "loaded"
-            _install_pool(lib)
         except Exception as err:  # noqa: BLE001 - e.g. an ABI mismatch: the Python path
             _fail(f"could not load {path}: {err}")
             return False
+        _install_pool(lib)
     return True
 
 
@@ -238,6 +243,8 @@ def _setup_ctypes(lib) -> None:
                  "bitfx_pool_team_launches"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.bitfx_pool_install.restype = ctypes.c_int
+    lib.bitfx_pool_min_work.restype = ctypes.c_int64
+    lib.bitfx_pool_set_min_work.argtypes = [ctypes.c_int64]
     lib.bitfx_pool_patch.restype = ctypes.c_int
     lib.bitfx_pool_patch.argtypes = [ctypes.c_char_p]
 
@@ -249,6 +256,8 @@ def _install_pool(lib) -> None:
         return
     from bitfx.codegen import build
 
+    raw = os.environ.get("BITFX_POOL_MIN_WORK", "").strip()
+    set_pool_min_work(int(raw) if raw.isdigit() else DEFAULT_POOL_MIN_WORK if not raw else raw)
     rc = lib.bitfx_pool_install()
     if rc != 0:
         why = {1: "no GNU OpenMP runtime (libgomp) in this process"}.get(rc, "TVM-FFI refused the context symbols")
@@ -267,6 +276,23 @@ def pool_status() -> str:
     if _state["pool"] is not None:
         return _state["pool"]
     return "tvm (the C++ library is not loaded: " + status() + ")"
+
+
+def set_pool_min_work(bit_macs: int) -> None:
+    """Ops (``bit_linear``, ``sign_scores``, ``binary_pv``) with fewer bit-MACs than this run their kernels'
+    parallel loops on the calling thread alone; 0 hands every loop to the team. Needs the library loaded."""
+    if isinstance(bit_macs, bool) or not isinstance(bit_macs, int) or bit_macs < 0:
+        raise ValueError(f"pool min work {bit_macs!r} (BITFX_POOL_MIN_WORK or set_pool_min_work) is not valid; "
+                         "give a whole number of bit-MACs >= 0")
+    lib = _state["lib"]
+    if lib is None:
+        raise RuntimeError(f"the C++ kernel library is not loaded ({status()}); call bitfx.ops.native.load() first")
+    lib.bitfx_pool_set_min_work(bit_macs)
+
+
+def pool_min_work() -> int:
+    """The threshold ``set_pool_min_work`` sets (0 when the library is not loaded)."""
+    return int(_state["lib"].bitfx_pool_min_work()) if _state["lib"] is not None else 0
 
 
 def pool_launches() -> tuple[int, int]:

@@ -284,6 +284,17 @@ late = runtime.LinearPlan(runtime.pack_weight(codes[:80], ternary=False), col_sc
                           bias=bias[:80].clone())  # (its kernels are loaded now)
 out["late"] = late(x)
 launches["late"] = native.pool_launches()
+# the C++ op: below the work threshold its kernels' loops stay on the calling thread; at 0, on the team
+wp = torch.nn.Parameter(torch.randn(96, 200, generator=g))
+small = lambda: torch.ops.bitfx_kernels.bit_linear(x[:3], wp, None, None, None, None, "sign_channel", "sign", 1, True)
+small()  # (the first call packs the weight through Python)
+launches["small_warm"] = native.pool_launches()
+out["small"] = small()
+launches["small"] = native.pool_launches()
+if native.pool_status() == "torch-openmp":
+    native.set_pool_min_work(0)
+out["small_team"] = small()
+launches["small_team"] = native.pool_launches()
 torch.set_num_threads(1)
 out.update({f"{name}_1thread": fn() for name, fn in calls.items()})
 launches["one_thread"] = native.pool_launches()
@@ -305,7 +316,8 @@ def test_kernels_on_torchs_thread_pool_give_the_same_results(tmp_path):
     off, off_out = _pool_run(tmp_path, "off", {"TVM_NUM_THREADS": "2", "BITFX_POOL": "0"})
     assert on["pool"] == "torch-openmp"
     assert off == {"pool": "tvm (BITFX_POOL=0)", "launches": {
-        "after_load": [0, 0], "two_threads": [0, 0], "late": [0, 0], "one_thread": [0, 0]}}
+        "after_load": [0, 0], "two_threads": [0, 0], "late": [0, 0], "small_warm": [0, 0], "small": [0, 0],
+        "small_team": [0, 0], "one_thread": [0, 0]}}
     (n0, t0), (n2, t2), (nl, tl), (n1, t1) = (on["launches"][k] for k in ("after_load", "two_threads", "late",
                                                                           "one_thread"))
     assert n0 == t0 == 0  # nothing ran on torch's pool before the library loaded
@@ -313,7 +325,12 @@ def test_kernels_on_torchs_thread_pool_give_the_same_results(tmp_path):
     # one parallel loop per call, each run by a team of 2 threads; with 1 torch thread, inline (no team)
     assert n2 >= 4 and t2 == n2
     assert nl > n2 and tl == nl  # a kernel library loaded after it gets torch's pool from TVM-FFI itself
-    assert n1 - nl >= 4 and t1 == tl
+    (nw, tw), (ns, ts), (nt, tt) = (on["launches"][k] for k in ("small_warm", "small", "small_team"))
+    # 3 x 200 x 96 bit-MACs, under the default threshold: the pack and GEMM loops run inline; at 0, as a team
+    assert 3 * 200 * 96 < native.DEFAULT_POOL_MIN_WORK
+    assert ns - nw >= 2 and ts == tw
+    assert nt - ns >= 2 and tt - ts == nt - ns
+    assert n1 - nt >= 4 and t1 == tt
     assert set(on_out) == set(off_out)
     for name in on_out:  # bit for bit: the pool changes who runs a task, never what it computes
         assert torch.equal(on_out[name], off_out[name]), name
@@ -328,3 +345,9 @@ def test_kernels_on_torchs_thread_pool_give_the_same_results(tmp_path):
     v = torch.randn(3, 41, 24, generator=g).numpy()
     np.testing.assert_array_equal(on_out["scores"].numpy(), _np_sign(q) @ _np_sign(k).transpose(0, 2, 1))
     np.testing.assert_array_equal(on_out["pv"].numpy(), p @ _np_sign(v))
+
+
+def test_pool_min_work_rejects_bad_values():
+    for bad in (-1, "4096", 1.5, True):
+        with pytest.raises(ValueError, match=r"pool min work .* is not valid; give a whole number of bit-MACs >= 0"):
+            native.set_pool_min_work(bad)
