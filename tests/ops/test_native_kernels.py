@@ -295,6 +295,16 @@ if native.pool_status() == "torch-openmp":
     native.set_pool_min_work(0)
 out["small_team"] = small()
 launches["small_team"] = native.pool_launches()
+# a compiled model: kernels and inductor's float glue on the same pool
+torch.manual_seed(0)
+layer = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64)).eval()
+with torch.no_grad():
+    model = torch.compile(layer, backend="bitfx")
+    xm = torch.randn(4, 33, 64, generator=g)
+    model(xm)
+    launches["model_warm"] = native.pool_launches()
+    out["model"] = model(xm)
+launches["model"] = native.pool_launches()
 torch.set_num_threads(1)
 out.update({f"{name}_1thread": fn() for name, fn in calls.items()})
 launches["one_thread"] = native.pool_launches()
@@ -317,7 +327,7 @@ def test_kernels_on_torchs_thread_pool_give_the_same_results(tmp_path):
     assert on["pool"] == "torch-openmp"
     assert off == {"pool": "tvm (BITFX_POOL=0)", "launches": {
         "after_load": [0, 0], "two_threads": [0, 0], "late": [0, 0], "small_warm": [0, 0], "small": [0, 0],
-        "small_team": [0, 0], "one_thread": [0, 0]}}
+        "small_team": [0, 0], "model_warm": [0, 0], "model": [0, 0], "one_thread": [0, 0]}}
     (n0, t0), (n2, t2), (nl, tl), (n1, t1) = (on["launches"][k] for k in ("after_load", "two_threads", "late",
                                                                           "one_thread"))
     assert n0 == t0 == 0  # nothing ran on torch's pool before the library loaded
@@ -330,7 +340,9 @@ def test_kernels_on_torchs_thread_pool_give_the_same_results(tmp_path):
     assert 3 * 200 * 96 < native.DEFAULT_POOL_MIN_WORK
     assert ns - nw >= 2 and ts == tw
     assert nt - ns >= 2 and tt - ts == nt - ns
-    assert n1 - nt >= 4 and t1 == tt
+    (nmw, tmw), (nm, tm) = on["launches"]["model_warm"], on["launches"]["model"]
+    assert nm - nmw >= 4 and tm - tmw == nm - nmw  # two bit_linear calls, each a pack and a GEMM loop, as teams
+    assert n1 - nm >= 4 and t1 == tm
     assert set(on_out) == set(off_out)
     for name in on_out:  # bit for bit: the pool changes who runs a task, never what it computes
         assert torch.equal(on_out[name], off_out[name]), name
