@@ -7,7 +7,8 @@ import os as _os
 
 # Before TVM's runtime loads: its idle pool workers sleep instead of spinning. Beside torch/inductor's
 # OpenMP workers on as many cores, two spinning pools take turns (a BERT layer at 2 threads: 47 ms
-# spinning, 2.7 ms without). Set it yourself to override.
+# spinning, 2.7 ms without). Set it yourself to override. TVM's pool runs the kernels until the C++ library
+# (bitfx.ops.native) loads; from then on torch's OpenMP pool does, unless BITFX_POOL=0.
 _os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 from bitfx import ops as _ops  # noqa: F401  (registers torch.ops.bitfx.*)
