@@ -139,6 +139,33 @@ def gemv_rows(dram: float) -> None:
             print(f"| {k}x{n} | {layout} | {name} | {' | '.join(cells)} |", flush=True)
 
 
+def layout_ab(ms: list[int]) -> None:
+    """The GEMM kernel alone (1 thread's share of the pool, float epilogue) at each M, both weight layouts
+    timed in turns: panel / K-major time (below 1: the panels are faster)."""
+    from bitfx.codegen import runtime
+    from bitfx.codegen.build import kernel
+
+    par = runtime._parallel()
+    print(f"# GEMM kernel, K-major vs panel weights, timed in turns; load average {os.getloadavg()[0]:.1f}")
+    print("| M | K x N | K-major µs | panel µs | panel / K-major |")
+    print("|---|---|---|---|---|")
+    for m in ms:
+        for k, n in SHAPES:
+            torch.manual_seed(0)
+            w = torch.randn(n, k)
+            packed = runtime.pack_weight(torch.where(w < 0, -1, 1).to(torch.int8), ternary=False)
+            a = torch.randint(-2**62, 2**62, (m, runtime._words(k)), dtype=torch.int64).view(torch.uint64)
+            rest = [torch.ones(m), torch.rand(n), torch.randn(n), torch.empty(m, n)]
+            fns = {}
+            for layout, weight in (("kmajor", packed.kmajor()[0]), ("panel", packed.w)):
+                fn = kernel("gemm", mode="xnor", K=k, N=n, planes=1, epilogue="float", bias=True, parallel=par,
+                            layout=layout)
+                fns[layout] = lambda fn=fn, weight=weight: fn(a, weight, *rest)
+            t = interleaved(fns, 0.02)
+            print(f"| {m} | {k}x{n} | {t['kmajor']:.1f} | {t['panel']:.1f} | {t['panel'] / t['kmajor']:.3f} |",
+                  flush=True)
+
+
 def linear_rows() -> list[tuple[str, float, float]]:
     from bitfx.codegen import runtime
 
@@ -194,6 +221,7 @@ def main(argv=None) -> None:
     p.add_argument("--past", type=int, default=128)
     p.add_argument("--threads", type=int, help="torch threads (TVM's pool is sized by TVM_NUM_THREADS)")
     p.add_argument("--gemv-only", action="store_true", help="only the GEMV table (no torch rows, no model)")
+    p.add_argument("--layout-ab", metavar="M,M,...", help="only the K-major vs panel GEMM at these M, e.g. 1,5,128")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -202,6 +230,9 @@ def main(argv=None) -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     from bitfx.perf import bandwidth
 
+    if a.layout_ab:
+        layout_ab([int(m) for m in a.layout_ab.split(",")])
+        return
     gemv_rows(bandwidth.measure(256 << 20))
     if a.gemv_only:
         return
