@@ -1,7 +1,8 @@
-"""One ``bit_attention`` call: the fused host kernel against the two-kernel path, 1 thread, one run.
+"""One ``bit_attention`` call: the fused host kernel against the two-kernel path, 1 thread (default), one run.
 
     python benchmarks/bench_attention.py            # BERT-base (1 x 12 heads x 128 x 64) and MiniLM (8 x 12 x 128 x 32)
     python benchmarks/bench_attention.py --quick
+    python benchmarks/bench_attention.py --threads 2   # the kernels' parallel variants over batch x heads
 
 Microseconds per call as wall/CPU (medians of interleaved batches, so load from other processes hits every path
 alike; CPU is this process's time, which load inflates less than wall time),
@@ -21,9 +22,12 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 
-os.environ.setdefault("TVM_NUM_THREADS", "1")
+# TVM sizes its pool from this at the first kernel call: set before anything runs
+_THREADS = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--threads"), "1")
+os.environ.setdefault("TVM_NUM_THREADS", _THREADS)
 
 import torch  # noqa: E402
 
@@ -50,6 +54,7 @@ def interleaved(fns: dict, calls: int, rounds: int = 9) -> dict:
 
 def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, rounds: int) -> None:
     from bitfx.codegen.build import kernel
+    from bitfx.codegen.runtime import _parallel
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
@@ -64,7 +69,7 @@ def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, round
     scalars = torch.tensor([scale, 0.0, 0.0, 0.0, float(p)])
     out = torch.empty(B, H, L, D)
     fn = kernel("fused_attention", D=D, Dv=D, prob_mode=mode, bias=(True, False, False), causal=False,
-                alpha_q=False, alpha_k=False, alpha_v=False, est_v=False, debug=False, parallel=False)
+                alpha_q=False, alpha_k=False, alpha_v=False, est_v=False, debug=False, parallel=_parallel())
     torch._dynamo.reset()
     fused_graph = torch.compile(FA.bit_attention_on_fused_kernel, backend="inductor", fullgraph=True)
     two_graph = torch.compile(bit_attention_on_kernels, backend="inductor", fullgraph=True)
@@ -88,8 +93,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
     ap.add_argument("--modes", default="bivit,elastic,bool")
+    ap.add_argument("--threads", type=int, default=1, help="torch and TVM threads (default 1)")
     a = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     calls, rounds = (3, 3) if a.quick else (20, 9)
     print(f"load average at start: {os.getloadavg()}; torch threads {torch.get_num_threads()}, "
           f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}; microseconds per call", flush=True)
