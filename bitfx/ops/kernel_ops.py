@@ -74,14 +74,16 @@ def _packed_weight(weight: Tensor, weight_mode: str, use_disk: bool):
     from bitfx.codegen import runtime
 
     ternary = methods.weight_method(weight_mode).ternary
-    # the layout is in the key: packed planes of another layout are never read as panels
-    extra = f"{weight_mode}|panel{runtime.PANEL}"
+    # the layout is in the key (CPU weights are packed in panels, CUDA ones K-major): planes of another
+    # layout are never read as this one
+    layout = "panel" if weight.device.type == "cpu" else "kmajor"
+    extra = f"{weight_mode}|panel{runtime.PANEL}" if layout == "panel" else weight_mode
     key = compile_cache.content_key("packed", [weight], extra=extra) if use_disk else None
     hit = compile_cache.load(key) if use_disk else None
     if hit is not None and set(hit) >= {"planes", "col_scale"}:
         try:
             packed = runtime.PackedWeight(hit["planes"], weight.shape[0], weight.shape[1], ternary, hit.get("nnz"),
-                                          layout="panel")
+                                          layout=layout)
             return packed, hit["col_scale"]
         except ValueError:  # planes of another shape under this key: repack (and overwrite) below
             pass

@@ -127,3 +127,26 @@ def test_narrow_tiles_walk_each_panel(tile, mode, planes):
         fn = kernel("gemm", mode=mode, K=K, N=N, planes=planes, tile=Tile(*tile), layout="panel")
         fn(a.contiguous(), packed.w, out)
         assert torch.equal(out, (codes.double() @ w.double().t()).to(torch.int32)), M
+
+
+def test_packed_weights_on_disk_are_never_read_in_the_wrong_layout(tmp_path, monkeypatch):
+    """The warm-start cache of packed weights (`bitfx.compile_cache`): an entry written before the panels
+    (K-major planes under the key of that time) is not hit, and planes of the wrong shape under the current key
+    are packed again; either way the layer gets panels equal to a fresh packing."""
+    from bitfx import compile_cache
+    from bitfx.ops import kernel_ops
+
+    monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
+    weight = torch.randn(70, 200, generator=torch.Generator().manual_seed(11))
+    codes, col, _ = quantize_weight(weight, None, "sign_channel")
+    fresh = runtime.pack_weight(codes.to(torch.int8), ternary=False)
+    stale = {"planes": fresh.kmajor(), "col_scale": col}
+    compile_cache.store(compile_cache.content_key("packed", [weight], extra="sign_channel"), stale)  # pre-panel key
+    hits = compile_cache.STATS["hit"]
+    packed, _ = kernel_ops._packed_weight(weight, "sign_channel", use_disk=True)
+    assert compile_cache.STATS["hit"] == hits  # the old entry is not this layout's
+    assert packed.layout == "panel" and torch.equal(packed.planes.view(torch.int64), fresh.planes.view(torch.int64))
+
+    monkeypatch.setattr(compile_cache, "load", lambda key: stale)  # any key answers K-major planes
+    packed, _ = kernel_ops._packed_weight(weight, "sign_channel", use_disk=True)
+    assert packed.layout == "panel" and torch.equal(packed.planes.view(torch.int64), fresh.planes.view(torch.int64))
