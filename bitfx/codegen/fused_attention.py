@@ -10,9 +10,10 @@ Everything else (elastic with α_P None: a batch-wide mean of the softmax; other
 q/k/v; CUDA tensors; empty sequences) keeps the two-kernel formula: the lowering asks first.
 ``BITFX_FUSED_ATTENTION=0`` keeps it everywhere (A/B measurements).
 
-The additive ``bias`` (masks as 0/-inf, estimators' residual times the scale) is built by ``score_bias``
-with torch ops (the compiled glue); the kernel adds it broadcast over batch, heads and query rows as its
-shape says. Inputs are computed in float32 (fp16/bf16 cast here); the output is float32.
+The additive ``bias`` (masks as 0/-inf) is built by ``score_bias`` with torch ops (the compiled glue); the
+kernel adds it broadcast over batch, heads and query rows as its shape says. BiPFT's score estimators
+(rank r ≤ 8) go to the kernel as they are: their residual is 2r multiply-adds per score there, where a
+``[B, H, Lq, Lk]`` float bias built outside cost more than the whole kernel (MiniLM: 3.9 vs 1.7 ms a call). Inputs are computed in float32 (fp16/bf16 cast here); the output is float32.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = ["fused_attention", "score_bias", "unsupported_reason", "bit_attention
 STATS: collections.Counter = collections.Counter()
 MAX_D = 1024
 MAX_DV = 256
+MAX_EST_RANK = 8
 _MODES = ("bivit", "bool", "elastic")
 
 
@@ -57,6 +59,11 @@ def unsupported_reason(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_para
         return "a scale is not a scalar"
     if est_v is not None and est_v.shape[-1] != 1:
         return "est_v is not [..., Lk, 1]"
+    if est_q is not None and est_k is not None:
+        w = est_q.shape[-1]
+        if est_q.shape[:-1] != qt.shape[:-1] or est_k.shape[:-1] != k.shape[:-1] or est_k.shape[-1] != w \
+                or w % 2 or not 2 <= w <= 2 * MAX_EST_RANK:
+            return f"score estimators of shapes {tuple(est_q.shape)}, {tuple(est_k.shape)}"
     return None
 
 
@@ -121,10 +128,14 @@ def _rows(t: Tensor, Bt: int, H: int) -> Tensor:
 
 def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], est_v: Optional[Tensor],
                     alpha_q: Optional[Tensor], alpha_k: Optional[Tensor], alpha_v: Optional[Tensor],
-                    prob_param: Optional[Tensor], scale: float, is_causal: bool, prob_mode: str, *,
+                    prob_param: Optional[Tensor], scale: float, is_causal: bool, prob_mode: str,
+                    est_q: Optional[Tensor] = None, est_k: Optional[Tensor] = None, *,
                     debug: bool = False, threads: Optional[int] = None):
     """float32 ``[*lead, Lq, Dv]``; with ``debug`` also the packed codes ``[*lead, Lq, ceil(Lk/64)]`` (uint64,
-    bit j of word w = key 64w + j) and the integer counts ``Σ_j P[i, j]·sign(v[j, d])`` ``[*lead, Lq, Dv]``."""
+    bit j of word w = key 64w + j) and the integer counts ``Σ_j P[i, j]·sign(v[j, d])`` ``[*lead, Lq, Dv]``.
+
+    ``est_q``/``est_k`` (both, ``[*lead, L, 2r]``): BiPFT's score estimators, whose residual the kernel adds to
+    the scores (``bias`` then holds the mask only); one of them None: no residual, as the reference."""
     from bitfx.codegen.build import kernel
     from bitfx.codegen.runtime import _parallel
     from bitfx.ops.quantizers import EPS
@@ -146,6 +157,14 @@ def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], es
         args.append(b)
     if est_v is not None:
         args.append(est_v.reshape(Bt, H, Lk).to(torch.float32).contiguous())
+    rank = 0
+    if est_q is not None and est_k is not None:
+        rank = est_q.shape[-1] // 2
+        if est_q.shape[:-1] != qt.shape[:-1] or tuple(est_k.shape) != (*k.shape[:-1], 2 * rank) \
+                or est_q.shape[-1] != 2 * rank or not 1 <= rank <= MAX_EST_RANK:
+            raise ValueError(f"fused_attention: est_q {tuple(est_q.shape)} and est_k {tuple(est_k.shape)} must be "
+                             f"[..., Lq, 2r] and [..., Lk, 2r] with q's leading dims and 1 <= r <= {MAX_EST_RANK}")
+        args += [_rows(est_q, Bt, H), _rows(est_k, Bt, H)]
     if prob_mode == "bivit":  # the threshold ln β (β <= 0: every code 1)
         beta = 0.25 if prob_param is None else float(prob_param)
         p = math.log(beta) if beta > 0 else -math.inf
@@ -164,7 +183,7 @@ def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], es
         args += [codes, counts]
     fn = kernel("fused_attention", D=D, Dv=Dv, prob_mode=prob_mode, bias=pattern, causal=bool(is_causal),
                 alpha_q=alpha_q is not None, alpha_k=alpha_k is not None, alpha_v=alpha_v is not None,
-                est_v=est_v is not None, debug=debug, parallel=_parallel(threads))
+                est_v=est_v is not None, est_rank=rank, debug=debug, parallel=_parallel(threads))
     fn(*args)
     STATS["calls"] += 1
     out = out.view(*lead, Lq, Dv)
@@ -190,9 +209,10 @@ def bit_attention_fused(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_par
     if count:
         STATS["fused"] += 1
     s = _default_scale(qt, scale)
-    bias = score_bias(attn_mask, est_q, est_k, s)
+    bias = score_bias(attn_mask, None, None, s)  # the mask; the estimators' residual is computed in the kernel
     run = kernel_op or fused_attention
-    out = run(qt, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, float(s), bool(is_causal), prob_mode)
+    out = run(qt, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, float(s), bool(is_causal), prob_mode,
+              est_q=est_q, est_k=est_k)
     return out.to(qt.dtype)
 
 
@@ -203,12 +223,13 @@ def _define_op():
     lib = torch.library.Library("bitfx_kernels", "FRAGMENT")
     lib.define("fused_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? est_v, Tensor? alpha_q, "
                "Tensor? alpha_k, Tensor? alpha_v, Tensor? prob_param, float scale, bool is_causal, "
-               "str prob_mode) -> Tensor")
+               "str prob_mode, Tensor? est_q=None, Tensor? est_k=None) -> Tensor")
     # TODO(native): a C++ entry (bitfx/ops/native.cpp) would take the Python per call away; this is Python.
     lib.impl("fused_attention", fused_attention, "CompositeExplicitAutograd")
 
     @torch.library.register_fake("bitfx_kernels::fused_attention", lib=lib)
-    def _(q, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, scale, is_causal, prob_mode):
+    def _(q, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, scale, is_causal, prob_mode, est_q=None,
+          est_k=None):
         return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32)
 
     return lib

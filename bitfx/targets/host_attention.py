@@ -30,7 +30,7 @@ from tvm.script.ir_builder import tirx as T
 from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _when, _zero
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
-SCHEDULE_VERSION = 4
+SCHEDULE_VERSION = 5
 
 PROB_MODES = ("bivit", "bool", "elastic")
 LANES = 16  # float32 / int64 lanes per vector step over keys and feature dims
@@ -96,16 +96,22 @@ def _lane_reduce(acc, op):
 
 def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = None, causal: bool = False,
                     alpha_q: bool = False, alpha_k: bool = False, alpha_v: bool = False, est_v: bool = False,
-                    debug: bool = False, parallel: bool = True) -> tirx.PrimFunc:
+                    est_rank: int = 0, debug: bool = False, parallel: bool = True) -> tirx.PrimFunc:
     """``out[Bt, H, Lq, Dv] = bit_attention(q, k, v, ...)`` in one kernel (see the module docstring).
 
     Buffers, in order: q ``[Bt, H, Lq, D]``, k ``[Bt, H, Lk, D]``, v ``[Bt, H, Lk, Dv]`` (float32), then
     ``bias [bB, bH, bQ, Lk]`` when ``bias`` (a pattern of 3 bools: dim full, else size 1), ``rv [Bt, H, Lk]``
-    when ``est_v``, ``scalars [5]``, ``out``, and with ``debug`` ``codes`` and ``counts``. Bt, H, Lq, Lk are
+    when ``est_v``, ``eq [Bt, H, Lq, 2r]`` and ``ek [Bt, H, Lk, 2r]`` when ``est_rank`` = r > 0 (BiPFT's score
+    estimators ``[r_q | u_q]``, ``[r_k | u_k]``: the residual ``(u_q + r_q) r_kᵀ + r_q u_kᵀ`` is added to the
+    scores before the scale, in the kernel), ``scalars [5]``, ``out``, and with ``debug`` ``codes`` and
+    ``counts``. Bt, H, Lq, Lk are
     symbolic; ``alpha_q/alpha_k/alpha_v``: the scalar is given (in ``scalars``) instead of the mean.
     """
     if prob_mode not in PROB_MODES:
         raise ValueError(f"fused_attention: prob_mode={prob_mode!r} (accepted: {', '.join(map(repr, PROB_MODES))})")
+    if not (isinstance(est_rank, int) and 0 <= est_rank <= 8):
+        raise ValueError(f"fused_attention: est_rank={est_rank!r} (accepted: integers 0..8)")
+    R = est_rank
     if D < 1 or Dv < 1:
         raise ValueError(f"fused_attention needs D >= 1 and Dv >= 1; got D={D}, Dv={Dv}")
     if bias is not None and (len(bias) != 3 or not all(isinstance(b, bool) for b in bias)):
@@ -117,6 +123,8 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
         q_h, k_h, v_h = T.arg("q", T.handle()), T.arg("k", T.handle()), T.arg("v", T.handle())
         b_h = T.arg("bias", T.handle()) if bias is not None else None
         rv_h = T.arg("rv", T.handle()) if est_v else None
+        eq_h = T.arg("eq", T.handle()) if R else None
+        ek_h = T.arg("ek", T.handle()) if R else None
         sc_h, out_h = T.arg("scalars", T.handle()), T.arg("out", T.handle())
         pc_h = T.arg("codes", T.handle()) if debug else None
         cn_h = T.arg("counts", T.handle()) if debug else None
@@ -130,6 +138,8 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
         if bias is not None:
             BI = _match(b_h, tuple(n if full else 1 for n, full in zip((Bt, H, Lq), bias)) + (Lk,), _F32)
         RV = _match(rv_h, (Bt, H, Lk), _F32) if est_v else None
+        EQ = _match(eq_h, (Bt, H, Lq, 2 * R), _F32) if R else None
+        EK = _match(ek_h, (Bt, H, Lk, 2 * R), _F32) if R else None
         SC = _match(sc_h, (5,), _F32)
         O = _match(out_h, (Bt, H, Lq, Dv), _F32)
         PC = _match(pc_h, (Bt, H, Lq, lkw), "uint64") if debug else None
@@ -145,6 +155,8 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
             S = T.alloc_buffer((lp,), _F32)
             PW = T.alloc_buffer((lkw,), "uint64")
             RVP = T.alloc_buffer((lp,), _F32) if est_v else None
+            EKT = T.alloc_buffer((2 * R * lp,), _F32) if R else None  # ek key-major: column c at c * lp
+            coef = T.alloc_buffer((2 * R,), _F32) if R else None  # the row's u_q + r_q, then r_q
             acc = T.alloc_buffer((LANES,), _F32)
             qw = T.alloc_buffer((DW,), "uint64")
             cnt = T.alloc_buffer((Dv,), "int64")
@@ -160,6 +172,10 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                     T.buffer_store(KP, _sign_word(K, [b, h, j], w * WORD, min(WORD, D - w * WORD)), [w * lp + j])
                 if not alpha_k:
                     T.buffer_store(AK, _abs_sum(K, [b, h, j], D, acc) / _f(float(D)), [j])
+            if R:
+                with T.serial(0, Lk) as j:
+                    for c in range(2 * R):
+                        T.buffer_store(EKT, EK[b, h, j, c], [c * lp + j])
             # -- values: sign bits packed down the keys per output dim; Σ|v| for α_v in the same pass
             if not alpha_v:
                 _vec_store(acc, _zero(_F32, LANES), [], LANES, 0)
@@ -200,7 +216,10 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                 for w in range(DW):
                     T.buffer_store(qw, _sign_word(Q, [b, h, i], w * WORD, min(WORD, D - w * WORD)), [w])
                 aq = SC[1] if alpha_q else _abs_sum(Q, [b, h, i], D, acc) / _f(float(D))
-                T.buffer_store(sv, aq * SC[2] * scale if alpha_k else aq, [1])  # α_q (·α_k·scale for a given α_k)
+                T.buffer_store(sv, aq * SC[2] if alpha_k else aq, [1])  # α_q (·α_k when given)
+                for c in range(R):
+                    T.buffer_store(coef, EQ[b, h, i, R + c] + EQ[b, h, i, c], [c])
+                    T.buffer_store(coef, EQ[b, h, i, c], [R + c])
                 aqs = sv[1]
 
                 def score(j, lanes):
@@ -213,7 +232,17 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                     s = (_bc(tirx.const(D, "int32"), lanes) - pc * _bc(tirx.const(2, "int32"), lanes))
                     s = s.astype(_F32 if lanes == 1 else f"float32x{lanes}") * _bc(aqs, lanes)
                     if not alpha_k:
-                        s = s * (_vec_load(AK, [], lanes, j) if lanes > 1 else AK[j]) * _bc(scale, lanes)
+                        s = s * (_vec_load(AK, [], lanes, j) if lanes > 1 else AK[j])
+                    if R:  # + (u_q + r_q)·r_k + r_q·u_k, as the reference's two products
+                        def col(c):
+                            return _vec_load(EKT, [], lanes, c * lp + j) if lanes > 1 else EKT[c * lp + j]
+                        res1 = _bc(coef[0], lanes) * col(0)
+                        res2 = _bc(coef[R], lanes) * col(R)
+                        for c in range(1, R):
+                            res1 = res1 + _bc(coef[c], lanes) * col(c)
+                            res2 = res2 + _bc(coef[R + c], lanes) * col(R + c)
+                        s = s + (res1 + res2)
+                    s = s * _bc(scale, lanes)
                     if bias is not None:
                         idx = [b if bias[0] else 0, h if bias[1] else 0, i if bias[2] else 0]
                         s = s + (_vec_load(BI, idx, lanes, j) if lanes > 1 else BI[(*idx, j)])
