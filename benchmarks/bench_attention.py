@@ -6,7 +6,8 @@
 
 Microseconds per call as wall/CPU (medians of interleaved batches, so load from other processes hits every path
 alike; CPU is this process's time, which load inflates less than wall time),
-with a boolean padding mask [B, 1, 1, L] (the last 16 keys of batch 0 masked), per probability mode:
+with a boolean padding mask [B, 1, 1, L] (the last 16 keys of batch 0 masked), per probability mode (and
+"bipft": elastic with BiPFT's rank-1 score and value estimators, as that preset compiles):
   fused kernel   the TVM kernel alone on prepared float32 inputs and outputs (no Python around it)
   fused op       ``torch.ops.bitfx_kernels.fused_attention`` (dispatcher + the Python impl + the kernel)
   fused graph    ``bit_attention_on_fused_kernel`` compiled by inductor (the score bias in the glue + the op):
@@ -60,16 +61,21 @@ def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, round
     q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
     mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
     mask[0, ..., -16:] = False
-    param = {"bivit": None, "elastic": torch.tensor(0.03), "bool": None}[mode]
-    args = (q, k, v, mask, None, None, None, param, None, None, None, None, False, mode)
+    est = mode == "bipft"  # elastic with BiPFT's rank-1 estimators (scores and values), as the preset
+    prob = "elastic" if est else mode
+    param = {"bivit": None, "elastic": torch.tensor(0.03), "bool": None}[prob]
+    eq, ek, ev = (torch.randn(B, H, L, n, generator=g) * 0.1 for n in (2, 2, 1)) if est else (None, None, None)
+    args = (q, k, v, mask, None, None, None, param, eq, ek, ev, None, False, prob)
     scale = 1.0 / math.sqrt(D)
     # the kernel alone, on the arguments the op prepares
     bias = FA.score_bias(mask, None, None, scale).reshape(B, 1, 1, L).contiguous()
-    p = torch.tensor(math.log(0.25)) if mode == "bivit" else (param if param is not None else torch.tensor(0.0))
+    p = torch.tensor(math.log(0.25)) if prob == "bivit" else (param if param is not None else torch.tensor(0.0))
     scalars = torch.tensor([scale, 0.0, 0.0, 0.0, float(p)])
     out = torch.empty(B, H, L, D)
-    fn = kernel("fused_attention", D=D, Dv=D, prob_mode=mode, bias=(True, False, False), causal=False,
-                alpha_q=False, alpha_k=False, alpha_v=False, est_v=False, debug=False, parallel=_parallel())
+    fn = kernel("fused_attention", D=D, Dv=D, prob_mode=prob, bias=(True, False, False), causal=False,
+                alpha_q=False, alpha_k=False, alpha_v=False, est_v=est, est_rank=1 if est else 0, debug=False,
+                parallel=_parallel())
+    extra = [ev.reshape(B, H, L), eq, ek] if est else []
     torch._dynamo.reset()
     fused_graph = torch.compile(FA.bit_attention_on_fused_kernel, backend="inductor", fullgraph=True)
     two_graph = torch.compile(bit_attention_on_kernels, backend="inductor", fullgraph=True)
@@ -77,9 +83,9 @@ def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, round
     got = fused_graph(*args)
     err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-9)
     t = interleaved({
-        "fused kernel": lambda: fn(q, k, v, bias, scalars, out),
-        "fused op": lambda: FA.FUSED_ATTENTION_KERNEL(q, k, v, FA.score_bias(mask, None, None, scale), None, None,
-                                                      None, None, param, scale, False, mode),
+        "fused kernel": lambda: fn(q, k, v, bias, *extra, scalars, out),
+        "fused op": lambda: FA.FUSED_ATTENTION_KERNEL(q, k, v, FA.score_bias(mask, None, None, scale), ev, None,
+                                                      None, None, param, scale, False, prob, eq, ek),
         "fused graph": lambda: fused_graph(*args),
         "two-kernel": lambda: two_graph(*args),
     }, calls, rounds)
@@ -92,7 +98,8 @@ def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, round
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
-    ap.add_argument("--modes", default="bivit,elastic,bool")
+    ap.add_argument("--modes", default="bivit,elastic,bool,bipft",
+                    help="probability modes; bipft = elastic with rank-1 score and value estimators")
     ap.add_argument("--threads", type=int, default=1, help="torch and TVM threads (default 1)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
