@@ -126,6 +126,16 @@ def _rows(t: Tensor, Bt: int, H: int) -> Tensor:
     return t.reshape(Bt, H, t.shape[-2], t.shape[-1]).to(torch.float32).contiguous()
 
 
+def _strided_rows(t: Tensor, Bt: int, H: int) -> Tensor:
+    """q, k, v for the kernel, which reads any strides with a unit last one: a transposed view
+    (``[B, L, H, D]`` -> ``[B, H, L, D]``, as attention modules make them) is passed without a copy."""
+    if t.dim() != 4:
+        t = t.reshape(Bt, H, t.shape[-2], t.shape[-1])
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], est_v: Optional[Tensor],
                     alpha_q: Optional[Tensor], alpha_k: Optional[Tensor], alpha_v: Optional[Tensor],
                     prob_param: Optional[Tensor], scale: float, is_causal: bool, prob_mode: str,
@@ -150,7 +160,7 @@ def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], es
                          f"leading dims; got {tuple(qt.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     lead, (Lq, D), Lk, Dv = qt.shape[:-2], qt.shape[-2:], k.shape[-2], v.shape[-1]
     Bt, H = _heads(lead)
-    args = [_rows(qt, Bt, H), _rows(k, Bt, H), _rows(v, Bt, H)]
+    args = [_strided_rows(qt, Bt, H), _strided_rows(k, Bt, H), _strided_rows(v, Bt, H)]
     pattern = None
     if bias is not None:
         b, pattern = _canonical_bias(bias, lead, Bt, H, Lq, Lk)

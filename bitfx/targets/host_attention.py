@@ -24,13 +24,14 @@ buffers (the TVM workspace) and vector registers::
 
 from __future__ import annotations
 
+import tvm
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
 from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _when, _zero
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
-SCHEDULE_VERSION = 5
+SCHEDULE_VERSION = 6
 
 PROB_MODES = ("bivit", "bool", "elastic")
 LANES = 16  # float32 / int64 lanes per vector step over keys and feature dims
@@ -86,6 +87,13 @@ def _abs_sum(buf, prefix, n: int, acc):
     return total
 
 
+def _match_rows(handle, name: str, shape, dtype: str):
+    """An input `[Bt, H, L, D]` with any strides but a unit last one (HF's `[B, L, H, D]` views transposed to
+    heads come as they are, not copied); element alignment only, as host's `_match`."""
+    strides = [tirx.Var(f"{name}_s{i}", "int64") for i in range(len(shape) - 1)] + [1]
+    return T.match_buffer(handle, shape, dtype, strides=strides, align=tvm.DataType(dtype).bits // 8)
+
+
 def _lane_reduce(acc, op):
     """op over the LANES slots of `acc` as a balanced tree (4 dependent steps, not a chain of 15)."""
     terms = [acc[i] for i in range(LANES)]
@@ -99,7 +107,8 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                     est_rank: int = 0, debug: bool = False, parallel: bool = True) -> tirx.PrimFunc:
     """``out[Bt, H, Lq, Dv] = bit_attention(q, k, v, ...)`` in one kernel (see the module docstring).
 
-    Buffers, in order: q ``[Bt, H, Lq, D]``, k ``[Bt, H, Lk, D]``, v ``[Bt, H, Lk, Dv]`` (float32), then
+    Buffers, in order: q ``[Bt, H, Lq, D]``, k ``[Bt, H, Lk, D]``, v ``[Bt, H, Lk, Dv]`` (float32, any strides
+    with a unit last one), then
     ``bias [bB, bH, bQ, Lk]`` when ``bias`` (a pattern of 3 bools: dim full, else size 1), ``rv [Bt, H, Lk]``
     when ``est_v``, ``eq [Bt, H, Lq, 2r]`` and ``ek [Bt, H, Lk, 2r]`` when ``est_rank`` = r > 0 (BiPFT's score
     estimators ``[r_q | u_q]``, ``[r_k | u_k]``: the residual ``(u_q + r_q) r_kᵀ + r_q u_kᵀ`` is added to the
@@ -131,9 +140,9 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
         Bt, H = tirx.Var("Bt", "int64"), tirx.Var("H", "int64")
         Lq, Lk = tirx.Var("Lq", "int64"), tirx.Var("Lk", "int64")
         lkw = (Lk + WORD - 1) // WORD
-        Q = _match(q_h, (Bt, H, Lq, D), _F32)
-        K = _match(k_h, (Bt, H, Lk, D), _F32)
-        V = _match(v_h, (Bt, H, Lk, Dv), _F32)
+        Q = _match_rows(q_h, "q", (Bt, H, Lq, D), _F32)
+        K = _match_rows(k_h, "k", (Bt, H, Lk, D), _F32)
+        V = _match_rows(v_h, "v", (Bt, H, Lk, Dv), _F32)
         BI = None
         if bias is not None:
             BI = _match(b_h, tuple(n if full else 1 for n, full in zip((Bt, H, Lq), bias)) + (Lk,), _F32)
