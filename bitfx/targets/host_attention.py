@@ -7,7 +7,8 @@ buffers (the TVM workspace) and vector registers::
     pack sign(v) key-major per output dim (words of 64 keys), α_v = mean |v| of the head
     for each query row i:
         pack sign(q[i]), α_q[i] = mean_d |q[i, d]|
-        S[j] = float(D - 2 popc(q ⊕ k[j])) · α_q[i] · α_k[j] · scale + B[b, h, i, j]   (-inf: j > i if causal)
+        S[j] = (float(D - 2 popc(q ⊕ k[j])) · α_q[i] · α_k[j] + res[i, j]) · scale + B[b, h, i, j]
+               (res: BiPFT's score estimators, (u_q + r_q) r_kᵀ + r_q u_kᵀ, rank ≤ 8; -inf where j > i if causal)
         codes (no full softmax; m = max_j S[j]):
             bivit    S[j] - m >= ln β                (⟺ P >= β·rowmax P; an all -inf row: all ones, as the reference)
             bool     S[j] > 0
@@ -16,7 +17,7 @@ buffers (the TVM workspace) and vector registers::
         out[i, d] = cnt[d] (· α_P) · α_v  (+ Σ_j P[j] r_v[j] (· α_P))
 
 ``B`` is one additive float tensor ``[bB, bH, bQ, Lk]`` (each of the first three dims full or 1, a static
-``bias`` pattern), built by the caller (masks as 0/-inf, BiPFT score estimators times the scale).
+``bias`` pattern), built by the caller (masks as 0/-inf). q, k, v may be strided views (unit last stride).
 α_q, α_k, α_v are the per-row / per-head means when not given, else scalars read from ``scalars``:
 ``[scale, α_q, α_k, α_v, ln β | α_P]``. ``debug=True`` adds two outputs: the packed codes
 ``[Bt, H, Lq, ceil(Lk/64)]`` uint64 and the integer counts ``cnt`` ``[Bt, H, Lq, Dv]`` int32.
@@ -113,8 +114,8 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
     when ``est_v``, ``eq [Bt, H, Lq, 2r]`` and ``ek [Bt, H, Lk, 2r]`` when ``est_rank`` = r > 0 (BiPFT's score
     estimators ``[r_q | u_q]``, ``[r_k | u_k]``: the residual ``(u_q + r_q) r_kᵀ + r_q u_kᵀ`` is added to the
     scores before the scale, in the kernel), ``scalars [5]``, ``out``, and with ``debug`` ``codes`` and
-    ``counts``. Bt, H, Lq, Lk are
-    symbolic; ``alpha_q/alpha_k/alpha_v``: the scalar is given (in ``scalars``) instead of the mean.
+    ``counts``. Bt, H, Lq, Lk are symbolic; ``alpha_q/alpha_k/alpha_v``: the scalar is given (in ``scalars``)
+    instead of the mean.
     """
     if prob_mode not in PROB_MODES:
         raise ValueError(f"fused_attention: prob_mode={prob_mode!r} (accepted: {', '.join(map(repr, PROB_MODES))})")
@@ -171,7 +172,7 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
             cnt = T.alloc_buffer((Dv,), "int64")
             red = T.alloc_buffer((1,), _F32)
             # per-block / per-row scalars, each in its own slot (a bound expression that reads `acc` could be
-            # re-evaluated after `acc` is reused): α_v, α_q·(α_k·scale), row max, max or 0, threshold, Σ P r_v
+            # re-evaluated after `acc` is reused): α_v, α_q (·α_k when given), row max, max or 0, threshold, Σ P r_v
             sv = T.alloc_buffer((6,), _F32)
             npos = T.alloc_buffer((1,), "int64")
 
