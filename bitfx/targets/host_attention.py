@@ -32,10 +32,11 @@ from tvm.script.ir_builder import tirx as T
 from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _when, _zero
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
-SCHEDULE_VERSION = 6
+SCHEDULE_VERSION = 7
 
 PROB_MODES = ("bivit", "bool", "elastic")
 LANES = 16  # float32 / int64 lanes per vector step over keys and feature dims
+ROWS = 4  # query rows per step of the row loop (their dependency chains overlap)
 _F32 = "float32"
 
 
@@ -162,19 +163,13 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
             KP = T.alloc_buffer((DW * lp,), "uint64")  # sign(k), word w of key j at w * lp + j
             AK = T.alloc_buffer((lp,), _F32)
             VP = T.alloc_buffer((lkw * Dv,), "uint64")  # sign(v), keys 64w.. of dim d at w * Dv + d
-            S = T.alloc_buffer((lp,), _F32)
-            PW = T.alloc_buffer((lkw,), "uint64")
             RVP = T.alloc_buffer((lp,), _F32) if est_v else None
             EKT = T.alloc_buffer((2 * R * lp,), _F32) if R else None  # ek key-major: column c at c * lp
-            coef = T.alloc_buffer((2 * R,), _F32) if R else None  # the row's u_q + r_q, then r_q
             acc = T.alloc_buffer((LANES,), _F32)
-            qw = T.alloc_buffer((DW,), "uint64")
-            cnt = T.alloc_buffer((Dv,), "int64")
             red = T.alloc_buffer((1,), _F32)
-            # per-block / per-row scalars, each in its own slot (a bound expression that reads `acc` could be
-            # re-evaluated after `acc` is reused): α_v, α_q (·α_k when given), row max, max or 0, threshold, Σ P r_v
-            sv = T.alloc_buffer((6,), _F32)
-            npos = T.alloc_buffer((1,), "int64")
+            # scalars, each in its own slot (a bound expression that reads `acc` could be re-evaluated after `acc`
+            # is reused): α_v here; per row (svs below) α_q (·α_k when given), row max, max or 0, threshold, Σ P r_v
+            sv = T.alloc_buffer((1,), _F32)
 
             # -- keys: packed sign bits (key-major per word) and α_k
             with T.serial(0, Lk) as j:
@@ -221,29 +216,44 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                 with T.serial(0, lp) as j:
                     T.buffer_store(RVP, tirx.Select(j < Lk, RV[b, h, tirx.Min(j, Lk - 1)], _f(0.0)), [j])
 
-            # -- query rows
-            with T.serial(0, Lq) as i:
-                for w in range(DW):
-                    T.buffer_store(qw, _sign_word(Q, [b, h, i], w * WORD, min(WORD, D - w * WORD)), [w])
-                aq = SC[1] if alpha_q else _abs_sum(Q, [b, h, i], D, acc) / _f(float(D))
-                T.buffer_store(sv, aq * SC[2] if alpha_k else aq, [1])  # α_q (·α_k when given)
-                for c in range(R):
-                    T.buffer_store(coef, EQ[b, h, i, R + c] + EQ[b, h, i, c], [c])
-                    T.buffer_store(coef, EQ[b, h, i, c], [R + c])
-                aqs = sv[1]
+            # -- query rows, ROWS at a time: their independent chains (max, sums, thresholds) interleave
+            slots = ROWS
 
-                def score(j, lanes):
-                    """S at keys j.. (`lanes` of them), masked; j + lanes <= Lk."""
+            def per_slot(shape, dtype):
+                return [T.alloc_buffer(shape, dtype) for _ in range(slots)]
+
+            Ss, PWs, accs = per_slot((lp,), _F32), per_slot((lkw,), "uint64"), per_slot((LANES,), _F32)
+            qws, cnts, svs = per_slot((DW,), "uint64"), per_slot((Dv,), "int64"), per_slot((6,), _F32)
+            nposs = per_slot((1,), "int64")
+            coefs = per_slot((2 * R,), _F32) if R else None
+
+            def emit_rows(rows):
+                """The whole row pipeline for `rows` (static list of (slot, row index)), interleaved per loop."""
+                for r, i in rows:
+                    qw, acc, sv = qws[r], accs[r], svs[r]
+                    for w in range(DW):
+                        T.buffer_store(qw, _sign_word(Q, [b, h, i], w * WORD, min(WORD, D - w * WORD)), [w])
+                    aq = SC[1] if alpha_q else _abs_sum(Q, [b, h, i], D, acc) / _f(float(D))
+                    T.buffer_store(sv, aq * SC[2] if alpha_k else aq, [1])  # α_q (·α_k when given)
+                    for c in range(R):
+                        T.buffer_store(coefs[r], EQ[b, h, i, R + c] + EQ[b, h, i, c], [c])
+                        T.buffer_store(coefs[r], EQ[b, h, i, c], [R + c])
+
+                def score(r, i, j, lanes):
+                    """S of row i at keys j.. (`lanes` of them), masked; j + lanes <= Lk."""
+                    qw = qws[r]
                     x = _bc(qw[0], lanes) ^ (_vec_load(KP, [], lanes, j) if lanes > 1 else KP[j])
                     pc = T.popcount(x).astype("int32" if lanes == 1 else f"int32x{lanes}")
                     for w in range(1, DW):
                         y = _bc(qw[w], lanes) ^ (_vec_load(KP, [], lanes, w * lp + j) if lanes > 1 else KP[w * lp + j])
                         pc = pc + T.popcount(y).astype("int32" if lanes == 1 else f"int32x{lanes}")
                     s = (_bc(tirx.const(D, "int32"), lanes) - pc * _bc(tirx.const(2, "int32"), lanes))
-                    s = s.astype(_F32 if lanes == 1 else f"float32x{lanes}") * _bc(aqs, lanes)
+                    s = s.astype(_F32 if lanes == 1 else f"float32x{lanes}") * _bc(svs[r][1], lanes)
                     if not alpha_k:
                         s = s * (_vec_load(AK, [], lanes, j) if lanes > 1 else AK[j])
                     if R:  # + (u_q + r_q)·r_k + r_q·u_k, as the reference's two products
+                        coef = coefs[r]
+
                         def col(c):
                             return _vec_load(EKT, [], lanes, c * lp + j) if lanes > 1 else EKT[c * lp + j]
                         res1 = _bc(coef[0], lanes) * col(0)
@@ -262,95 +272,127 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
                     return s
 
                 with T.serial(0, Lk // LANES) as c:
-                    _vec_store(S, score(c * LANES, LANES), [], LANES, c * LANES)
+                    for r, i in rows:
+                        _vec_store(Ss[r], score(r, i, c * LANES, LANES), [], LANES, c * LANES)
                 with T.serial(Lk - Lk % LANES, Lk) as j:
-                    T.buffer_store(S, score(j, 1), [j])
+                    for r, i in rows:
+                        T.buffer_store(Ss[r], score(r, i, j, 1), [j])
                 with T.serial(Lk, lp) as j:
-                    T.buffer_store(S, ninf, [j])
+                    for r, _ in rows:
+                        T.buffer_store(Ss[r], ninf, [j])
                 # row max
-                _vec_store(acc, _bc(ninf, LANES), [], LANES, 0)
+                for r, _ in rows:
+                    _vec_store(accs[r], _bc(ninf, LANES), [], LANES, 0)
                 with T.serial(0, lp // LANES) as c:
-                    _vec_store(acc, T.max(_vec_load(acc, [], LANES, 0), _vec_load(S, [], LANES, c * LANES)), [], LANES, 0)
-                T.buffer_store(sv, _lane_reduce(acc, T.max), [2])
-                m = sv[2]
-                empty = m == ninf
+                    for r, _ in rows:
+                        acc = accs[r]
+                        _vec_store(acc, T.max(_vec_load(acc, [], LANES, 0), _vec_load(Ss[r], [], LANES, c * LANES)),
+                                   [], LANES, 0)
+                for r, _ in rows:
+                    T.buffer_store(svs[r], _lane_reduce(accs[r], T.max), [2])
+
+                def m(r):
+                    return svs[r][2]
+
+                def empty(r):
+                    return svs[r][2] == ninf
 
                 if prob_mode == "elastic":
-                    T.buffer_store(sv, tirx.Select(empty, _f(0.0), m), [3])  # an all -inf row: every exp is 0
-                    mm = sv[3]
-                    _vec_store(acc, _zero(_F32, LANES), [], LANES, 0)
+                    for r, _ in rows:  # an all -inf row: every exp is 0
+                        T.buffer_store(svs[r], tirx.Select(empty(r), _f(0.0), m(r)), [3])
+                        _vec_store(accs[r], _zero(_F32, LANES), [], LANES, 0)
                     with T.serial(0, lp // LANES) as c:
-                        e = fast_exp(_vec_load(S, [], LANES, c * LANES) - _bc(mm, LANES), LANES)
-                        _vec_store(acc, _vec_load(acc, [], LANES, 0) + e, [], LANES, 0)  # e reads S: sum first
-                        _vec_store(S, e, [], LANES, c * LANES)
-                    T.buffer_store(sv, (SC[4] * _f(0.5)) * _lane_reduce(acc, lambda a, b_: a + b_), [4])
-                    thr = sv[4]
+                        for r, _ in rows:
+                            acc, S = accs[r], Ss[r]
+                            e = fast_exp(_vec_load(S, [], LANES, c * LANES) - _bc(svs[r][3], LANES), LANES)
+                            _vec_store(acc, _vec_load(acc, [], LANES, 0) + e, [], LANES, 0)  # e reads S: sum first
+                            _vec_store(S, e, [], LANES, c * LANES)
+                    for r, _ in rows:
+                        T.buffer_store(svs[r], (SC[4] * _f(0.5)) * _lane_reduce(accs[r], lambda a, b_: a + b_), [4])
 
-                    def cond(w):
-                        return (_vec_load(S, [], WORD, w * WORD) > _bc(thr, WORD))
+                    def cond(r, w):
+                        return _vec_load(Ss[r], [], WORD, w * WORD) > _bc(svs[r][4], WORD)
                 elif prob_mode == "bivit":
-                    def cond(w):
-                        keep = (_vec_load(S, [], WORD, w * WORD) - _bc(m, WORD)) >= _bc(SC[4], WORD)
-                        return keep | _bc(empty, WORD)
+                    def cond(r, w):
+                        keep = (_vec_load(Ss[r], [], WORD, w * WORD) - _bc(m(r), WORD)) >= _bc(SC[4], WORD)
+                        return keep | _bc(empty(r), WORD)
                 else:
-                    def cond(w):
-                        return (_vec_load(S, [], WORD, w * WORD) > _bc(_f(0.0), WORD))
+                    def cond(r, w):
+                        return _vec_load(Ss[r], [], WORD, w * WORD) > _bc(_f(0.0), WORD)
 
-                T.buffer_store(npos, tirx.const(0, "int64"), [0])
+                for r, _ in rows:
+                    T.buffer_store(nposs[r], tirx.const(0, "int64"), [0])
                 with T.serial(0, lkw) as w:
                     # keys past Lk (the last word's tail) are cleared with one scalar mask
                     left = Lk - w * WORD
-                    tail = tirx.Select(left >= WORD, ~_u64(0), (_u64(1) << left.astype("uint64")) - _u64(1))
-                    word = T.bind(T.reinterpret("uint64", tirx.Cast("uint1x64", cond(w))) & tail)
-                    T.buffer_store(PW, word, [w])
-                    T.buffer_store(npos, npos[0] + T.popcount(word).astype("int64"), [0])
-                    if debug:
-                        T.buffer_store(PC, word, [b, h, i, w])
+                    tail = T.bind(tirx.Select(left >= WORD, ~_u64(0), (_u64(1) << left.astype("uint64")) - _u64(1)))
+                    for r, i in rows:
+                        word = T.bind(T.reinterpret("uint64", tirx.Cast("uint1x64", cond(r, w))) & tail)
+                        T.buffer_store(PWs[r], word, [w])
+                        T.buffer_store(nposs[r], nposs[r][0] + T.popcount(word).astype("int64"), [0])
+                        if debug:
+                            T.buffer_store(PC, word, [b, h, i, w])
                 # P·V: cnt[d] = 2 popc(P & vpos_d) - popc(P)
-                for d0 in range(0, Dv, LANES):
-                    n = min(LANES, Dv - d0)
-                    _vec_store(cnt, _zero("int64", n), [], n, d0) if n > 1 else T.buffer_store(cnt, tirx.const(0, "int64"), [d0])
-                with T.serial(0, lkw) as w:
-                    pw = PW[w]
+                for r, _ in rows:
                     for d0 in range(0, Dv, LANES):
                         n = min(LANES, Dv - d0)
                         if n > 1:
-                            term = T.popcount(_bc(pw, n) & _vec_load(VP, [], n, w * Dv + d0)).astype(f"int64x{n}")
-                            _vec_store(cnt, _vec_load(cnt, [], n, d0) + term, [], n, d0)
+                            _vec_store(cnts[r], _zero("int64", n), [], n, d0)
                         else:
-                            term = T.popcount(pw & VP[w * Dv + d0]).astype("int64")
-                            T.buffer_store(cnt, cnt[d0] + term, [d0])
-                rsum = None
+                            T.buffer_store(cnts[r], tirx.const(0, "int64"), [d0])
+                with T.serial(0, lkw) as w:
+                    for d0 in range(0, Dv, LANES):
+                        n = min(LANES, Dv - d0)
+                        vp = _vec_load(VP, [], n, w * Dv + d0) if n > 1 else VP[w * Dv + d0]
+                        for r, _ in rows:
+                            cnt, pw = cnts[r], PWs[r][w]
+                            if n > 1:
+                                term = T.popcount(_bc(pw, n) & vp).astype(f"int64x{n}")
+                                _vec_store(cnt, _vec_load(cnt, [], n, d0) + term, [], n, d0)
+                            else:
+                                term = T.popcount(pw & vp).astype("int64")
+                                T.buffer_store(cnt, cnt[d0] + term, [d0])
                 if est_v:  # Σ_j P[j] r_v[j], a masked float sum
-                    _vec_store(acc, _zero(_F32, LANES), [], LANES, 0)
+                    for r, _ in rows:
+                        _vec_store(accs[r], _zero(_F32, LANES), [], LANES, 0)
                     with T.serial(0, lkw) as w:
                         for c0 in range(0, WORD, LANES):
-                            bits = (_bc(PW[w], LANES) >> T.ramp(_u64(c0), _u64(1), LANES)) & _bc(_u64(1), LANES)
-                            r = _vec_load(RVP, [], LANES, w * WORD + c0)
-                            _vec_store(acc, _vec_load(acc, [], LANES, 0)
-                                       + tirx.Select(bits != _zero("uint64", LANES), r, _zero(_F32, LANES)), [], LANES, 0)
-                    T.buffer_store(sv, _lane_reduce(acc, lambda a, b_: a + b_), [5])
-                    rsum = sv[5]
-                for d0 in range(0, Dv, LANES):
-                    n = min(LANES, Dv - d0)
-                    c = (_vec_load(cnt, [], n, d0) if n > 1 else cnt[d0])
-                    c = c * _bc(tirx.const(2, "int64"), n) - _bc(npos[0], n)
-                    ci = c.astype("int32" if n == 1 else f"int32x{n}")
-                    if debug:
+                            rv = _vec_load(RVP, [], LANES, w * WORD + c0)
+                            for r, _ in rows:
+                                acc = accs[r]
+                                bits = (_bc(PWs[r][w], LANES) >> T.ramp(_u64(c0), _u64(1), LANES)) & _bc(_u64(1), LANES)
+                                _vec_store(acc, _vec_load(acc, [], LANES, 0)
+                                           + tirx.Select(bits != _zero("uint64", LANES), rv, _zero(_F32, LANES)),
+                                           [], LANES, 0)
+                    for r, _ in rows:
+                        T.buffer_store(svs[r], _lane_reduce(accs[r], lambda a, b_: a + b_), [5])
+                for r, i in rows:
+                    for d0 in range(0, Dv, LANES):
+                        n = min(LANES, Dv - d0)
+                        c = (_vec_load(cnts[r], [], n, d0) if n > 1 else cnts[r][d0])
+                        c = c * _bc(tirx.const(2, "int64"), n) - _bc(nposs[r][0], n)
+                        ci = c.astype("int32" if n == 1 else f"int32x{n}")
+                        if debug:
+                            if n > 1:
+                                _vec_store(CN, ci, [b, h, i], n, d0)
+                            else:
+                                T.buffer_store(CN, ci, [b, h, i, d0])
+                        o = ci.astype(_F32 if n == 1 else f"float32x{n}")
+                        if prob_mode == "elastic":
+                            o = o * _bc(SC[4], n)
+                        o = o * _bc(av, n)
+                        if est_v:
+                            rsum = svs[r][5]
+                            o = o + _bc(rsum * SC[4] if prob_mode == "elastic" else rsum, n)
                         if n > 1:
-                            _vec_store(CN, ci, [b, h, i], n, d0)
+                            _vec_store(O, o, [b, h, i], n, d0)
                         else:
-                            T.buffer_store(CN, ci, [b, h, i, d0])
-                    o = ci.astype(_F32 if n == 1 else f"float32x{n}")
-                    if prob_mode == "elastic":
-                        o = o * _bc(SC[4], n)
-                    o = o * _bc(av, n)
-                    if est_v:
-                        o = o + _bc(rsum * SC[4] if prob_mode == "elastic" else rsum, n)
-                    if n > 1:
-                        _vec_store(O, o, [b, h, i], n, d0)
-                    else:
-                        T.buffer_store(O, o, [b, h, i, d0])
+                            T.buffer_store(O, o, [b, h, i, d0])
+
+            with T.serial(0, Lq // ROWS) as ib:
+                emit_rows([(r, ib * ROWS + r) for r in range(ROWS)])
+            with T.serial(Lq - Lq % ROWS, Lq) as i:
+                emit_rows([(0, i)])
 
     return _build(body, "fused_attention")
 
