@@ -14,6 +14,7 @@ passes are calibrated once per model and reused when dynamo recompiles for new s
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bitfx import compile_cache
@@ -70,10 +72,72 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         return make_boxed_func(bw)
 
     # (dynamo may abort this attempt, e.g. TensorifyScalarRestartAnalysis, and call again)
-    compiled = aot_module_simplified(traced, example_inputs, fw_compiler=fw_compiler, bw_compiler=bw_compiler)
+    with _aot_autograd_cache(ctx, opts) as wrap:
+        compiled = aot_module_simplified(traced, example_inputs, fw_compiler=wrap(fw_compiler),
+                                         bw_compiler=bw_compiler)
     REPORTS.append(ctx.report)
     del REPORTS[:-64]
     return compiled
+
+
+@contextlib.contextmanager
+def _aot_autograd_cache(ctx: PassContext, opts: CompileOptions):
+    """Let AOTAutograd's on-disk cache hold the whole compiled forward of an inference graph.
+
+    With a forward compiler that returns inductor's ``OutputCode`` (what ``compile_glue`` returns),
+    AOTAutograd keys the binarized graph (the rewritten dynamo graph: its code, the metadata of its
+    inputs, grad mode, the torch and inductor configs) and, on a hit in a later process, loads the
+    compiled forward from inductor's FX-graph cache: its own trace, bitfx's lowering, the decomposition
+    re-trace and inductor's compile are all skipped. bitfx's part is stamped into that key by a no-op
+    inductor custom pass whose ``uuid`` is the digest of bitfx's sources and the compile options, so an
+    edited bitfx or other options never meet an old entry. Parameter *values* are not part of the
+    compiled code: weights and calibrated scales are inputs, packed per content at the first call.
+    Only inference graphs are stored (the backward compiler returns no ``OutputCode``); eager glue,
+    reference kernels or ``BITFX_AOT_CACHE=0`` keep the uncached path.
+    """
+    from bitfx.ops import native
+
+    if ctx.glue == "inductor":  # a cache hit skips the lowering, which starts the C++ kernel calls
+        native.start()
+    off = os.environ.get("BITFX_AOT_CACHE", "1").lower() in ("0", "off", "false", "no")
+    if off or ctx.glue != "inductor" or not compile_cache.enabled():
+        yield lambda fn: fn
+        return
+    from torch._functorch._aot_autograd.schemas import SerializableAOTDispatchCompiler
+    from torch._inductor import config as inductor_config
+    from torch._inductor.output_code import OutputCode
+
+    stamp = _BitfxStamp(f"{_bitfx_digest()}|{opts!r}")
+    with inductor_config.patch(post_grad_custom_post_pass=stamp):
+        yield lambda fn: SerializableAOTDispatchCompiler(OutputCode, fn)
+
+
+class _BitfxStamp(CustomGraphPass):
+    """A no-op post-grad pass: its ``uuid`` puts bitfx's version and options into inductor's cache keys."""
+
+    def __init__(self, uuid: str) -> None:
+        self._uuid = uuid
+
+    def __call__(self, graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return self._uuid
+
+
+@functools.cache
+def _bitfx_digest() -> str:
+    """SHA-256 of every bitfx source file (Python and C++): any edit changes it."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".py", ".cpp", ".c", ".h") and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:32]
 
 
 def compile_glue(lowered: fx.GraphModule, inputs) -> Any:

@@ -95,7 +95,8 @@ def test_warm_start_skips_inductors_simd_probes(tmp_path):
     import pytest
 
     pytest.importorskip("torch._inductor.cpu_vec_isa")
-    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path)}
+    # inductor's compile must run in both processes (AOTAutograd's cache would skip it and its probes)
+    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path), "BITFX_AOT_CACHE": "0"}
     runs = []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], env=env, capture_output=True, text=True)
@@ -105,3 +106,50 @@ def test_warm_start_skips_inductors_simd_probes(tmp_path):
     assert cold["probes"] >= 1  # the first process probes (the test is not vacuous)
     assert warm["probes"] == 0
     assert warm["y"] == cold["y"]
+
+
+AOT_SCRIPT = r"""
+import json, os, sys, torch, bitfx
+import bitfx.passes
+from torch._dynamo.utils import counters
+lowerings = []
+lower = bitfx.passes.LOWERING[0]
+bitfx.passes.LOWERING[0] = lambda gm, ctx: (lowerings.append(1), lower(gm, ctx))[1]
+seed, preset = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(seed)
+layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    y = torch.compile(layer, backend="bitfx", options={"config": preset})(x)
+    stats = dict(counters["aot_autograd"])
+    torch._dynamo.reset()
+    os.environ["BITFX_AOT_CACHE"] = "0"  # the same model compiled without the cache: the expected output
+    ref = torch.compile(layer, backend="bitfx", options={"config": preset})(x)
+print(json.dumps({"aot": stats, "lowerings": len(lowerings), "same": bool(torch.equal(y, ref)),
+                  "y": y.sum().item()}))
+"""
+
+
+def test_warm_start_loads_the_compiled_forward(tmp_path):
+    """A second process gets the whole compiled forward from AOTAutograd's cache: no AOT trace, no bitfx
+    lowering, no inductor compile (counted: the cache counters and the lowering pass's calls). Weights are
+    inputs of the cached code, so a model with other weights hits the same entry and still computes its own
+    output; another config misses."""
+    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path / "bitfx"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # empty: the first process is cold
+
+    def run(seed, preset="bipft"):
+        out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(seed), preset], env=env, capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    cold, warm, other_weights, other_config = run(0), run(0), run(1), run(0, "bibert")
+    assert cold["aot"].get("autograd_cache_miss") == 1 and cold["aot"].get("autograd_cache_saved") == 1
+    assert cold["lowerings"] == 2  # the cached compile and the uncached reference compile
+    assert warm["aot"].get("autograd_cache_hit") == 1 and "autograd_cache_miss" not in warm["aot"]
+    assert warm["lowerings"] == 1  # only the reference compile lowered
+    assert warm["y"] == cold["y"] and cold["same"] and warm["same"]
+    assert other_weights["aot"].get("autograd_cache_hit") == 1
+    assert other_weights["same"] and other_weights["y"] != cold["y"]
+    assert other_config["aot"].get("autograd_cache_miss") == 1

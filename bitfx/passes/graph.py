@@ -130,6 +130,9 @@ def erase_unused(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
 
 
 def _index(gm: fx.GraphModule, node: fx.Node) -> int:
-    if not hasattr(gm, "_bitfx_order") or gm._bitfx_order[0] is not gm.graph:
-        gm._bitfx_order = (gm.graph, {n: i for i, n in enumerate(gm.graph.nodes)})
-    return gm._bitfx_order[1].get(node, 0)
+    # memoised on the graph, not on the module: a module attribute holding the graph makes the module
+    # unpicklable, and AOTAutograd's cache pickles the module to key it
+    order = getattr(gm.graph, "_bitfx_order", None)
+    if order is None:
+        order = gm.graph._bitfx_order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return order.get(node, 0)
