@@ -13,7 +13,8 @@ q/k/v; CUDA tensors; empty sequences) keeps the two-kernel formula: the lowering
 The additive ``bias`` (masks as 0/-inf) is built by ``score_bias`` with torch ops (the compiled glue); the
 kernel adds it broadcast over batch, heads and query rows as its shape says. BiPFT's score estimators
 (rank r ≤ 8) go to the kernel as they are: their residual is 2r multiply-adds per score there, where a
-``[B, H, Lq, Lk]`` float bias built outside cost more than the whole kernel (MiniLM: 3.9 vs 1.7 ms a call). Inputs are computed in float32 (fp16/bf16 cast here); the output is float32.
+``[B, H, Lq, Lk]`` float bias built outside cost more than the whole kernel (MiniLM: 3.9 vs 1.7 ms a call).
+Inputs are computed in float32 (fp16/bf16 cast here); the output is float32.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["fused_attention", "score_bias", "unsupported_reason", "bit_attention_fused", "MAX_D", "MAX_DV"]
+__all__ = ["fused_attention", "score_bias", "unsupported_reason", "bit_attention_fused", "bit_attention_on_fused_kernel",
+           "FUSED_ATTENTION_KERNEL", "STATS", "MAX_D", "MAX_DV", "MAX_EST_RANK"]
 
 #: "calls" of the fused kernel; "fused" / "two_kernels": bit_attention calls (or traces) routed each way.
 STATS: collections.Counter = collections.Counter()
@@ -57,8 +59,8 @@ def unsupported_reason(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_para
         return "empty"
     if any(t is not None and t.numel() != 1 for t in (alpha_q, alpha_k, alpha_v, prob_param)):
         return "a scale is not a scalar"
-    if est_v is not None and est_v.shape[-1] != 1:
-        return "est_v is not [..., Lk, 1]"
+    if est_v is not None and (est_v.shape[-1] != 1 or est_v.shape[:-1] != v.shape[:-1]):
+        return f"est_v of shape {tuple(est_v.shape)} is not [..., Lk, 1] with v's leading dims"
     if est_q is not None and est_k is not None:
         w = est_q.shape[-1]
         if est_q.shape[:-1] != qt.shape[:-1] or est_k.shape[:-1] != k.shape[:-1] or est_k.shape[-1] != w \

@@ -165,6 +165,8 @@ def test_unsupported_calls_are_named_and_bad_input_is_refused(monkeypatch):
     assert FA.unsupported_reason(*args, "bivit") is None
     assert "elastic" in FA.unsupported_reason(*args, "elastic")  # α_P None: the two-kernel path
     assert "broadcast" in FA.unsupported_reason(q, q[:1], q, *args[3:], "bool")
+    est_v = torch.zeros(2, 1, 5, 1)  # broadcast over a dim: the two-kernel path, not a crash
+    assert "est_v" in FA.unsupported_reason(*args[:10], est_v, None, False, "bool")
     monkeypatch.setenv("BITFX_FUSED_ATTENTION", "0")
     assert FA.unsupported_reason(*args, "bivit") == "BITFX_FUSED_ATTENTION=0"
     with pytest.raises(ValueError, match="prob_mode='softmax'.*accepted: 'bivit', 'bool', 'elastic'"):
