@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["fused_attention", "score_bias", "unsupported_reason", "bit_attention_fused", "bit_attention_on_fused_kernel",
-           "FUSED_ATTENTION_KERNEL", "STATS", "MAX_D", "MAX_DV", "MAX_EST_RANK"]
+__all__ = ["fused_attention", "score_bias", "unsupported_reason", "bit_attention_fused",
+           "bit_attention_on_fused_kernel", "FUSED_ATTENTION_KERNEL", "STATS", "MAX_D", "MAX_DV", "MAX_EST_RANK"]
 
 #: "calls" of the fused kernel; "fused" / "two_kernels": bit_attention calls (or traces) routed each way.
 STATS: collections.Counter = collections.Counter()

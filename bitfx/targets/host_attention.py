@@ -10,7 +10,7 @@ buffers (the TVM workspace) and vector registers::
         S[j] = (float(D - 2 popc(q ⊕ k[j])) · α_q[i] · α_k[j] + res[i, j]) · scale + B[b, h, i, j]
                (res: BiPFT's score estimators, (u_q + r_q) r_kᵀ + r_q u_kᵀ, rank ≤ 8; -inf where j > i if causal)
         codes (no full softmax; m = max_j S[j]):
-            bivit    S[j] - m >= ln β                (⟺ P >= β·rowmax P; an all -inf row: all ones, as the reference)
+            bivit    S[j] - m >= ln β     (⟺ P >= β·rowmax P; an all -inf row: all ones, as the reference)
             bool     S[j] > 0
             elastic  exp(S[j] - m) > (α_P/2) Σ_j exp(S[j] - m)   (⟺ round(P/α_P) >= 1; polynomial exp)
         packed along keys; cnt[d] = 2 popc(P & vpos_d) - popc(P)
@@ -29,7 +29,7 @@ import tvm
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _when, _zero
+from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _zero
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
 SCHEDULE_VERSION = 7
@@ -167,8 +167,9 @@ def fused_attention(*, D: int, Dv: int, prob_mode: str, bias: tuple | None = Non
             EKT = T.alloc_buffer((2 * R * lp,), _F32) if R else None  # ek key-major: column c at c * lp
             acc = T.alloc_buffer((LANES,), _F32)
             red = T.alloc_buffer((1,), _F32)
-            # scalars, each in its own slot (a bound expression that reads `acc` could be re-evaluated after `acc`
-            # is reused): α_v here; per row (svs below) α_q (·α_k when given), row max, max or 0, threshold, Σ P r_v
+            # scalars, each in its own slot (a bound expression that reads `acc` could be re-evaluated after
+            # `acc` is reused): α_v here; per row (svs below) α_q (·α_k when given), row max, max or 0,
+            # threshold, Σ P r_v
             sv = T.alloc_buffer((1,), _F32)
 
             # -- keys: packed sign bits (key-major per word) and α_k
