@@ -73,8 +73,16 @@ def fetch_arm64_runtime(dest: str | Path | None = None) -> Path:
     versions = runtime_versions()
     tag = "-".join(f"{k}-{v}" for k, v in versions.items())
     out = Path(dest) if dest else cache_dir() / "arm64-runtime" / tag
-    if all((out / lib).exists() for lib in RUNTIME_LIBS):
-        return out
+    with _RUNTIME_LOCK:  # verify's qemu threads: one download per process
+        if all((out / lib).exists() for lib in RUNTIME_LIBS):
+            return out
+        return _download_runtime(versions, out)
+
+
+_RUNTIME_LOCK = threading.Lock()
+
+
+def _download_runtime(versions: dict, out: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="bitfx-wheels-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--python-version", f"{sys.version_info.major}.{sys.version_info.minor}",
@@ -97,7 +105,10 @@ def fetch_arm64_runtime(dest: str | Path | None = None) -> Path:
     if missing := [lib for lib in RUNTIME_LIBS if not (staging / lib).exists()]:
         shutil.rmtree(staging)
         raise RuntimeError(f"the aarch64 wheels of {versions} did not contain {missing}")
-    if out.exists():
+    if all((out / lib).exists() for lib in RUNTIME_LIBS):  # another process published it meanwhile: keep
+        shutil.rmtree(staging)                               # that one (it may be in use)
+        return out
+    if out.exists():  # an incomplete one
         shutil.rmtree(out)
     staging.rename(out)  # atomic: a half-extracted runtime is never visible
     return out

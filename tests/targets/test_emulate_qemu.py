@@ -103,6 +103,7 @@ def test_loader_built_from_several_threads_at_once(arm64_runtime, tmp_path, monk
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setenv("BITFX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("BITFX_ARM64_RUNTIME_DIR", str(arm64_runtime))  # the loader is under test, not pip
     with ThreadPoolExecutor(4) as pool:
         paths = list(pool.map(lambda _: emulate.build_loader("linux-arm64"), range(4)))
     assert len(set(paths)) == 1 and paths[0].exists()
