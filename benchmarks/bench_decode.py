@@ -46,16 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 def bench(fn, min_time: float = 0.2, repeats: int = 5) -> float:
     """Median over ``repeats`` of the mean time per call (µs) over >= ``min_time`` seconds."""
     fn()
-    times = []
-    for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            if time.perf_counter() - t0 >= min_time:
-                break
-        times.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(times)
+    return statistics.median(sample(fn, min_time) for _ in range(repeats))
 
 
 def best(fn, min_time: float = 0.02, repeats: int = 15) -> float:
