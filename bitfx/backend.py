@@ -107,7 +107,9 @@ def _aot_autograd_cache(ctx: PassContext, opts: CompileOptions):
     from torch._inductor import config as inductor_config
     from torch._inductor.output_code import OutputCode
 
-    stamp = _BitfxStamp(f"{_bitfx_digest()}|{opts!r}")
+    # BITFX_FUSED_ATTENTION=0 changes the lowering (the two-kernel attention path): part of the key
+    fused = os.environ.get("BITFX_FUSED_ATTENTION", "1")
+    stamp = _BitfxStamp(f"{_bitfx_digest()}|{opts!r}|fused_attention={fused}")
     with inductor_config.patch(post_grad_custom_post_pass=stamp):
         yield lambda fn: SerializableAOTDispatchCompiler(OutputCode, fn)
 
