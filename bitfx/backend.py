@@ -107,9 +107,10 @@ def _aot_autograd_cache(ctx: PassContext, opts: CompileOptions):
     from torch._inductor import config as inductor_config
     from torch._inductor.output_code import OutputCode
 
-    # BITFX_FUSED_ATTENTION=0 changes the lowering (the two-kernel attention path): part of the key
-    fused = os.environ.get("BITFX_FUSED_ATTENTION", "1")
-    stamp = _BitfxStamp(f"{_bitfx_digest()}|{opts!r}|fused_attention={fused}")
+    # bitfx's switches (BITFX_FUSED_ATTENTION=0 lowers attention to the two-kernel path, ...) are part of the
+    # key: every BITFX_* variable, so a switch added later cannot replay a graph lowered the other way
+    switches = sorted((k, v) for k, v in os.environ.items() if k.startswith("BITFX_"))
+    stamp = _BitfxStamp(f"{_bitfx_digest()}|{opts!r}|{switches!r}")
     with inductor_config.patch(post_grad_custom_post_pass=stamp):
         yield lambda fn: SerializableAOTDispatchCompiler(OutputCode, fn)
 
