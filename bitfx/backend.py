@@ -157,7 +157,7 @@ def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
     from torch._inductor import config as inductor_config
 
     try:
-        graph = make_fx(lowered, decomposition_table=select_decomp_table())(*inputs)
+        graph = make_fx(_views_as_reshapes(lowered), decomposition_table=select_decomp_table())(*inputs)
         # size_asserts off: no per-call size/stride check of every input and extern-kernel output (~45 per
         # BERT layer call: 0.161 -> 0.138 ms at seq 1); the kernel ops return fresh contiguous tensors, as
         # their fake functions say
@@ -167,6 +167,21 @@ def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
         log.warning("bitfx: inductor could not compile the float parts (%s: %s); they run as PyTorch ops",
                     type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
         return make_boxed_func(lowered)
+
+
+def _views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """``aten.view`` nodes of the (functional) forward graph become ``aten.reshape``.
+
+    The re-trace gives some ops the strides of inductor's decompositions, not the ones AOTAutograd saw: a
+    ``cat`` of HF ``DynamicCache``'s empty placeholder and a transposed key keeps the key's strides there,
+    and the ``view`` after it failed ("Cannot view a tensor with shape ... and strides ..."), leaving GPT-2's,
+    T5's and BART's float parts eager. ``reshape`` is a view wherever ``view`` was valid and copies
+    otherwise; the graph is functional (no op writes through a view), so the values are the same."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    gm.recompile()
+    return gm
 
 
 @contextlib.contextmanager
