@@ -109,9 +109,16 @@ def test_codes_counts_and_output_equal_the_reference(mode, param, D, Lk, mask_ki
         mask[1, 0, 2, :] = -math.inf       # one fully masked query row
     p = None if param is None else torch.tensor(param)
     codes = _check(q, k, v, mask, None, None, None, p, None, None, None, causal, mode)
-    if mask_kind == "bool":
-        empty_row = codes[0]
-        assert bool((empty_row == (1 if mode == "bivit" else 0)).all())  # as the reference's masked_softmax
+    # rows whose every key is masked, found here from the mask and causality: the reference's codes
+    # (masked_softmax gives P = 0: bivit's 0 >= β·0 sets every code, the others none)
+    keep = torch.ones(*lead, Lq, Lk, dtype=torch.bool)
+    if causal:
+        keep &= torch.ones(Lq, Lk, dtype=torch.bool).tril()
+    if mask is not None:
+        keep &= mask if mask.dtype == torch.bool else mask != -math.inf
+    empty = ~keep.any(-1)
+    assert int(empty.sum()) >= {None: 0, "bool": 3 * Lq, "additive": 3}[mask_kind]  # the rows made empty above
+    assert bool((codes[empty] == (1 if mode == "bivit" else 0)).all())
 
 
 @pytest.mark.parametrize("mode,param", MODES)
