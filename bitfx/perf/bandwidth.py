@@ -11,33 +11,17 @@ cc), cached under the bitfx cache directory keyed by the source and the flags.
 """
 from __future__ import annotations
 
-import hashlib
-import shutil
 import subprocess
 from pathlib import Path
 
-from bitfx.codegen.build import cache_dir
-from bitfx.perf.ceiling import CeilingUnavailable
+from bitfx.perf.ceiling import CeilingUnavailable, build_program
 
 SOURCE = Path(__file__).with_name("bandwidth.c")
-FLAGS = ("-O3", "-march=native")
 
 
 def binary() -> Path:
     """The compiled bandwidth program (built with clang, else cc, on first use)."""
-    compiler = shutil.which("clang") or shutil.which("cc")
-    if compiler is None:
-        raise CeilingUnavailable("no C compiler found (clang or cc); install clang (apt-get install clang)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    out = cache_dir() / f"bandwidth-{digest}"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{id(out)}.tmp")
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
-        if proc.returncode:
-            raise CeilingUnavailable(f"{compiler} could not build {SOURCE.name}:\n{proc.stderr.strip()}")
-        tmp.replace(out)
-    return out
+    return build_program(SOURCE, "bandwidth")
 
 
 def measure(nbytes: int, reps: int | None = None) -> float:

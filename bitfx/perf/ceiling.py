@@ -12,6 +12,7 @@ The binary is cached under the bitfx cache directory, keyed by the source and th
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -45,17 +46,25 @@ class Ceiling:
 
 def binary() -> Path:
     """The compiled ceiling program (built with clang, else cc, on first use)."""
+    return build_program(SOURCE, "ceiling")
+
+
+def build_program(source: Path, name: str) -> Path:
+    """`source` (C) compiled with clang, else cc, and `FLAGS`; cached under the bitfx cache directory as
+    `<name>-<digest of the source, compiler and flags>`, published whole (a per-process temporary name)."""
+    import os
+
     compiler = shutil.which("clang") or shutil.which("cc")
     if compiler is None:
         raise CeilingUnavailable("no C compiler found (clang or cc); install clang (apt-get install clang)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    out = cache_dir() / f"ceiling-{digest}"
+    digest = hashlib.sha256(source.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{name}-{digest}"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(source)], capture_output=True, text=True)
         if proc.returncode:
-            raise CeilingUnavailable(f"{compiler} could not build {SOURCE.name}:\n{proc.stderr.strip()}")
+            raise CeilingUnavailable(f"{compiler} could not build {source.name}:\n{proc.stderr.strip()}")
         tmp.replace(out)
     return out
 
