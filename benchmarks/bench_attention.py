@@ -68,7 +68,7 @@ def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, round
     args = (q, k, v, mask, None, None, None, param, eq, ek, ev, None, False, prob)
     scale = 1.0 / math.sqrt(D)
     # the kernel alone, on the arguments the op prepares
-    bias = FA.score_bias(mask, None, None, scale).reshape(B, 1, 1, L).contiguous()
+    bias = FA.score_bias(mask).reshape(B, 1, 1, L).contiguous()
     p = torch.tensor(math.log(0.25)) if prob == "bivit" else (param if param is not None else torch.tensor(0.0))
     scalars = torch.tensor([scale, 0.0, 0.0, 0.0, float(p)])
     out = torch.empty(B, H, L, D)
@@ -84,7 +84,7 @@ def row(label: str, B: int, H: int, L: int, D: int, mode: str, calls: int, round
     err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-9)
     t = interleaved({
         "fused kernel": lambda: fn(q, k, v, bias, *extra, scalars, out),
-        "fused op": lambda: FA.FUSED_ATTENTION_KERNEL(q, k, v, FA.score_bias(mask, None, None, scale), ev, None,
+        "fused op": lambda: FA.FUSED_ATTENTION_KERNEL(q, k, v, FA.score_bias(mask), ev, None,
                                                       None, None, param, scale, False, prob, eq, ek),
         "fused graph": lambda: fused_graph(*args),
         "two-kernel": lambda: two_graph(*args),

@@ -74,22 +74,14 @@ def unsupported_reason(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_para
     return None
 
 
-def score_bias(attn_mask: Optional[Tensor], est_q: Optional[Tensor], est_k: Optional[Tensor],
-               scale: float) -> Optional[Tensor]:
-    """The one additive float32 score term: ``residual(est_q, est_k)·scale + mask`` (boolean: 0/-inf)."""
-    from bitfx.ops.attention import _score_residual
-
-    bias = None
-    res = _score_residual(est_q, est_k)
-    if res is not None:
-        bias = res * scale
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            m = torch.where(attn_mask, 0.0, float("-inf"))
-        else:
-            m = attn_mask.float()
-        bias = m if bias is None else bias + m
-    return bias
+def score_bias(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The additive score term the kernel reads: the mask as float32 (boolean: 0 where kept, -inf where
+    masked); None without a mask. (BiPFT's score residual is computed in the kernel.)"""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.where(attn_mask, 0.0, float("-inf"))
+    return attn_mask.float()
 
 
 def _heads(lead) -> tuple[int, int]:
@@ -226,7 +218,7 @@ def bit_attention_fused(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_par
     if count:
         STATS["fused"] += 1
     s = _default_scale(qt, scale)
-    bias = score_bias(attn_mask, None, None, s)  # the mask; the estimators' residual is computed in the kernel
+    bias = score_bias(attn_mask)
     run = kernel_op or fused_attention
     out = run(qt, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, float(s), bool(is_causal), prob_mode,
               est_q=est_q, est_k=est_k)

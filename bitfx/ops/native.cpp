@@ -564,10 +564,6 @@ extern "C" int64_t bitfx_pool_min_work() { return g_min_work.load(std::memory_or
 extern "C" int64_t bitfx_pool_launches() { return g_launches.load(std::memory_order_relaxed); }
 extern "C" int64_t bitfx_pool_team_launches() { return g_team_launches.load(std::memory_order_relaxed); }
 
-namespace {
-
-}  // namespace
-
 // For tests and benchmarks (ctypes): how many plans were built, and how many are held.
 extern "C" int64_t bitfx_native_plan_misses() {
   std::lock_guard<std::mutex> lock(g_mutex);

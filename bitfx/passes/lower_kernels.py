@@ -139,13 +139,9 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     gm.add_submodule(name, BitLinearKernel(*node.args[6:9], cache=persistent))
                     new = gm.graph.call_module(name, tuple(node.args[:6]))
         elif node.target == BIT_ATTENTION:
-            # the fused kernel op where it covers the call (decided when traced), else the two kernel ops;
-            # BITFX_FUSED_ATTENTION=0 is read here too, so the graph (and every cache keyed by it) differs
-            if ctx.glue == "inductor":
-                fn = (kernel_ops.bit_attention_on_kernels if fused_attention.disabled()
-                      else fused_attention.bit_attention_on_fused_kernel)
-            else:
-                fn = tvm_bit_attention
+            # the fused kernel op where it covers the call (decided when traced, BITFX_FUSED_ATTENTION=0
+            # included), else the two kernel ops
+            fn = fused_attention.bit_attention_on_fused_kernel if ctx.glue == "inductor" else tvm_bit_attention
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(fn, tuple(node.args))
         else:

@@ -69,7 +69,7 @@ def _check(q, k, v, mask, alpha_q, alpha_k, alpha_v, param, est_q, est_k, est_v,
     """Run the fused kernel (debug outputs) and check codes, counts and the output; returns the codes."""
     D, Lk = q.shape[-1], k.shape[-2]
     scale = 1.0 / math.sqrt(D)
-    bias = FA.score_bias(mask, None, None, scale)  # the estimators' residual is the kernel's
+    bias = FA.score_bias(mask)  # the estimators' residual is the kernel's
     out, words, counts = FA.fused_attention(q, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, param, scale, causal,
                                             mode, est_q, est_k, debug=True, threads=threads)
     codes = _unpack(words, Lk)
