@@ -29,7 +29,7 @@ import tvm
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from bitfx.targets.host import WORD, _build, _match, _outer, _u64, _vec_load, _vec_store, _zero
+from bitfx.targets.host import WORD, _build, _match, _outer, _packed_word, _u64, _vec_load, _vec_store, _zero
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
 SCHEDULE_VERSION = 7
@@ -68,7 +68,7 @@ def fast_exp(x, lanes: int):
 def _sign_word(buf, prefix, start, n: int):
     """Sign bits (bit = NOT(u < 0)) of `n` consecutive floats as one uint64, zero above bit n."""
     if n == WORD:
-        return ~T.reinterpret("uint64", tirx.Cast("uint1x64", _vec_load(buf, prefix, WORD, start) < _bc(_f(0.0), WORD)))
+        return _packed_word("sign", _vec_load(buf, prefix, WORD, start), _F32)
     if n in (8, 16, 32):
         neg = tirx.Cast(f"uint1x{n}", _vec_load(buf, prefix, n, start) < _bc(_f(0.0), n))
         return (~T.reinterpret(f"uint{n}", neg)).astype("uint64")
