@@ -35,16 +35,15 @@ KERNEL_OPS = ("pack_rows", "pack_cols", "absmax_planes", "gemm")
 # the unfused ops (e.g. "fused_attention": the host's one-call ``bit_attention``, bitfx/targets/host_attention.py).
 FUSED_OPS = ("fused_attention",)
 
-# Where each built-in set registers its kernels; imported on first use (keeps `import bitfx` cheap).
-_MODULES: dict[str, str] = {
-    "reference": "bitfx.codegen.compute",
-    "host": "bitfx.targets.host",
-    "arm64": "bitfx.targets.arm",
-    "arm64-dotprod": "bitfx.targets.arm",
-    "cuda": "bitfx.targets.cuda",
+# Where each built-in set registers its kernels (its modules, e.g. the host's fused kernels kept out of its
+# main file); imported on first use (keeps `import bitfx` cheap).
+_MODULES: dict[str, tuple[str, ...]] = {
+    "reference": ("bitfx.codegen.compute",),
+    "host": ("bitfx.targets.host", "bitfx.targets.host_attention"),
+    "arm64": ("bitfx.targets.arm",),
+    "arm64-dotprod": ("bitfx.targets.arm",),
+    "cuda": ("bitfx.targets.cuda",),
 }
-# Further modules of a built-in set, imported with it (fused kernels kept out of the set's main file).
-_EXTRA_MODULES: dict[str, tuple[str, ...]] = {"host": ("bitfx.targets.host_attention",)}
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 
 
@@ -72,11 +71,11 @@ def register_kernel(kernel_set: str, op: str) -> Callable[[Callable], Callable]:
 
 
 def _load(kernel_set: str) -> dict[str, Callable]:
-    if kernel_set not in _REGISTRY and kernel_set in _MODULES:
-        importlib.import_module(_MODULES[kernel_set])
+    if kernel_set in _MODULES:
+        # every module of the set, also when one of them was imported directly (it registered only its own)
+        for module in _MODULES[kernel_set]:
+            importlib.import_module(module)
         _REGISTRY.setdefault(kernel_set, {})  # a built-in set with nothing of its own yet
-    for extra in _EXTRA_MODULES.get(kernel_set, ()):  # also when the main module was imported directly
-        importlib.import_module(extra)
     if kernel_set not in _REGISTRY:
         raise UnknownKernelSetError(f"unknown kernel set {kernel_set!r}; expected one of {kernel_sets()}")
     return _REGISTRY[kernel_set]
