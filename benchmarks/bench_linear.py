@@ -78,11 +78,11 @@ def row(M: int, K: int, N: int, threads: int, compiled, ceil: float) -> dict:
     pack = bench(lambda: pack_fn(x, a, rs))
     acc = torch.empty(M, N, dtype=torch.int32)
     gemm_fn = kernel("gemm", mode="xnor", K=K, N=N, planes=1, epilogue="int", bias=False, parallel=par,
-                     layout=packed.layout)
+                     **runtime.weight_walk(packed))
     gemm = bench(lambda: gemm_fn(a, packed.w, acc))
     y = torch.empty(M, N)
     epi_fn = kernel("gemm", mode="xnor", K=K, N=N, planes=1, epilogue="float", bias=True, parallel=par,
-                    layout=packed.layout)
+                    **runtime.weight_walk(packed))
     gemm_epi = bench(lambda: epi_fn(a, packed.w, rs, cs, bias, y))
     gbit = M * N * K / gemm / 1e9
     return {

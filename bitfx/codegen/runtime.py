@@ -340,11 +340,24 @@ def _quantize(x2: torch.Tensor, K: int, act: str, bits: int, move, par: bool, al
     return planes, rs
 
 
+#: Row blocks per chunk of the panel GEMM's walk (`host.gemm(row_chunk=...)`): four, so the output is
+#: written 16 rows at a time front to back and each weight panel is used four times from L1. At M = 1024,
+#: K = 384 (MiniLM, batch 8 x 128) the column-panel walk (0) ran at 540-820 G bit-MAC/s into a warm output
+#: and 360-400 into a fresh one; in chunks of four: 900-920 and 370-670; BERT-base shapes (M = 128) equal
+#: or better, most of all into fresh outputs (`python benchmarks/bench_gemm_walk.py`; BENCHMARKS.md).
+ROW_CHUNK = 4
+
+
+def weight_walk(packed: PackedWeight) -> dict:
+    """The GEMM generator's layout arguments for this weight: `layout` and `row_chunk` for panels; none for
+    K-major (whose kernels keep their keys)."""
+    return {"layout": "panel", "row_chunk": ROW_CHUNK} if packed.layout == "panel" else {}
+
+
 def _gemm(packed: PackedWeight, act: str, bits: int, par: bool, *, epilogue: str, bias: bool):
     mode = _act_kernel(act) + ("_ternary" if packed.ternary else "")
-    layout = {"layout": "panel"} if packed.layout == "panel" else {}  # K-major kernels keep their keys
     return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias,
-                  parallel=par, **layout)
+                  parallel=par, **weight_walk(packed))
 
 
 def _nnz(packed: PackedWeight, act: str) -> list:

@@ -304,7 +304,8 @@ def absmax_planes(*, K: int, bits: int, parallel: bool = True) -> tirx.PrimFunc:
 # --------------------------------------------------------------------------------------------- GEMM
 def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
          batched: bool = False, epilogue: str = "int", bias: bool = False,
-         tile: Tile | None = None, parallel: bool = True, layout: str = "kmajor") -> tirx.PrimFunc:
+         tile: Tile | None = None, parallel: bool = True, layout: str = "kmajor",
+         row_chunk: int = 0) -> tirx.PrimFunc:
     """Bit-serial GEMM `acc[m, n] = sum_k a[m, k] * w[n, k]` on packed words, tiled for registers.
 
     Weight layout: `layout="kmajor"`: `w[(2,) KW, N]`; `layout="panel"` (static N, not batched):
@@ -318,6 +319,11 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
     `epilogue="float"`: y = (float(acc) * row_scale[m]) * col_scale[n] (+ bias[n]), written once.
     M (and G when `batched`) are symbolic; `K=None` makes the word count symbolic (and modes only),
     `N=None` makes N symbolic (its ragged tail then runs one column at a time).
+    Walk of the full tiles: `row_chunk=0` runs every row block of a column block before the next column
+    block (a weight block stays in L1; the output is written a column block at a time, rows apart);
+    `row_chunk=c` takes c row blocks at a time through every column block (their activation words stay
+    in L1, the output is written front to back, c*R rows at a time: a fresh output buffer then streams
+    in instead of missing on every row, and a long M no longer evicts its own activation).
     """
     if mode not in _GEMM_MODES:
         raise ValueError(f"unknown GEMM mode {mode!r}; expected one of {_GEMM_MODES}")
@@ -332,6 +338,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
     R, C = tile.rows, tile.cols
     if panel and PANEL % C:
         raise ValueError(f"layout='panel' needs a tile width dividing {PANEL}; got {C}")
+    if not isinstance(row_chunk, int) or row_chunk < 0:
+        raise ValueError(f"row_chunk must be an int >= 0 (0: column-block major); got {row_chunk!r}")
     ternary = mode.endswith("ternary")
 
     def body():
@@ -446,10 +454,16 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         if panel:  # a column block is one panel
             n_blocks = (N + PANEL - 1) // PANEL
         m_full, m_rem = M // R, M % R
-        # Full row blocks; column-block major so a weight block stays in L1 across row blocks.
+        # Full row blocks, column-block major, or in chunks of `row_chunk` row blocks (the last may be short).
         with _outer(parallel, g_count * n_blocks * m_full) as t:
             g, r = t // (n_blocks * m_full), t % (n_blocks * m_full)
-            nb, mb = r // m_full, r % m_full
+            if row_chunk == 0:
+                nb, mb = r // m_full, r % m_full
+            else:
+                c = r // (row_chunk * n_blocks)
+                size = T.bind(tirx.Min(m_full - c * row_chunk, tirx.const(row_chunk, "int64")))
+                local = r - c * row_chunk * n_blocks
+                nb, mb = local // size, c * row_chunk + local % size
             emit_cols(g, [mb * R + i for i in range(R)], nb, n_full)
         # Ragged rows (M % R), parallel over column blocks: this is all of the work when M < R (decode).
         if R > 1:

@@ -150,3 +150,49 @@ def test_packed_weights_on_disk_are_never_read_in_the_wrong_layout(tmp_path, mon
     monkeypatch.setattr(compile_cache, "load", lambda key: stale)  # any key answers K-major planes
     packed, _ = kernel_ops._packed_weight(weight, "sign_channel", use_disk=True)
     assert packed.layout == "panel" and torch.equal(packed.planes.view(torch.int64), fresh.planes.view(torch.int64))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("row_chunk", [0, 1, 2, 3, 4])
+def test_every_tile_walk_covers_every_output_once(row_chunk, parallel):
+    """The GEMM's walks (`row_chunk`: column-panel major, or chunks of row blocks, the last chunk short)
+    write every output exactly once: integer results equal an independent float64 matmul for M from one
+    row block to several chunks with ragged rows, and N with a ragged last panel. The output starts as a
+    sentinel, so a tile skipped (or written twice with another value) shows."""
+    from bitfx.codegen.build import kernel
+
+    K, N = 130, 70
+    w = weights(N, K, False, seed=row_chunk)
+    packed = runtime.pack_weight(w, ternary=False)
+    fn = kernel("gemm", mode="xnor", K=K, N=N, planes=1, layout="panel", row_chunk=row_chunk, parallel=parallel)
+    g = torch.Generator().manual_seed(row_chunk)
+    for M in (4, 12, 13, 28, 35, 64):
+        codes = torch.where(torch.randn(M, K, generator=g) < 0, -1, 1)
+        a = torch.from_numpy(pack_bits((codes > 0).numpy()).view(np.int64)).view(torch.uint64)
+        out = torch.full((M, N), -(1 << 30), dtype=torch.int32)
+        fn(a.contiguous(), packed.w, out)
+        assert torch.equal(out, (codes.double() @ w.double().t()).to(torch.int32)), M
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "4"])
+def test_row_chunk_must_be_a_count(bad):
+    from bitfx.targets import host
+
+    with pytest.raises(ValueError, match="row_chunk must be an int >= 0"):
+        host.gemm(mode="xnor", K=64, N=32, layout="panel", row_chunk=bad)
+
+
+def test_cpu_linear_plans_use_the_chunked_walk():
+    """What a compiled model calls: the plan's GEMM is built with `runtime.ROW_CHUNK` (the walk measured
+    fastest), and gives the op reference's result."""
+    from bitfx.codegen.build import _MEMO
+
+    w = weights(70, 130, False, seed=5)
+    packed = runtime.pack_weight(w, ternary=False)
+    plan = runtime.LinearPlan(packed, col_scale=torch.ones(70))
+    keys = [dict(k[3]) for k, fn in _MEMO.items() if fn is plan.gemm]
+    assert keys and keys[0]["row_chunk"] == runtime.ROW_CHUNK > 0 and keys[0]["layout"] == "panel"
+    x = torch.randn(37, 130, generator=torch.Generator().manual_seed(5))
+    codes = torch.where(x < 0, -1.0, 1.0)
+    expected = (codes.double() @ w.double().t()) * x.abs().mean(-1, keepdim=True).double()
+    torch.testing.assert_close(plan(x).double(), expected, rtol=1e-5, atol=1e-4)
