@@ -354,10 +354,22 @@ def weight_walk(packed: PackedWeight) -> dict:
     return {"layout": "panel", "row_chunk": ROW_CHUNK} if packed.layout == "panel" else {}
 
 
-def _gemm(packed: PackedWeight, act: str, bits: int, par: bool, *, epilogue: str, bias: bool):
+#: What a linear plan's GEMM may apply to its float output (`host.gemm(activation=...)`): the float glue's
+#: next op fused into the epilogue by `bitfx.passes.lower_kernels`.
+ACTIVATIONS = ("none", "gelu")
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown bit_linear output activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _gemm(packed: PackedWeight, act: str, bits: int, par: bool, *, epilogue: str, bias: bool,
+          activation: str = "none"):
     mode = _act_kernel(act) + ("_ternary" if packed.ternary else "")
+    fused = {"activation": activation} if activation != "none" else {}  # the plain kernels keep their keys
     return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias,
-                  parallel=par, **weight_walk(packed))
+                  parallel=par, **weight_walk(packed), **fused)
 
 
 def _nnz(packed: PackedWeight, act: str) -> list:
@@ -397,6 +409,8 @@ class LinearPlan:
     Calls then cost a reshape, the output allocations and two kernel calls (this is the decode path,
     where M = 1 and the per-call overhead is the whole cost). Build a new plan when a parameter
     changes (``bitfx.passes.lower_kernels`` keys it by the tensors' ``_version``).
+    ``activation="gelu"``: the GEMM's epilogue writes GELU(y) (exact form), ``F.gelu(plan(x))`` to float
+    rounding, without a pass over y.
     """
 
     def __new__(cls, packed: PackedWeight, **kwargs):
@@ -406,9 +420,11 @@ class LinearPlan:
 
     def __init__(self, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
                  move: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
-                 col_scale: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):
+                 col_scale: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None,
+                 activation: str = "none"):
         _check_bits(act, bits)
-        self.K, self.N, self.act, self.bits = packed.K, packed.N, act, bits
+        check_activation(activation)
+        self.K, self.N, self.act, self.bits, self.activation = packed.K, packed.N, act, bits, activation
         par = _parallel(threads)
         cs = _vector(col_scale, packed.N, "col_scale")
         self.col = cs.expand(packed.N).contiguous() if cs.numel() == 1 else cs
@@ -426,7 +442,8 @@ class LinearPlan:
                                 mean=self.alpha is None, parallel=par)
         else:
             self.quant = kernel("absmax_planes", K=packed.K, bits=bits, parallel=par)
-        self.gemm = _gemm(packed, act, bits, par, epilogue="float", bias=self.bias is not None)
+        self.gemm = _gemm(packed, act, bits, par, epilogue="float", bias=self.bias is not None,
+                          activation=activation)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu" and x.shape[-1] == self.K:

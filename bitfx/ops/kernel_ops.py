@@ -39,28 +39,29 @@ def _key(*tensors) -> tuple:
 
 def linear_plan(weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[Tensor], move: Optional[Tensor],
                 alpha: Optional[Tensor], weight_mode: str, act_mode: str, act_bits: int, cache: bool = True,
-                view: Optional[tuple] = None):
+                view: Optional[tuple] = None, activation: str = "none"):
     """The ``runtime.LinearPlan`` of this layer: the weight binarized and packed once per version.
 
     ``view`` (size, stride, offset): the layer's weight is that view of ``weight`` (a parameter).
+    ``activation``: applied to the output in the GEMM's epilogue (``runtime.ACTIVATIONS``).
     """
     param = weight
     if view is not None:
         weight = param.as_strided(view[0], view[1], view[2])
     if not cache:
-        return _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, False)
+        return _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, False, activation)
     base = param if param._base is None else param._base
     views = _PLANS.get(base)
     if views is None:
         views = _PLANS[base] = {}
-    geometry = (weight.storage_offset(), tuple(weight.shape), weight.stride())
+    geometry = (weight.storage_offset(), tuple(weight.shape), weight.stride(), activation)
     # the version of the parameter (a view made here shares it; an alias inductor makes does not)
     key = (_key(param, bias, weight_scale, move, alpha), weight_mode, act_mode, act_bits)
     hit = views.get(geometry)
     if hit is None or hit[0] != key:
         # the disk cache is asked for this weight's first packing in this process only
         hit = views[geometry] = (key, _new_plan(weight, bias, weight_scale, move, alpha, weight_mode,
-                                                act_mode, act_bits, use_disk=hit is None))
+                                                act_mode, act_bits, use_disk=hit is None, activation=activation))
     return hit[1]
 
 
@@ -96,7 +97,7 @@ def _packed_weight(weight: Tensor, weight_mode: str, use_disk: bool):
     return packed, col_scale
 
 
-def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, use_disk):
+def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, use_disk, activation="none"):
     from bitfx.codegen import runtime
 
     with torch.no_grad():
@@ -105,7 +106,8 @@ def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, ac
         plan = runtime.LinearPlan(packed, act=act_mode, bits=act_bits,
                                   move=None if move is None else move.detach(),
                                   alpha=None if alpha is None else alpha.detach(),
-                                  col_scale=col, bias=None if bias is None else bias.detach())
+                                  col_scale=col, bias=None if bias is None else bias.detach(),
+                                  activation=activation)
     return plan
 
 
@@ -115,7 +117,8 @@ def _new_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, ac
 # at the first call) registers C++ CPU kernels, which then take precedence: no Python per call.
 _LIB = torch.library.Library("bitfx_kernels", "DEF")
 _PLAN_ARGS = ("Tensor? bias, Tensor? weight_scale, Tensor? move, Tensor? alpha, str weight_mode, str act_mode, "
-              "int act_bits, bool cache=True, int[]? view_size=None, int[]? view_stride=None, int view_offset=0")
+              "int act_bits, bool cache=True, int[]? view_size=None, int[]? view_stride=None, int view_offset=0, "
+              "str activation=\"none\"")
 _LIB.define(f"bit_linear(Tensor x, Tensor weight, {_PLAN_ARGS}) -> Tensor")
 _LIB.define("sign_scores(Tensor q, Tensor k) -> Tensor")
 _LIB.define("binary_pv(Tensor p, Tensor v) -> Tensor")
@@ -128,15 +131,18 @@ _LIB.define(f"_bit_linear_python(Tensor x, Tensor weight, {_PLAN_ARGS}) -> Tenso
 def bit_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_scale: Optional[Tensor],
                move: Optional[Tensor], alpha: Optional[Tensor], weight_mode: str, act_mode: str,
                act_bits: int, cache: bool = True, view_size: Optional[list[int]] = None,
-               view_stride: Optional[list[int]] = None, view_offset: int = 0) -> Tensor:
+               view_stride: Optional[list[int]] = None, view_offset: int = 0, activation: str = "none") -> Tensor:
     """``bitfx.bit_linear`` on the host kernels (same arguments, same result to float rounding).
 
     With ``view_size``, ``weight`` is the parameter and the layer's weight is its view
     ``weight.as_strided(view_size, view_stride, view_offset)`` (a transposed Conv1D weight, a slice of
     a packed projection): the packed copy is keyed by the parameter, so in-place updates are seen.
+    ``activation="gelu"``: ``F.gelu`` of that result, applied in the GEMM's epilogue (the lowering fuses a
+    following GELU this way).
     """
     view = None if view_size is None else (tuple(view_size), tuple(view_stride), view_offset)
-    return linear_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache, view)(x)
+    return linear_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache, view,
+                       activation)(x)
 
 
 def sign_scores(q: Tensor, k: Tensor) -> Tensor:
@@ -154,7 +160,7 @@ def binary_pv(p: Tensor, v: Tensor) -> Tensor:
 
 
 def _linear_plan_parts(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache=True,
-                       view_size=None, view_stride=None, view_offset=0):
+                       view_size=None, view_stride=None, view_offset=0, activation="none"):
     """The C++ ``bit_linear``'s view of ``linear_plan(...)``: ``(tensors, ints)``, laid out as native.cpp reads
     them: tensors ``[packed planes, (nnz), col_scale, (bias), (move), (alpha)]``; ints ``[quant kernel handle,
     GEMM handle, quantizer kind (0 sign with mean|x|, 1 sign with α, 2 absmax, 3 unsigned: then the threshold
@@ -163,7 +169,8 @@ def _linear_plan_parts(weight, bias, weight_scale, move, alpha, weight_mode, act
     A plan whose activation quantizer is none of these (kind -1, e.g. a newer method) is run per call by
     the Python implementation (``_bit_linear_python``), as before the C++ kernels."""
     view = None if view_size is None else (tuple(view_size), tuple(view_stride), view_offset)
-    plan = linear_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache, view)
+    plan = linear_plan(weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache, view,
+                       activation)
     packing = getattr(plan, "pack", None) or ("sign" if plan.act == "sign" else "absmax")
     if packing == "sign" and plan.act == "sign":
         kind = 0 if plan.alpha is None else 1
@@ -217,7 +224,7 @@ _LIB.impl("_bit_linear_python", bit_linear, "CPU")
 
 @torch.library.register_fake("bitfx_kernels::bit_linear", lib=_LIB)
 def _(x, weight, bias, weight_scale, move, alpha, weight_mode, act_mode, act_bits, cache=True,
-      view_size=None, view_stride=None, view_offset=0):
+      view_size=None, view_stride=None, view_offset=0, activation="none"):
     n = weight.shape[0] if view_size is None else view_size[0]
     return x.new_empty((*x.shape[:-1], n))
 

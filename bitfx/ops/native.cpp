@@ -300,9 +300,10 @@ void push_version(std::vector<int64_t>& key, const c10::IValue& v) {
 
 // bit_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_scale, Tensor? move, Tensor? alpha,
 //            str weight_mode, str act_mode, int act_bits, bool cache=True, int[]? view_size=None,
-//            int[]? view_stride=None, int view_offset=0) -> Tensor
+//            int[]? view_stride=None, int view_offset=0, str activation="none") -> Tensor
+// (the activation is in the plan's GEMM epilogue: only the plan's key needs it here)
 void bit_linear(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
-  constexpr size_t kArgs = 13;
+  constexpr size_t kArgs = 14;
   Stack args(std::make_move_iterator(stack->end() - kArgs), std::make_move_iterator(stack->end()));
   stack->erase(stack->end() - kArgs, stack->end());
   const at::Tensor& x = args[0].toTensor();
@@ -326,11 +327,14 @@ void bit_linear(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
       geo.g.insert(geo.g.end(), size.begin(), size.end());
       geo.g.insert(geo.g.end(), stride.begin(), stride.end());
     }
+    // one slot per output activation: a weight used both with and without one keeps both plans
+    geo.g.push_back(static_cast<int64_t>(std::hash<std::string>()(std::string(args[13].toStringRef()))));
     std::vector<int64_t> key;
     key.reserve(11);
     for (size_t i = 1; i <= 5; ++i) push_version(key, args[i]);
     key.push_back(args[8].toInt());
-    std::string modes = std::string(args[6].toStringRef()) + "|" + std::string(args[7].toStringRef());
+    std::string modes = std::string(args[6].toStringRef()) + "|" + std::string(args[7].toStringRef()) + "|" +
+                        std::string(args[13].toStringRef());
     {
       std::lock_guard<std::mutex> lock(g_mutex);
       auto it = g_plans.find(geo);

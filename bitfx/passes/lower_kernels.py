@@ -21,8 +21,15 @@ With ``glue="inductor"`` (``PassContext.glue``) both become opaque kernel ops in
 or ``sign_scores``/``binary_pv`` of ``bitfx.ops.kernel_ops``), and the backend compiles the float parts
 around them (the score bias; the two-kernel path's softmax and binarizer) with inductor.
 With ``kernels="reference"`` the graph is left as it is and the ops run their PyTorch reference.
+
+With inductor glue, a CPU ``bit_linear`` whose only use is an exact GELU (``aten.gelu``, BERT's
+intermediate projection) takes it into its GEMM's epilogue (``activation="gelu"``): the float
+output is written once, already activated, instead of written, read and written again by a glue
+kernel. ``BITFX_FUSE_EPILOGUE=0`` leaves the GELU to inductor.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.fx as fx
@@ -114,6 +121,22 @@ def _view_of(weight: fx.Node, src: fx.Node):
         return None
 
 
+def _epilogue_activation(node: fx.Node) -> fx.Node | None:
+    """The GELU node a float32 CPU ``bit_linear`` can take into its epilogue: its only use, exact form."""
+    if os.environ.get("BITFX_FUSE_EPILOGUE", "1").lower() in ("0", "off", "false", "no"):
+        return None
+    val = node.meta.get("val")
+    users = list(node.users)
+    if not (isinstance(val, torch.Tensor) and val.device.type == "cpu" and val.dtype == torch.float32
+            and len(users) == 1):
+        return None
+    (user,) = users
+    if user.op != "call_function" or user.target is not torch.ops.aten.gelu.default or user.args[0] is not node:
+        return None
+    approximate = user.kwargs.get("approximate", user.args[1] if len(user.args) > 1 else "none")
+    return user if approximate == "none" else None
+
+
 def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.config.kernels != "tvm":
         return gm
@@ -132,7 +155,12 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     view = _view_of(node.args[1], src) if persistent else None
                     if view is not None:  # the parameter itself, and the view to take of it
                         args[1] = src
-                    new = gm.graph.call_function(kernel_ops.BIT_LINEAR_KERNEL, (*args, persistent, *(view or ())))
+                    act = _epilogue_activation(node)
+                    new = gm.graph.call_function(kernel_ops.BIT_LINEAR_KERNEL, (*args, persistent, *(view or ())),
+                                                 {"activation": "gelu"} if act is not None else {})
+                    if act is not None:  # the GELU is the kernel's now: its uses take the kernel's output
+                        act.replace_all_uses_with(new)
+                        gm.graph.erase_node(act)
                 else:
                     name = f"bitfx_kernel_{count}"
                     count += 1

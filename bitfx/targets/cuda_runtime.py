@@ -453,11 +453,13 @@ class LinearPlan:
     """
 
     def __init__(self, packed, *, act: str = "sign", bits: int = 1, move=None, alpha=None,
-                 col_scale: torch.Tensor, bias=None, threads: int | None = None):
-        from bitfx.codegen.runtime import _check_bits
+                 col_scale: torch.Tensor, bias=None, threads: int | None = None, activation: str = "none"):
+        from bitfx.codegen.runtime import _check_bits, check_activation
 
         del threads
         _check_bits(act, bits)
+        check_activation(activation)
+        self.activation = activation  # applied after the GEMM here (the CUDA epilogue does not fuse it)
         dev = packed.planes.device
         self.packed, self.act, self.bits = packed, act, bits
         takes = act in ("sign", "unsigned")  # the methods with a move and an α
@@ -468,5 +470,6 @@ class LinearPlan:
         self.bias = None if bias is None else _vector(bias, packed.N, "bias", dev)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return bit_linear(x, self.packed, act=self.act, bits=self.bits, move=self.move, alpha=self.alpha,
-                          col_scale=self.col, bias=self.bias)
+        y = bit_linear(x, self.packed, act=self.act, bits=self.bits, move=self.move, alpha=self.alpha,
+                       col_scale=self.col, bias=self.bias)
+        return torch.nn.functional.gelu(y) if self.activation == "gelu" else y

@@ -151,6 +151,52 @@ def _build(body, name: str) -> tirx.PrimFunc:
     return ib.get()
 
 
+# --------------------------------------------------------------------------------------- float math
+def _fc(v, lanes: int = 1):
+    c = tirx.const(v, "float32")
+    return T.broadcast(c, lanes) if lanes > 1 else c
+
+
+def fast_exp(x, lanes: int = 1):
+    """exp(x) in float32 without libm (as topi's fast_exp: Cody-Waite range reduction, degree-7 polynomial,
+    2^n by exponent bits); exp(-inf) and anything below -88.37 give exactly 0."""
+    c = lambda v: _fc(v, lanes)  # noqa: E731
+    xc = T.max(T.min(x, c(88.3762626647950)), c(-88.3762626647949))
+    n = T.floor(xc * c(1.44269504088896341) + c(0.5))
+    f = xc - n * c(0.6931471805)
+    p = c(1.9875691500e-4)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * f + c(coef)
+    y = p * f * f + f + c(1.0)
+    i32 = "int32" if lanes == 1 else f"int32x{lanes}"
+    bits = (n + c(127.0)).astype(i32) << (tirx.const(23, "int32") if lanes == 1 else T.broadcast(
+        tirx.const(23, "int32"), lanes))
+    e = y * T.reinterpret("float32" if lanes == 1 else f"float32x{lanes}", bits)
+    return tirx.Select(x < c(-88.3762626647949), c(0.0), e)
+
+
+def fast_erf(x):
+    """erf(x) in float32 as PyTorch's vectorised CPU kernels compute it (what inductor's and eager's GELU
+    call): Abramowitz & Stegun 7.1.26, ``1 - (p1 t + ... + p5 t^5) exp(-x^2)``, ``t = 1 / (1 + 0.3275911 |x|)``,
+    with the sign of x; absolute error below 1.5e-7. The exp is `fast_exp` (no libm: it vectorises)."""
+    a = T.abs(x)
+    t = _fc(1.0) / (_fc(0.3275911) * a + _fc(1.0))
+    r = _fc(1.061405429)
+    for coef in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        r = r * t + _fc(coef)
+    e = _fc(1.0) - r * t * fast_exp(-(x * x))
+    return tirx.Select(x < _fc(0.0), -e, e)
+
+
+def gelu(x):
+    """GELU, exact form: ``x/2 * (1 + erf(x / sqrt 2))``, in the order inductor's C++ kernel evaluates it."""
+    return (x * _fc(0.5)) * (fast_erf(x * _fc(0.7071067811865476)) + _fc(1.0))
+
+
+#: Activations the GEMM's float epilogue can apply to its output (`gemm(activation=...)`).
+ACTIVATIONS = {"none": None, "gelu": gelu}
+
+
 # --------------------------------------------------------------------------------------------- packing
 def pack_rows(*, mode: str, K: int | None, dtype: str = "float32", move: bool = False,
               mean: bool = False, parallel: bool = True) -> tirx.PrimFunc:
@@ -305,7 +351,7 @@ def absmax_planes(*, K: int, bits: int, parallel: bool = True) -> tirx.PrimFunc:
 def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
          batched: bool = False, epilogue: str = "int", bias: bool = False,
          tile: Tile | None = None, parallel: bool = True, layout: str = "kmajor",
-         row_chunk: int = 0) -> tirx.PrimFunc:
+         row_chunk: int = 0, activation: str = "none") -> tirx.PrimFunc:
     """Bit-serial GEMM `acc[m, n] = sum_k a[m, k] * w[n, k]` on packed words, tiled for registers.
 
     Weight layout: `layout="kmajor"`: `w[(2,) KW, N]`; `layout="panel"` (static N, not batched):
@@ -316,7 +362,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
       and           `planes` activation planes x w in {+-1}: acc = sum_b c_b (2 popc(p_b & w0) - popc(p_b))
       and_ternary   planes x pos/neg weights:   acc = sum_b c_b (popc(p_b & w0) - popc(p_b & w1))
     c_b = 2^b, and -2^(planes-1) for the top plane when `signed` (two's complement).
-    `epilogue="float"`: y = (float(acc) * row_scale[m]) * col_scale[n] (+ bias[n]), written once.
+    `epilogue="float"`: y = (float(acc) * row_scale[m]) * col_scale[n] (+ bias[n]), written once; with
+    `activation="gelu"`, GELU(y) is written instead (the float glue's next op, fused: no pass over y).
     M (and G when `batched`) are symbolic; `K=None` makes the word count symbolic (and modes only),
     `N=None` makes N symbolic (its ragged tail then runs one column at a time).
     Walk of the full tiles: `row_chunk=0` runs every row block of a column block before the next column
@@ -338,6 +385,10 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
     R, C = tile.rows, tile.cols
     if panel and PANEL % C:
         raise ValueError(f"layout='panel' needs a tile width dividing {PANEL}; got {C}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown GEMM activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
+    if activation != "none" and epilogue != "float":
+        raise ValueError(f"activation={activation!r} needs epilogue='float' (it applies to the float output)")
     if not isinstance(row_chunk, int) or row_chunk < 0:
         raise ValueError(f"row_chunk must be an int >= 0 (0: column-block major); got {row_chunk!r}")
     ternary = mode.endswith("ternary")
@@ -418,6 +469,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                     col = col0 + j
                     val = gemm_output(mode, acc[j].astype("int32"), K, NZ, col, rterm[i] if rterm is not None else None,
                                       epilogue, RS, m, CS, BI)
+                    if ACTIVATIONS[activation] is not None:
+                        val = ACTIVATIONS[activation](val)
                     T.buffer_store(O, val, [*([g] if batched else []), m, col])
 
         def emit_panel(rows, pb):

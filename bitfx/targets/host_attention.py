@@ -29,7 +29,8 @@ import tvm
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from bitfx.targets.host import WORD, _build, _match, _outer, _packed_word, _u64, _vec_load, _vec_store, _zero
+from bitfx.targets.host import (WORD, _build, _match, _outer, _packed_word, _u64, _vec_load, _vec_store, _zero,
+                                fast_exp)
 
 # Bump when the generator changes the code it emits (part of every kernel-cache key).
 SCHEDULE_VERSION = 7
@@ -46,23 +47,6 @@ def _f(v) -> tirx.PrimExpr:
 
 def _bc(v, lanes: int):
     return T.broadcast(v, lanes) if lanes > 1 else v
-
-
-def fast_exp(x, lanes: int):
-    """exp(x) in float32 without libm (as topi's fast_exp: Cody-Waite range reduction, degree-7 polynomial,
-    2^n by exponent bits); exp(-inf) and anything below -88.37 give exactly 0."""
-    c = lambda v: _bc(_f(v), lanes)  # noqa: E731
-    xc = T.max(T.min(x, c(88.3762626647950)), c(-88.3762626647949))
-    n = T.floor(xc * c(1.44269504088896341) + c(0.5))
-    f = xc - n * c(0.6931471805)
-    p = c(1.9875691500e-4)
-    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * f + c(coef)
-    y = p * f * f + f + c(1.0)
-    i32 = "int32" if lanes == 1 else f"int32x{lanes}"
-    bits = (n + c(127.0)).astype(i32) << _bc(tirx.const(23, "int32"), lanes)
-    e = y * T.reinterpret(_F32 if lanes == 1 else f"float32x{lanes}", bits)
-    return tirx.Select(x < c(-88.3762626647949), c(0.0), e)
 
 
 def _sign_word(buf, prefix, start, n: int):

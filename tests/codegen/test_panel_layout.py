@@ -196,3 +196,38 @@ def test_cpu_linear_plans_use_the_chunked_walk():
     codes = torch.where(x < 0, -1.0, 1.0)
     expected = (codes.double() @ w.double().t()) * x.abs().mean(-1, keepdim=True).double()
     torch.testing.assert_close(plan(x).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gelu_epilogue_equals_an_independent_float64_gelu():
+    """`activation="gelu"`: the float epilogue writes GELU((acc * row_scale) * col_scale + bias); against the
+    exact GELU computed in float64 from an independent matmul (erf from Python's math), to 2e-6 of the
+    output's range (the epilogue's erf is PyTorch's vectorised A&S formula: |error| < 1.5e-7)."""
+    import math
+
+    from bitfx.codegen.build import kernel
+
+    K, N, M = 200, 70, 37
+    w = weights(N, K, False, seed=11)
+    packed = runtime.pack_weight(w, ternary=False)
+    g = torch.Generator().manual_seed(11)
+    codes = torch.where(torch.randn(M, K, generator=g) < 0, -1, 1)
+    a = torch.from_numpy(pack_bits((codes > 0).numpy()).view(np.int64)).view(torch.uint64).contiguous()
+    rs, cs, bias = torch.rand(M, generator=g) * 0.5, torch.rand(N, generator=g) * 0.5, torch.randn(N, generator=g)
+    out = torch.empty(M, N)
+    fn = kernel("gemm", mode="xnor", K=K, N=N, planes=1, epilogue="float", bias=True, layout="panel", row_chunk=4,
+                activation="gelu")
+    fn(a, packed.w, rs, cs, bias, out)
+    y = (codes.double() @ w.double().t()) * rs.double()[:, None] * cs.double() + bias.double()
+    erf = torch.tensor([math.erf(v / math.sqrt(2)) for v in y.flatten().tolist()], dtype=torch.float64).view(M, N)
+    expected = 0.5 * y * (1 + erf)
+    assert y.min() < -3 and y.max() > 3  # both tails and the middle of the curve are covered
+    assert (out.double() - expected).abs().max() <= 2e-6 * y.abs().max()
+
+
+def test_gemm_activation_is_checked():
+    from bitfx.targets import host
+
+    with pytest.raises(ValueError, match="unknown GEMM activation 'relu'"):
+        host.gemm(mode="xnor", K=64, N=32, epilogue="float", activation="relu")
+    with pytest.raises(ValueError, match="activation='gelu' needs epilogue='float'"):
+        host.gemm(mode="xnor", K=64, N=32, activation="gelu")
