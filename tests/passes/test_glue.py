@@ -144,3 +144,147 @@ def test_inductor_compiles_the_float_parts_of_hf_decoders(name, caplog, monkeypa
         out = first_tensor(hf_zoo.call(_compiled(model), args, kwargs))
     assert "could not compile the float parts" not in caplog.text
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
+
+
+# ------------------------------------------------------------------------ GELU in the GEMM's epilogue
+def _lowered_counts(monkeypatch):
+    """Spy on the backend's glue compile: per lowered forward, (bit_linear kernels with a fused GELU,
+    GELUs left to inductor)."""
+    from bitfx import backend
+
+    seen, real = [], backend.compile_glue
+
+    def spy(lowered, inputs):
+        calls = [n for n in lowered.graph.nodes if n.op == "call_function"]
+        seen.append((sum(n.target is kernel_ops.BIT_LINEAR_KERNEL and n.kwargs.get("activation") == "gelu"
+                         for n in calls),
+                     sum(n.target is torch.ops.aten.gelu.default for n in calls)))
+        return real(lowered, inputs)
+
+    monkeypatch.setattr(backend, "compile_glue", spy)
+    return seen
+
+
+@pytest.mark.parametrize("config", ["bipft", "bitnet"])
+def test_hf_bert_intermediate_gelu_runs_in_the_gemm_epilogue(config, monkeypatch, caplog):
+    """A random-init HF BERT: each layer's intermediate projection takes its GELU into the GEMM (one per
+    layer, none left to inductor) and the output equals the reference's (the epilogue's erf is PyTorch's
+    vectorised formula, with a polynomial exp)."""
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setenv("BITFX_AOT_CACHE", "0")  # the lowering must run here, not be loaded from disk
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, vocab_size=300)).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    seen = _lowered_counts(monkeypatch)
+    with torch.no_grad():
+        ref = _compiled(model, config=config, kernels="reference")(input_ids=ids).last_hidden_state
+        out = _compiled(model, config=config)(input_ids=ids).last_hidden_state
+    assert "could not compile the float parts" not in caplog.text
+    assert seen == [(2, 0)]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+class _TwoUses(torch.nn.Module):
+    """A linear whose output is used twice (GELU and a residual), then an exact and a tanh GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(64, 64) for _ in range(3))
+
+    def forward(self, x):
+        y = self.a(x)
+        z = torch.nn.functional.gelu(y) + y
+        return torch.nn.functional.gelu(self.b(z), approximate="tanh") + torch.nn.functional.gelu(self.c(z))
+
+
+def test_only_a_sole_exact_gelu_is_fused_and_the_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv("BITFX_AOT_CACHE", "0")
+    torch.manual_seed(0)
+    model, x = _TwoUses().eval(), torch.randn(3, 64)
+    seen = _lowered_counts(monkeypatch)
+    with torch.no_grad():
+        ref = _compiled(model, config="bitnet", kernels="reference")(x)
+        out = _compiled(model, config="bitnet")(x)
+        monkeypatch.setenv("BITFX_FUSE_EPILOGUE", "0")
+        off = _compiled(model, config="bitnet")(x)
+    # a: two uses, b: tanh GELU -> left to inductor; c: fused
+    assert seen == [(1, 2), (0, 3)]
+    for got in (out, off):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_kernel_op_gelu_epilogue_equals_gelu_of_the_op():
+    """``bit_linear(..., activation="gelu")`` through the C++ op and the Python implementation equals
+    ``F.gelu`` of the plain op; both plans of one weight are kept (no replanning when they alternate)."""
+    from bitfx.ops import native
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 9, 200, generator=g), torch.nn.Parameter(torch.randn(70, 200, generator=g)), \
+        torch.randn(70, generator=g)
+    args = (x, w, b, None, torch.randn(200, generator=g) * 0.1, torch.tensor(0.7), "sign_tensor", "sign", 1)
+    plain = kernel_ops.BIT_LINEAR_KERNEL(*args, True)
+    expected = torch.nn.functional.gelu(torch.ops.bitfx.bit_linear(*args))
+    for fn in (kernel_ops.BIT_LINEAR_KERNEL, torch.ops.bitfx_kernels._bit_linear_python.default):
+        got = fn(*args, True, activation="gelu")
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    misses = native.plan_misses()
+    for _ in range(3):
+        assert torch.equal(kernel_ops.BIT_LINEAR_KERNEL(*args, True), plain)
+        kernel_ops.BIT_LINEAR_KERNEL(*args, True, activation="gelu")
+    assert native.plan_misses() == misses
+    with pytest.raises(ValueError, match="unknown bit_linear output activation 'relu'"):
+        kernel_ops.BIT_LINEAR_KERNEL(*args, False, activation="relu")
+
+
+def test_skinny_products_become_reductions_inductor_writes(monkeypatch):
+    """BiPFT's estimators (each head's q/k/v times a [D, 2r] weight) reach inductor as reductions, not as
+    extern BLAS calls with N = 2 (50-160 µs each at MiniLM's batch): in a compiled HF BERT no ``aten.mm``
+    with N <= 4 is left in the graph inductor compiles, and the output still equals the reference."""
+    from torch._inductor import compile_fx
+    from transformers import BertConfig, BertModel
+
+    from bitfx import backend
+
+    monkeypatch.setenv("BITFX_AOT_CACHE", "0")
+    graphs, real = [], compile_fx.compile_fx_inner
+
+    def spy(gm, inputs, **kw):
+        graphs.append(gm)
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, vocab_size=300)).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = _compiled(model, config="bipft", kernels="reference")(input_ids=ids).last_hidden_state
+        out = _compiled(model, config="bipft")(input_ids=ids).last_hidden_state
+    assert len(graphs) == 1
+    mms = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.mm.default]
+    assert all(n.args[1].meta["val"].shape[1] > backend.SKINNY_N for n in mms)
+    sums = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
+    assert len(sums) >= 2 * 3  # per layer: the q, k and v estimators
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_skinny_mm_rewrite_keeps_the_values_and_leaves_wide_products():
+    import torch.fx as fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from bitfx import backend
+
+    def f(a, b, c):
+        return torch.mm(a, b), torch.mm(a, c)
+
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.randn(50, 32, generator=g), torch.randn(32, 2, generator=g), torch.randn(32, 8, generator=g)
+    gm = backend._skinny_mm_as_reductions(make_fx(f)(a, b, c))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.mm.default) == 1 and torch.ops.aten.sum.dim_IntList in targets
+    got = gm(a, b, c)
+    torch.testing.assert_close(got[0], a.double().mm(b.double()).float(), rtol=1e-6, atol=1e-5)
+    assert torch.equal(got[1], torch.mm(a, c))
+    assert isinstance(gm, fx.GraphModule)
