@@ -72,7 +72,9 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         return make_boxed_func(bw)
 
     # (dynamo may abort this attempt, e.g. TensorifyScalarRestartAnalysis, and call again)
-    with _aot_autograd_cache(ctx, opts) as wrap:
+    # (a cache hit loads inductor's kernels, which asks the SIMD probes too: remembered here as in a compile)
+    probes = _simd_probes_remembered() if ctx.glue == "inductor" else contextlib.nullcontext()
+    with _aot_autograd_cache(ctx, opts) as wrap, probes:
         compiled = aot_module_simplified(traced, example_inputs, fw_compiler=wrap(fw_compiler),
                                          bw_compiler=bw_compiler)
     REPORTS.append(ctx.report)
@@ -223,15 +225,16 @@ def _skinny_mm_as_reductions(gm: fx.GraphModule) -> fx.GraphModule:
 @contextlib.contextmanager
 def _simd_probes_remembered():
     """Inductor checks each SIMD ISA the CPU reports by loading a compiled test kernel in a child Python,
-    in every process (six children here, ~0.5 s each, even when its FX graph cache hits). The answer
+    in every process (six children here, ~0.5 s each, even when its FX graph cache hits, and when
+    AOTAutograd's cache loads a compiled forward: 1.4 s of a 6-7 s warm start). The answer
     depends only on the test library, this CPU, torch and the C++ compiler: bitfx keeps each passed
     probe in its compile cache and answers it from there in later processes. A failed probe is not
     kept (it is asked again), so a transient failure never disables an ISA."""
     from torch._inductor import cpu_vec_isa
 
     real = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
-    if real is None or not compile_cache.enabled():
-        yield
+    if real is None or getattr(real, "_bitfx_remembered", False) or not compile_cache.enabled():
+        yield  # (nested: the outer context already answers them)
         return
 
     def probe(self, output_path: str) -> bool:
@@ -249,6 +252,7 @@ def _simd_probes_remembered():
                 compile_cache.store(key, {"ok": torch.tensor(True)}, stat="simd_probe_")
         return ok
 
+    probe._bitfx_remembered = True
     cpu_vec_isa.VecISA._probe_load = probe
     try:
         yield

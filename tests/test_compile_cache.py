@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bitfx import compile_cache
@@ -90,14 +91,14 @@ print(json.dumps({"probes": len(probes), "y": y.sum().item()}))
 """
 
 
-def test_warm_start_skips_inductors_simd_probes(tmp_path):
+@pytest.mark.parametrize("aot_cache", ["0", "1"])
+def test_warm_start_skips_inductors_simd_probes(tmp_path, aot_cache):
     """inductor loads a test library per SIMD ISA in a child Python in every process; bitfx keeps the
-    passed probes, so a second process starts none (counted: the child commands)."""
-    import pytest
-
+    passed probes, so a second process starts none (counted: the child commands). Both when inductor
+    compiles the glue again (AOTAutograd's cache off) and when that cache loads the compiled forward
+    (its loading asks the probes too)."""
     pytest.importorskip("torch._inductor.cpu_vec_isa")
-    # inductor's compile must run in both processes (AOTAutograd's cache would skip it and its probes)
-    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path), "BITFX_AOT_CACHE": "0"}
+    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path), "BITFX_AOT_CACHE": aot_cache}
     runs = []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], env=env, capture_output=True, text=True)
