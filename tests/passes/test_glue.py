@@ -166,13 +166,27 @@ def _lowered_counts(monkeypatch):
 
 
 @pytest.mark.parametrize("config", ["bipft", "bitnet"])
-def test_hf_bert_intermediate_gelu_runs_in_the_gemm_epilogue(config, monkeypatch, caplog):
-    """A random-init HF BERT: each layer's intermediate projection takes its GELU into the GEMM (one per
-    layer, none left to inductor) and the output equals the reference's (the epilogue's erf is PyTorch's
-    vectorised formula, with a polynomial exp)."""
+def test_hf_bert_glue_fusions(config, monkeypatch, caplog):
+    """A random-init HF BERT, compiled:
+    - each layer's intermediate projection takes its GELU into the GEMM (one per layer, none left to
+      inductor); the epilogue's erf is PyTorch's vectorised formula, with a polynomial exp;
+    - (bipft) the estimators, each head's q/k/v times a [D, 2r] weight, reach inductor as reductions, not as
+      extern BLAS calls with N = 2 (50-160 µs each at MiniLM's batch): no ``aten.mm`` with N <= 4 is left
+      in the graph inductor compiles;
+    and the output equals the reference's."""
+    from torch._inductor import compile_fx
     from transformers import BertConfig, BertModel
 
+    from bitfx import backend
+
     monkeypatch.setenv("BITFX_AOT_CACHE", "0")  # the lowering must run here, not be loaded from disk
+    graphs, real = [], compile_fx.compile_fx_inner
+
+    def spy(gm, inputs, **kw):
+        graphs.append(gm)
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
     torch.manual_seed(0)
     model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  intermediate_size=128, vocab_size=300)).eval()
@@ -183,6 +197,12 @@ def test_hf_bert_intermediate_gelu_runs_in_the_gemm_epilogue(config, monkeypatch
         out = _compiled(model, config=config)(input_ids=ids).last_hidden_state
     assert "could not compile the float parts" not in caplog.text
     assert seen == [(2, 0)]
+    assert len(graphs) == 1
+    mms = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.mm.default]
+    assert all(n.args[1].meta["val"].shape[1] > backend.SKINNY_N for n in mms)
+    if config == "bipft":
+        sums = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
+        assert len(sums) >= 2 * 3  # per layer: the q, k and v estimators
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
@@ -236,38 +256,6 @@ def test_kernel_op_gelu_epilogue_equals_gelu_of_the_op():
     assert native.plan_misses() == misses
     with pytest.raises(ValueError, match="unknown bit_linear output activation 'relu'"):
         kernel_ops.BIT_LINEAR_KERNEL(*args, False, activation="relu")
-
-
-def test_skinny_products_become_reductions_inductor_writes(monkeypatch):
-    """BiPFT's estimators (each head's q/k/v times a [D, 2r] weight) reach inductor as reductions, not as
-    extern BLAS calls with N = 2 (50-160 µs each at MiniLM's batch): in a compiled HF BERT no ``aten.mm``
-    with N <= 4 is left in the graph inductor compiles, and the output still equals the reference."""
-    from torch._inductor import compile_fx
-    from transformers import BertConfig, BertModel
-
-    from bitfx import backend
-
-    monkeypatch.setenv("BITFX_AOT_CACHE", "0")
-    graphs, real = [], compile_fx.compile_fx_inner
-
-    def spy(gm, inputs, **kw):
-        graphs.append(gm)
-        return real(gm, inputs, **kw)
-
-    monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=128, vocab_size=300)).eval()
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = _compiled(model, config="bipft", kernels="reference")(input_ids=ids).last_hidden_state
-        out = _compiled(model, config="bipft")(input_ids=ids).last_hidden_state
-    assert len(graphs) == 1
-    mms = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.mm.default]
-    assert all(n.args[1].meta["val"].shape[1] > backend.SKINNY_N for n in mms)
-    sums = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
-    assert len(sums) >= 2 * 3  # per layer: the q, k and v estimators
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_skinny_mm_rewrite_keeps_the_values_and_leaves_wide_products():
