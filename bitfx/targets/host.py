@@ -176,16 +176,19 @@ def fast_exp(x, lanes: int = 1):
 
 
 def fast_erf(x):
-    """erf(x) in float32 as PyTorch's vectorised CPU kernels compute it (what inductor's and eager's GELU
-    call): Abramowitz & Stegun 7.1.26, ``1 - (p1 t + ... + p5 t^5) exp(-x^2)``, ``t = 1 / (1 + 0.3275911 |x|)``,
-    with the sign of x; absolute error below 1.5e-7. The exp is `fast_exp` (no libm: it vectorises)."""
-    a = T.abs(x)
-    t = _fc(1.0) / (_fc(0.3275911) * a + _fc(1.0))
-    r = _fc(1.061405429)
-    for coef in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
-        r = r * t + _fc(coef)
-    e = _fc(1.0) - r * t * fast_exp(-(x * x))
-    return tirx.Select(x < _fc(0.0), -e, e)
+    """erf(x) in float32 as a rational minimax approximation over [-4, 4] (Eigen's and TVM's `fast_erf`:
+    odd degree-13 numerator, even degree-8 denominator, in x^2), +-1 beyond: one division, no exp, no libm;
+    absolute error below 4.2e-7 (PyTorch's vectorised kernels: 1.5e-7, with an exp per value)."""
+    xc = T.max(T.min(x, _fc(4.0)), _fc(-4.0))
+    x2 = xc * xc
+    p = _fc(-2.72614225801306e-10)
+    for coef in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04,
+                 -2.95459980854025e-03, -1.60960333262415e-02):
+        p = p * x2 + _fc(coef)
+    q = _fc(-1.45660718464996e-05)
+    for coef in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02):
+        q = q * x2 + _fc(coef)
+    return xc * p / q
 
 
 def gelu(x):
