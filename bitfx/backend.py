@@ -29,6 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from bitfx import compile_cache
 from bitfx.calibrate import calibrate
 from bitfx.config import CompileOptions
+from bitfx.env import switched_off
 from bitfx.passes import LOWERING, PIPELINE, PassContext, run_passes
 from bitfx.passes.capture import _has_bitfx_ops, capture_dynamo
 
@@ -101,7 +102,7 @@ def _aot_autograd_cache(ctx: PassContext, opts: CompileOptions):
 
     if ctx.glue == "inductor":  # a cache hit skips the lowering, which starts the C++ kernel calls
         native.start()
-    off = os.environ.get("BITFX_AOT_CACHE", "1").lower() in ("0", "off", "false", "no")
+    off = switched_off("BITFX_AOT_CACHE")
     if off or ctx.glue != "inductor" or not compile_cache.enabled():
         yield lambda fn: fn
         return

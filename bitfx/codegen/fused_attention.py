@@ -38,15 +38,10 @@ MAX_EST_RANK = 8
 _MODES = ("bivit", "bool", "elastic")
 
 
-def disabled() -> bool:
-    """``BITFX_FUSED_ATTENTION=0``: every call keeps the two-kernel path (A/B measurements)."""
-    return os.environ.get("BITFX_FUSED_ATTENTION", "1") == "0"
-
-
 def unsupported_reason(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v,
                        scale, is_causal, prob_mode) -> Optional[str]:
     """Why this ``bit_attention`` call keeps the two-kernel path, or None when the fused kernel runs it."""
-    if disabled():
+    if os.environ.get("BITFX_FUSED_ATTENTION", "1") == "0":  # every call on the two-kernel path (A/B runs)
         return "BITFX_FUSED_ATTENTION=0"
     if prob_mode not in _MODES:
         return f"prob_mode {prob_mode!r}"

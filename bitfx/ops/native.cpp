@@ -327,7 +327,8 @@ void bit_linear(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
       geo.g.insert(geo.g.end(), size.begin(), size.end());
       geo.g.insert(geo.g.end(), stride.begin(), stride.end());
     }
-    // one slot per output activation: a weight used both with and without one keeps both plans
+    // one slot per output activation: a weight used both with and without one keeps both plans (the slot by
+    // the name's hash; the exact name is checked with the modes below)
     geo.g.push_back(static_cast<int64_t>(std::hash<std::string>()(std::string(args[13].toStringRef()))));
     std::vector<int64_t> key;
     key.reserve(11);

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from bitfx.env import switched_off
+
 log = logging.getLogger(__name__)
 
 __all__ = ["start", "poll", "load", "status", "plan_misses", "plans_held", "library_path", "pool_status",
@@ -54,7 +56,6 @@ __all__ = ["start", "poll", "load", "status", "plan_misses", "plans_held", "libr
 
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared")
-_OFF = ("0", "off", "false", "no")
 #: bit-MACs below which an op's kernels do not hand work to other threads (see the module docstring)
 DEFAULT_POOL_MIN_WORK = 1 << 21
 
@@ -143,7 +144,7 @@ def _begin() -> None:
     with _lock:
         if _state["status"] is not None:
             return
-        if os.environ.get("BITFX_NATIVE", "").strip().lower() in _OFF:
+        if switched_off("BITFX_NATIVE"):
             _state["status"] = "disabled (BITFX_NATIVE=0)"
             return
         compiler = _compiler()
@@ -251,7 +252,7 @@ def _setup_ctypes(lib) -> None:
 
 def _install_pool(lib) -> None:
     """Run the TVM kernels' parallel loops on torch's OpenMP pool from now on (unless BITFX_POOL=0)."""
-    if os.environ.get("BITFX_POOL", "").strip().lower() in _OFF:
+    if switched_off("BITFX_POOL"):
         _state["pool"] = "tvm (BITFX_POOL=0)"
         return
     from bitfx.codegen import build

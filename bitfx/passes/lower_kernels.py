@@ -29,12 +29,11 @@ kernel. ``BITFX_FUSE_EPILOGUE=0`` leaves the GELU to inductor.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.fx as fx
 
 from bitfx.codegen import fused_attention
+from bitfx.env import switched_off
 from bitfx.ops import BIT_ATTENTION, BIT_LINEAR, kernel_ops, native
 from bitfx.ops import attention as A
 from bitfx.passes.context import PassContext
@@ -123,7 +122,7 @@ def _view_of(weight: fx.Node, src: fx.Node):
 
 def _epilogue_activation(node: fx.Node) -> fx.Node | None:
     """The GELU node a float32 CPU ``bit_linear`` can take into its epilogue: its only use, exact form."""
-    if os.environ.get("BITFX_FUSE_EPILOGUE", "1").lower() in ("0", "off", "false", "no"):
+    if switched_off("BITFX_FUSE_EPILOGUE"):
         return None
     val = node.meta.get("val")
     users = list(node.users)

@@ -52,8 +52,6 @@ def binary() -> Path:
 def build_program(source: Path, name: str) -> Path:
     """`source` (C) compiled with clang, else cc, and `FLAGS`; cached under the bitfx cache directory as
     `<name>-<digest of the source, compiler and flags>`, published whole (a per-process temporary name)."""
-    import os
-
     compiler = shutil.which("clang") or shutil.which("cc")
     if compiler is None:
         raise CeilingUnavailable("no C compiler found (clang or cc); install clang (apt-get install clang)")
