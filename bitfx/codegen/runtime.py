@@ -358,16 +358,43 @@ def weight_walk(packed: PackedWeight) -> dict:
 #: next op fused into the epilogue by `bitfx.passes.lower_kernels`.
 ACTIVATIONS = ("none", "gelu")
 
+#: What a linear plan's GEMM writes: its float output, or ("sign_bits") the next binary linear's packed sign
+#: codes of that output (`LinearPlan.to_bits`; `host.gemm(epilogue="sign_bits")`).
+OUTPUTS = ("float", "sign_bits")
+
 
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown bit_linear output activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
+def check_output(output: str, N: int) -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown bit_linear output {output!r}; expected one of {OUTPUTS}")
+    if output == "sign_bits" and N % WORD:
+        raise ValueError(f"output='sign_bits' packs whole 64-bit words of each row: N must be a multiple of "
+                         f"{WORD}, got N={N}")
+
+
+def packed_sign_rows(bits: torch.Tensor, K: int, name: str = "bits") -> torch.Tensor:
+    """Packed sign codes ``[..., ceil(K/64)]`` (int64 or uint64, as `LinearPlan.to_bits` returns them) as the
+    GEMM's ``uint64 [M, KW]`` (a view; contiguous)."""
+    if bits.dtype not in (torch.int64, torch.uint64):
+        raise TypeError(f"{name} must be packed words (int64 or uint64); got {bits.dtype}")
+    if bits.dim() < 1 or bits.shape[-1] != _words(K):
+        raise ValueError(f"{name} has {bits.shape[-1] if bits.dim() else 0} words in its last dim; K={K} "
+                         f"needs {_words(K)}")
+    if bits.device.type != "cpu":
+        raise ValueError(f"{name} is on {bits.device}; the host kernels run on CPU tensors")
+    return bits.reshape(-1, _words(K)).contiguous().view(torch.uint64)
+
+
 def _gemm(packed: PackedWeight, act: str, bits: int, par: bool, *, epilogue: str, bias: bool,
-          activation: str = "none"):
+          activation: str = "none", out_move: bool = False):
     mode = _act_kernel(act) + ("_ternary" if packed.ternary else "")
     fused = {"activation": activation} if activation != "none" else {}  # the plain kernels keep their keys
+    if out_move:
+        fused["out_move"] = True
     return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias,
                   parallel=par, **weight_walk(packed), **fused)
 
@@ -411,6 +438,11 @@ class LinearPlan:
     changes (``bitfx.passes.lower_kernels`` keys it by the tensors' ``_version``).
     ``activation="gelu"``: the GEMM's epilogue writes GELU(y) (exact form), ``F.gelu(plan(x))`` to float
     rounding, without a pass over y.
+    ``output="sign_bits"``: the plan feeds a binary linear whose activation is ``sign(· + out_move)`` with a
+    given α (BiT/BiPFT's elastic codes): ``plan.to_bits(x)`` returns those codes packed, int64
+    ``[..., N/64]``, and the float output is never written; the next layer's plan takes them with
+    ``next_plan.on_bits(bits)``. Together: ``next_plan(plan(x))`` with the sign-and-pack in this GEMM's
+    epilogue (bit-exact on the codes; a value within float rounding of 0 may take the other sign).
     """
 
     def __new__(cls, packed: PackedWeight, **kwargs):
@@ -421,10 +453,15 @@ class LinearPlan:
     def __init__(self, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
                  move: torch.Tensor | None = None, alpha: torch.Tensor | None = None,
                  col_scale: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None,
-                 activation: str = "none"):
+                 activation: str = "none", output: str = "float", out_move: torch.Tensor | None = None):
         _check_bits(act, bits)
         check_activation(activation)
+        check_output(output, packed.N)
+        if out_move is not None and output != "sign_bits":
+            raise ValueError("out_move (the next layer's move) needs output='sign_bits'")
         self.K, self.N, self.act, self.bits, self.activation = packed.K, packed.N, act, bits, activation
+        self.output = output
+        self.out_move = None if out_move is None else _vector(out_move, packed.N, "out_move")
         par = _parallel(threads)
         cs = _vector(col_scale, packed.N, "col_scale")
         self.col = cs.expand(packed.N).contiguous() if cs.numel() == 1 else cs
@@ -442,10 +479,47 @@ class LinearPlan:
                                 mean=self.alpha is None, parallel=par)
         else:
             self.quant = kernel("absmax_planes", K=packed.K, bits=bits, parallel=par)
-        self.gemm = _gemm(packed, act, bits, par, epilogue="float", bias=self.bias is not None,
-                          activation=activation)
+        self.gemm = _gemm(packed, act, bits, par, epilogue=output if output == "sign_bits" else "float",
+                          bias=self.bias is not None, activation=activation, out_move=self.out_move is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output != "float":
+            raise ValueError(f"this plan writes output={self.output!r}: call plan.to_bits(x)")
+        a, rs, lead, dtype = self._quantized(x)
+        y = self._float_gemm(a, rs)
+        y = y.view(*lead, self.N)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+    def to_bits(self, x: torch.Tensor) -> torch.Tensor:
+        """The next layer's packed sign codes of this layer's output (``output="sign_bits"``): int64
+        ``[..., N/64]``, bit j of word w = ``NOT(act(y)[..., 64w + j] + out_move < 0)``."""
+        if self.output != "sign_bits":
+            raise ValueError("to_bits needs a plan built with output='sign_bits'")
+        a, rs, lead, _ = self._quantized(x)
+        out = torch.empty(a.shape[0], self.N // WORD, dtype=torch.int64)
+        args = [a, *self.weights, rs, self.col] + [t for t in (self.bias, self.out_move) if t is not None]
+        self.gemm(*args, out.view(torch.uint8))
+        return out.view(*lead, self.N // WORD)
+
+    def on_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        """This layer on activation codes already signed and packed (``to_bits`` of the layer before, its move
+        applied there): float32 ``[..., N]``. Needs act="sign" with a given α (the row scale)."""
+        if self.act != "sign" or self.pack != "sign" or self.alpha is None or self.output != "float":
+            raise ValueError(f"on_bits needs a plan of act='sign' with a given alpha and a float output; this one "
+                             f"has act={self.act!r}, alpha {'given' if self.alpha is not None else 'None'}, "
+                             f"output={self.output!r}")
+        a = packed_sign_rows(bits, self.K)
+        y = self._float_gemm(a, self.alpha.expand(a.shape[0]).contiguous())
+        return y.view(*bits.shape[:-1], self.N)
+
+    def _float_gemm(self, a: torch.Tensor, rs: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(a.shape[0], self.N, dtype=torch.float32)
+        args = [a, *self.weights, rs, self.col] + ([self.bias] if self.bias is not None else [])
+        self.gemm(*args, y)
+        return y
+
+    def _quantized(self, x: torch.Tensor):
+        """``(packed codes, row scale, leading shape, x's dtype)`` of an input."""
         if x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu" and x.shape[-1] == self.K:
             x2, lead, dtype = x.view(-1, self.K), x.shape[:-1], torch.float32  # the common case, no checks
         else:
@@ -468,11 +542,7 @@ class LinearPlan:
             a = torch.empty(M, self.bits, self.words, dtype=torch.uint64)
             rs = torch.empty(M, dtype=torch.float32)
             self.quant(x2, a, rs)
-        y = torch.empty(M, self.N, dtype=torch.float32)
-        args = [a, *self.weights, rs, self.col] + ([self.bias] if self.bias is not None else [])
-        self.gemm(*args, y)
-        y = y.view(*lead, self.N)
-        return y if dtype == torch.float32 else y.to(dtype)
+        return a, rs, lead, dtype
 
 
 __all__.append("LinearPlan")

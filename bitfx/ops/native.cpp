@@ -1,8 +1,8 @@
 // The CPU kernels of the bitfx_kernels ops in C++: the per-call hot path without Python.
 //
 // bitfx/ops/native.py builds this file once per machine (one g++/clang++ call, -O2) into the bitfx cache
-// and loads it; its TORCH_LIBRARY_IMPL registers CPU kernels for bitfx_kernels::bit_linear, sign_scores and
-// binary_pv, which then take precedence over the Python implementations (registered for
+// and loads it; its TORCH_LIBRARY_IMPL registers CPU kernels for bitfx_kernels::bit_linear (and its pair
+// bit_linear_to_bits / bit_linear_on_bits), sign_scores and binary_pv, which then take precedence over the Python implementations (registered for
 // CompositeExplicitAutograd in bitfx/ops/kernel_ops.py, the fallback when this file cannot be built).
 // The two helper ops it asks on a cache miss are Python CPU kernels, reached by redispatching to CPU.
 //
@@ -182,21 +182,27 @@ enum Quant : int64_t { kPython = -1, kSignMean = 0, kSignAlpha = 1, kAbsmax = 2,
 struct Plan {  // runtime.LinearPlan's resolved parts
   std::unique_ptr<Fn> quant, gemm;
   int64_t kind = 0, bits = 1, K = 0, N = 0;
+  bool sign_bits = false;  // the GEMM writes the next layer's packed sign codes (output="sign_bits")
   std::vector<at::Tensor> weights;  // packed planes [, nnz]
-  at::Tensor col, bias, move, alpha, threshold;  // bias/move/alpha/threshold undefined when absent
+  at::Tensor col, bias, move, alpha, threshold, out_move;  // undefined when absent
 };
 
+constexpr size_t kPlanArgs = 14;  // bit_linear's arguments: x, weight, ..., activation (the plan's key)
+
 // The plan's parts from Python (kernel_ops._linear_plan_parts): tensors [w, (nnz), col, (bias), (move),
-// (alpha)] and ints [quant handle, gemm handle, kind, bits, K, N, n_weights, has_bias, has_move, has_alpha].
-std::shared_ptr<Plan> plan_from_python(const Stack& args) {
+// (alpha), (threshold), (out_move)] and ints [quant handle, gemm handle, kind, bits, K, N, n_weights, has_bias,
+// has_move, has_alpha, output (1: packed sign codes), has_out_move]. `args`: bit_linear's 14 arguments.
+std::shared_ptr<Plan> plan_from_python(const Stack& args, const c10::IValue& out_move, const char* output) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("bitfx_kernels::_linear_plan_parts", "");
-  Stack stack(args.begin() + 1, args.end());  // all but x
+  Stack stack(args.begin() + 1, args.begin() + kPlanArgs);  // all but x
+  stack.push_back(out_move);
+  stack.emplace_back(std::string(output));
   op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &stack);
   TORCH_CHECK(stack.size() == 2, "bitfx native: _linear_plan_parts returned ", stack.size(), " values");
   std::vector<at::Tensor> ts = stack[0].toTensorVector();
   std::vector<int64_t> is = stack[1].toIntVector();
-  TORCH_CHECK(is.size() == 10, "bitfx native: _linear_plan_parts returned ", is.size(), " ints");
+  TORCH_CHECK(is.size() == 12, "bitfx native: _linear_plan_parts returned ", is.size(), " ints");
   auto plan = std::make_shared<Plan>();
   plan->kind = is[2];
   if (plan->kind == kPython) return plan;
@@ -212,7 +218,45 @@ std::shared_ptr<Plan> plan_from_python(const Stack& args) {
   if (is[8]) plan->move = ts.at(i++);
   if (is[9]) plan->alpha = ts.at(i++);
   if (plan->kind == kUnsigned) plan->threshold = ts.at(i++);
+  plan->sign_bits = is[10] != 0;
+  if (is[11]) plan->out_move = ts.at(i++);
   return plan;
+}
+
+// The GEMM of a plan, from the packed activation `da` and row scales `dr`, into `out`: float32 [M, N], or
+// (sign_bits) the next layer's packed codes, int64 [M, N/64], which the kernel writes as bytes [M, N/8].
+void run_gemm(const Plan& p, DLTensor* da, DLTensor* dr, const at::Tensor& out, int64_t M) {
+  int64_t y_shape[2] = {M, p.sign_bits ? p.N / 8 : p.N};
+  DLTensor dy = dl(out.data_ptr(), p.sign_bits ? DLDataType{kDLUInt, 8, 1} : DLDataType{kDLFloat, 32, 1}, y_shape, 2);
+  DLTensor dw = dl(p.weights[0]), dc = dl(p.col);
+  DLTensor dn = p.weights.size() == 2 ? dl(p.weights[1]) : DLTensor{};
+  DLTensor db = p.bias.defined() ? dl(p.bias) : DLTensor{};
+  DLTensor dm = p.out_move.defined() ? dl(p.out_move) : DLTensor{};
+  // a, w, (nnz), row_scale, col_scale, (bias), (out_move), out
+  DLTensor* args[8];
+  int n = 0;
+  args[n++] = da;
+  args[n++] = &dw;
+  if (p.weights.size() == 2) args[n++] = &dn;
+  args[n++] = dr;
+  args[n++] = &dc;
+  if (p.bias.defined()) args[n++] = &db;
+  if (p.out_move.defined()) args[n++] = &dm;
+  args[n++] = &dy;
+  switch (n) {  // (an initializer_list of the pointers)
+    case 5: return call(*p.gemm, {args[0], args[1], args[2], args[3], args[4]});
+    case 6: return call(*p.gemm, {args[0], args[1], args[2], args[3], args[4], args[5]});
+    case 7: return call(*p.gemm, {args[0], args[1], args[2], args[3], args[4], args[5], args[6]});
+    case 8: return call(*p.gemm, {args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7]});
+    default: TORCH_CHECK(false, "bitfx native: unexpected GEMM arity ", n);
+  }
+}
+
+// The output of a plan for x_in's leading dims: float32 [..., N], or packed codes int64 [..., N/64].
+at::Tensor new_output(const Plan& p, const at::Tensor& x_in) {
+  c10::SmallVector<int64_t, 5> shape(x_in.sizes().begin(), x_in.sizes().end() - 1);
+  shape.push_back(p.sign_bits ? p.N / 64 : p.N);
+  return at::empty(shape, x_in.options().dtype(p.sign_bits ? at::kLong : at::kFloat));
 }
 
 at::Tensor run_plan(const Plan& p, const at::Tensor& x_in) {
@@ -221,7 +265,6 @@ at::Tensor run_plan(const Plan& p, const at::Tensor& x_in) {
   const int64_t planes = p.kind == kAbsmax ? p.bits : 1;
   WorkHint hint(M * p.N * p.K * planes);
   int64_t x_shape[2] = {M, p.K}, a_shape[3] = {M, planes, W}, a2_shape[2] = {M, W}, r_shape[1] = {M};
-  int64_t y_shape[2] = {M, p.N};
   DLTensor dx = dl(x.data_ptr(), {kDLFloat, 32, 1}, x_shape, 2);
   DLTensor da = p.kind == kAbsmax ? dl(scratch(t_packed, M * planes * W), {kDLUInt, 64, 1}, a_shape, 3)
                                   : dl(scratch(t_packed, M * W), {kDLUInt, 64, 1}, a2_shape, 2);
@@ -244,21 +287,34 @@ at::Tensor run_plan(const Plan& p, const at::Tensor& x_in) {
     else call(*p.quant, {&dx, &da});
     std::fill(rows_, rows_ + M, p.alpha.data_ptr<float>()[0]);
   }
-  c10::SmallVector<int64_t, 5> shape(x_in.sizes().begin(), x_in.sizes().end() - 1);
+  at::Tensor y = new_output(p, x_in);
+  run_gemm(p, &da, &dr, y, M);
+  return x_in.scalar_type() == at::kFloat || p.sign_bits ? y : y.to(x_in.scalar_type());
+}
+
+// A plan of act "sign" with a given α on codes already packed (bit_linear_on_bits): the GEMM alone.
+at::Tensor run_plan_on_bits(const Plan& p, const at::Tensor& bits) {
+  const int64_t W = words(p.K);
+  TORCH_CHECK_TYPE(bits.scalar_type() == at::kLong || bits.scalar_type() == at::kUInt64,
+                   "bits must be packed words (int64 or uint64); got torch.", c10::getDtypeNames(bits.scalar_type()).first);
+  TORCH_CHECK_VALUE(bits.dim() >= 1 && bits.size(-1) == W, "bits has ", bits.dim() ? bits.size(-1) : 0,
+                    " words in its last dim; K=", p.K, " needs ", W);
+  TORCH_CHECK_VALUE(bits.device().is_cpu(), "bits is on ", bits.device(), "; the host kernels run on CPU tensors");
+  TORCH_CHECK_VALUE(p.kind == kSignAlpha && !p.sign_bits, "bit_linear_on_bits needs act_mode='sign' with a given "
+                    "alpha and a float output");
+  const at::Tensor b = bits.contiguous();
+  const int64_t M = b.numel() / W;
+  WorkHint hint(M * p.N * p.K);
+  int64_t a_shape[2] = {M, W}, r_shape[1] = {M};
+  DLTensor da = dl(b.data_ptr(), {kDLUInt, 64, 1}, a_shape, 2);
+  float* rows_ = scratch(t_rows, M);
+  std::fill(rows_, rows_ + M, p.alpha.data_ptr<float>()[0]);
+  DLTensor dr = dl(rows_, {kDLFloat, 32, 1}, r_shape, 1);
+  c10::SmallVector<int64_t, 5> shape(b.sizes().begin(), b.sizes().end() - 1);
   shape.push_back(p.N);
-  at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
-  DLTensor dy = dl(y.data_ptr(), {kDLFloat, 32, 1}, y_shape, 2);
-  DLTensor dw = dl(p.weights[0]), dc = dl(p.col);
-  DLTensor dn = p.weights.size() == 2 ? dl(p.weights[1]) : DLTensor{};
-  DLTensor db = p.bias.defined() ? dl(p.bias) : DLTensor{};
-  if (p.weights.size() == 2) {
-    if (p.bias.defined()) call(*p.gemm, {&da, &dw, &dn, &dr, &dc, &db, &dy});
-    else call(*p.gemm, {&da, &dw, &dn, &dr, &dc, &dy});
-  } else {
-    if (p.bias.defined()) call(*p.gemm, {&da, &dw, &dr, &dc, &db, &dy});
-    else call(*p.gemm, {&da, &dw, &dr, &dc, &dy});
-  }
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  at::Tensor y = at::empty(shape, b.options().dtype(at::kFloat));
+  run_gemm(p, &da, &dr, y, M);
+  return y;
 }
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
@@ -298,68 +354,91 @@ void push_version(std::vector<int64_t>& key, const c10::IValue& v) {
   key.push_back(static_cast<int64_t>(t._version()));
 }
 
-// bit_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_scale, Tensor? move, Tensor? alpha,
-//            str weight_mode, str act_mode, int act_bits, bool cache=True, int[]? view_size=None,
-//            int[]? view_stride=None, int view_offset=0, str activation="none") -> Tensor
-// (the activation is in the plan's GEMM epilogue: only the plan's key needs it here)
-void bit_linear(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
-  constexpr size_t kArgs = 14;
-  Stack args(std::make_move_iterator(stack->end() - kArgs), std::make_move_iterator(stack->end()));
-  stack->erase(stack->end() - kArgs, stack->end());
-  const at::Tensor& x = args[0].toTensor();
+// The plan of a bit_linear call: `args` its 14 arguments (bit_linear(Tensor x, Tensor weight, Tensor? bias,
+// Tensor? weight_scale, Tensor? move, Tensor? alpha, str weight_mode, str act_mode, int act_bits, bool cache=True,
+// int[]? view_size=None, int[]? view_stride=None, int view_offset=0, str activation="none")), with bit_linear_to_bits'
+// out_move and the output ("float" or "sign_bits"). The activation and output are in the plan's GEMM epilogue:
+// only the plan's key needs them here.
+std::shared_ptr<Plan> lookup_plan(const Stack& args, const c10::IValue& out_move, const char* output) {
   const at::Tensor& param = args[1].toTensor();
-  std::shared_ptr<Plan> plan;
-  if (!args[9].toBool()) {  // a weight the graph computes: packed per call
-    plan = plan_from_python(args);
+  if (!args[9].toBool()) return plan_from_python(args, out_move, output);  // a weight the graph computes
+  // the layer's weight: the view given (view_size...) of the parameter, else the tensor itself
+  const at::Tensor base = param.is_view() ? at::Tensor(param._base()) : param;
+  Geometry geo{base.unsafeGetTensorImpl(), {}};
+  if (args[10].isNone()) {
+    geo.g.push_back(param.storage_offset());
+    geo.g.push_back(param.dim());
+    for (int64_t s : param.sizes()) geo.g.push_back(s);
+    for (int64_t s : param.strides()) geo.g.push_back(s);
   } else {
-    // the layer's weight: the view given (view_size...) of the parameter, else the tensor itself
-    const at::Tensor base = param.is_view() ? at::Tensor(param._base()) : param;
-    Geometry geo{base.unsafeGetTensorImpl(), {}};
-    if (args[10].isNone()) {
-      geo.g.push_back(param.storage_offset());
-      geo.g.push_back(param.dim());
-      for (int64_t s : param.sizes()) geo.g.push_back(s);
-      for (int64_t s : param.strides()) geo.g.push_back(s);
-    } else {
-      auto size = args[10].toIntVector(), stride = args[11].toIntVector();
-      geo.g.push_back(args[12].toInt());
-      geo.g.push_back(static_cast<int64_t>(size.size()));
-      geo.g.insert(geo.g.end(), size.begin(), size.end());
-      geo.g.insert(geo.g.end(), stride.begin(), stride.end());
-    }
-    // one slot per output activation: a weight used both with and without one keeps both plans (the slot by
-    // the name's hash; the exact name is checked with the modes below)
-    geo.g.push_back(static_cast<int64_t>(std::hash<std::string>()(std::string(args[13].toStringRef()))));
-    std::vector<int64_t> key;
-    key.reserve(11);
-    for (size_t i = 1; i <= 5; ++i) push_version(key, args[i]);
-    key.push_back(args[8].toInt());
-    std::string modes = std::string(args[6].toStringRef()) + "|" + std::string(args[7].toStringRef()) + "|" +
-                        std::string(args[13].toStringRef());
-    {
-      std::lock_guard<std::mutex> lock(g_mutex);
-      auto it = g_plans.find(geo);
-      if (it != g_plans.end() && !it->second.base.expired() && it->second.key == key && it->second.modes == modes)
-        plan = it->second.plan;
-    }
-    if (!plan) {
-      plan = plan_from_python(args);  // outside the lock: Python takes the GIL
-      std::lock_guard<std::mutex> lock(g_mutex);
-      ++g_misses;
-      for (auto it = g_plans.begin(); it != g_plans.end();)  // drop layers whose parameter is gone
-        it = it->second.base.expired() ? g_plans.erase(it) : std::next(it);
-      g_plans.insert_or_assign(geo, Slot{WeakImpl(base.getIntrusivePtr()), std::move(key), std::move(modes), plan});
-    }
+    auto size = args[10].toIntVector(), stride = args[11].toIntVector();
+    geo.g.push_back(args[12].toInt());
+    geo.g.push_back(static_cast<int64_t>(size.size()));
+    geo.g.insert(geo.g.end(), size.begin(), size.end());
+    geo.g.insert(geo.g.end(), stride.begin(), stride.end());
   }
-  if (plan->kind == kPython) {
-    static const c10::OperatorHandle op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("bitfx_kernels::_bit_linear_python", "");
-    Stack py(args.begin(), args.end());
-    op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &py);
-    stack->emplace_back(std::move(py.at(0)));
-    return;
+  // one slot per output activation and kind: a weight used both with and without one keeps both plans (the
+  // slot by the names' hash; the exact names are checked with the modes below)
+  const std::string epilogue = std::string(args[13].toStringRef()) + "|" + output;
+  geo.g.push_back(static_cast<int64_t>(std::hash<std::string>()(epilogue)));
+  std::vector<int64_t> key;
+  key.reserve(13);
+  for (size_t i = 1; i <= 5; ++i) push_version(key, args[i]);
+  push_version(key, out_move);
+  key.push_back(args[8].toInt());
+  std::string modes = std::string(args[6].toStringRef()) + "|" + std::string(args[7].toStringRef()) + "|" + epilogue;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_plans.find(geo);
+    if (it != g_plans.end() && !it->second.base.expired() && it->second.key == key && it->second.modes == modes)
+      return it->second.plan;
   }
-  stack->emplace_back(run_plan(*plan, x));
+  std::shared_ptr<Plan> plan = plan_from_python(args, out_move, output);  // outside the lock: Python takes the GIL
+  std::lock_guard<std::mutex> lock(g_mutex);
+  ++g_misses;
+  for (auto it = g_plans.begin(); it != g_plans.end();)  // drop layers whose parameter is gone
+    it = it->second.base.expired() ? g_plans.erase(it) : std::next(it);
+  g_plans.insert_or_assign(geo, Slot{WeakImpl(base.getIntrusivePtr()), std::move(key), std::move(modes), plan});
+  return plan;
+}
+
+// Moves an op's last n arguments off the stack.
+Stack take_args(Stack* stack, size_t n) {
+  Stack args(std::make_move_iterator(stack->end() - n), std::make_move_iterator(stack->end()));
+  stack->erase(stack->end() - n, stack->end());
+  return args;
+}
+
+// A plan this file cannot run (kind -1): the op's Python implementation, through the dispatcher.
+void run_python(const char* op_name, Stack args, Stack* stack) {
+  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "");
+  op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &args);
+  stack->emplace_back(std::move(args.at(0)));
+}
+
+void bit_linear(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
+  Stack args = take_args(stack, kPlanArgs);
+  std::shared_ptr<Plan> plan = lookup_plan(args, c10::IValue(), "float");
+  if (plan->kind == kPython) return run_python("bitfx_kernels::_bit_linear_python", std::move(args), stack);
+  stack->emplace_back(run_plan(*plan, args[0].toTensor()));
+}
+
+// bit_linear_to_bits(<bit_linear's arguments>, Tensor? out_move=None) -> int64 [..., N/64]
+void bit_linear_to_bits(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
+  Stack args = take_args(stack, kPlanArgs + 1);
+  std::shared_ptr<Plan> plan = lookup_plan(args, args[kPlanArgs], "sign_bits");
+  if (plan->kind == kPython) return run_python("bitfx_kernels::_bit_linear_to_bits_python", std::move(args), stack);
+  stack->emplace_back(run_plan(*plan, args[0].toTensor()));
+}
+
+// bit_linear_on_bits(Tensor bits, <bit_linear's other arguments>) -> float32 [..., N]
+void bit_linear_on_bits(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
+  Stack args = take_args(stack, kPlanArgs);
+  TORCH_CHECK_VALUE(args[4].isNone() && !args[5].isNone() && args[7].toStringRef() == "sign",
+                    "bit_linear_on_bits takes codes signed with a given alpha: act_mode='sign', alpha given, "
+                    "move=None (applied by the producer); got act_mode='", args[7].toStringRef(), "'");
+  std::shared_ptr<Plan> plan = lookup_plan(args, c10::IValue(), "float");
+  stack->emplace_back(run_plan_on_bits(*plan, args[0].toTensor()));
 }
 
 // ------------------------------------------------------------------------- sign_scores / binary_pv
@@ -581,6 +660,8 @@ extern "C" int64_t bitfx_native_plans_held() {
 
 TORCH_LIBRARY_IMPL(bitfx_kernels, CPU, m) {
   m.impl("bit_linear", torch::CppFunction::makeFromBoxedFunction<&bit_linear>());
+  m.impl("bit_linear_to_bits", torch::CppFunction::makeFromBoxedFunction<&bit_linear_to_bits>());
+  m.impl("bit_linear_on_bits", torch::CppFunction::makeFromBoxedFunction<&bit_linear_on_bits>());
   m.impl("sign_scores", TORCH_FN(sign_scores));
   m.impl("binary_pv", TORCH_FN(binary_pv));
 }

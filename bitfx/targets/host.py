@@ -354,7 +354,7 @@ def absmax_planes(*, K: int, bits: int, parallel: bool = True) -> tirx.PrimFunc:
 def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bool = True,
          batched: bool = False, epilogue: str = "int", bias: bool = False,
          tile: Tile | None = None, parallel: bool = True, layout: str = "kmajor",
-         row_chunk: int = 0, activation: str = "none") -> tirx.PrimFunc:
+         row_chunk: int = 0, activation: str = "none", out_move: bool = False) -> tirx.PrimFunc:
     """Bit-serial GEMM `acc[m, n] = sum_k a[m, k] * w[n, k]` on packed words, tiled for registers.
 
     Weight layout: `layout="kmajor"`: `w[(2,) KW, N]`; `layout="panel"` (static N, not batched):
@@ -367,6 +367,10 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
     c_b = 2^b, and -2^(planes-1) for the top plane when `signed` (two's complement).
     `epilogue="float"`: y = (float(acc) * row_scale[m]) * col_scale[n] (+ bias[n]), written once; with
     `activation="gelu"`, GELU(y) is written instead (the float glue's next op, fused: no pass over y).
+    `epilogue="sign_bits"`: the next binary linear's sign-and-pack, fused: `u = act(y) (+ out_move[n])` is
+    never written; `out` is `uint8[M, N/8]`, the bytes of the packed rows `uint64[M, N/64]` (bit j of word w
+    = `NOT(u[m, 64w + j] < 0)`, as `pack_rows(mode="sign")` packs them). Needs a static N, a multiple of 64,
+    not batched: every tile then covers whole bytes of one row.
     M (and G when `batched`) are symbolic; `K=None` makes the word count symbolic (and modes only),
     `N=None` makes N symbolic (its ragged tail then runs one column at a time).
     Walk of the full tiles: `row_chunk=0` runs every row block of a column block before the next column
@@ -390,8 +394,17 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         raise ValueError(f"layout='panel' needs a tile width dividing {PANEL}; got {C}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown GEMM activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
-    if activation != "none" and epilogue != "float":
-        raise ValueError(f"activation={activation!r} needs epilogue='float' (it applies to the float output)")
+    if epilogue not in ("int", "float", "sign_bits"):
+        raise ValueError(f"unknown GEMM epilogue {epilogue!r}; expected 'int', 'float' or 'sign_bits'")
+    bits_out = epilogue == "sign_bits"
+    if activation != "none" and epilogue == "int":
+        raise ValueError(f"activation={activation!r} needs epilogue='float' or 'sign_bits' (it applies to the "
+                         "float output)")
+    if bits_out and (N is None or N % WORD or batched):
+        raise ValueError(f"epilogue='sign_bits' needs a static N that is a multiple of {WORD}, not batched; "
+                         f"got N={N}, batched={batched}")
+    if out_move and not bits_out:
+        raise ValueError("out_move applies to epilogue='sign_bits' only (the next layer's move, before its sign)")
     if not isinstance(row_chunk, int) or row_chunk < 0:
         raise ValueError(f"row_chunk must be an int >= 0 (0: column-block major); got {row_chunk!r}")
     ternary = mode.endswith("ternary")
@@ -399,9 +412,11 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
     def body():
         a_h, w_h = T.arg("a", T.handle()), T.arg("w", T.handle())
         nz_h = T.arg("nnz", T.handle()) if mode == "xnor_ternary" else None
-        if epilogue == "float":
+        float_out = epilogue != "int"  # the float epilogue runs (its result written, or signed and packed)
+        if float_out:
             rs_h, cs_h = T.arg("row_scale", T.handle()), T.arg("col_scale", T.handle())
             b_h = T.arg("bias", T.handle()) if bias else None
+        mv_h = T.arg("out_move", T.handle()) if out_move else None
         out_h = T.arg("out", T.handle())
         G = tirx.Var("G", "int64") if batched else None
         M = tirx.Var("M", "int64")
@@ -412,10 +427,13 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
         w_cols = ((n + PANEL - 1) // PANEL, kw, PANEL) if panel else (kw, n)
         W = _match(w_h, (*bat, *([2] if ternary else []), *w_cols), "uint64")
         NZ = _match(nz_h, (n,), "int32") if nz_h is not None else None
-        out_dtype = "float32" if epilogue == "float" else "int32"
-        O = _match(out_h, (*bat, M, n), out_dtype)
+        if bits_out:
+            O = _match(out_h, (M, n // 8), "uint8")
+        else:
+            O = _match(out_h, (*bat, M, n), "float32" if float_out else "int32")
+        MV = _match(mv_h, (n,), "float32") if out_move else None
         RS = CS = BI = None  # the float epilogue's vectors
-        if epilogue == "float":
+        if float_out:
             RS = _match(rs_h, (M,), "float32")
             CS = _match(cs_h, (n,), "float32")
             BI = _match(b_h, (n,), "float32") if bias else None
@@ -467,13 +485,32 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                                     a & w_word(g, 1, w, col0 + j, wat(j))).astype("int64")
                             term = term.astype("int64")
                             T.buffer_store(acc, acc[j] - term if neg else acc[j] + term, [j])
+            # the float results go to the output, or (sign_bits) to a tile on the stack, signed and packed below
+            dst = T.alloc_buffer((len(rows), width), "float32") if bits_out else None
             for i, (m, acc) in enumerate(zip(rows, accs)):
                 with T.vectorized(0, width) as j:
                     col = col0 + j
                     val = gemm_output(mode, acc[j].astype("int32"), K, NZ, col, rterm[i] if rterm is not None else None,
-                                      epilogue, RS, m, CS, BI)
-                    T.buffer_store(O, val, [*([g] if batched else []), m, col])
-            if ACTIVATIONS[activation] is not None:
+                                      "float" if float_out else "int", RS, m, CS, BI)
+                    if bits_out:
+                        T.buffer_store(dst, val, [i, j])
+                    else:
+                        T.buffer_store(O, val, [*([g] if batched else []), m, col])
+            if bits_out:
+                # per row: u = act(y) (+ move) in place, then its `width` sign bits as width/8 bytes of the row
+                fn = ACTIVATIONS[activation]
+                with (T.unroll if len(rows) == R else T.serial)(0, len(rows)) as i:
+                    with T.vectorized(0, width) as j:
+                        u = dst[i, j] if fn is None else fn(dst[i, j])
+                        T.buffer_store(dst, u + MV[col0 + j] if out_move else u, [i, j])
+                    neg = _vec_load(dst, [i], width, 0) < _zero("float32", width)  # sign(u) = NOT(u < 0)
+                    nbytes = width // 8
+                    byte = ~T.reinterpret("uint8" if nbytes == 1 else f"uint8x{nbytes}", tirx.Cast(f"uint1x{width}", neg))
+                    if nbytes == 1:
+                        T.buffer_store(O, byte, [rows[0] + i, col0 // 8])
+                    else:
+                        _vec_store(O, byte, [rows[0] + i], nbytes, col0 // 8)
+            elif ACTIVATIONS[activation] is not None:
                 # over the tile just written (in L1). A full tile's rows unrolled (independent vectors in
                 # flight: GELU 1.1 -> 0.8 ms at 1024 x 1536); the ragged rows' tiles (M % R) in a loop, so the
                 # activation's code is not copied per row there (a GELU per row in every tile shape made a

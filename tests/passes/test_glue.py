@@ -71,9 +71,11 @@ def test_half_model_with_bipft_estimators(kernels):
     assert (out.float() - ref32).abs().max() <= 2e-2 * ref32.abs().max()
 
 
-def test_training_through_the_compiled_kernels_gives_the_reference_ste_gradients(caplog):
+def test_training_through_the_compiled_kernels_gives_the_reference_ste_gradients(caplog, monkeypatch):
     """Forward on TVM kernels with inductor-compiled glue, backward by the ops' straight-through
-    formulas: the weights' gradients equal those of the same model on the reference ops."""
+    formulas: the weights' gradients equal those of the same model on the reference ops. Nothing the
+    backward needs is fused away: the GELU's input and output are saved, so neither the GELU nor the next
+    linear's packing moves into a GEMM."""
     import copy
 
     case = CASES["bert"]
@@ -81,12 +83,14 @@ def test_training_through_the_compiled_kernels_gives_the_reference_ste_gradients
     twin = copy.deepcopy(model)
     grads = []
     caplog.set_level("WARNING")
+    seen = _lowered_counts(monkeypatch)
     for m, kernels in ((model, "tvm"), (twin, "reference")):
         out = _compiled(m, kernels=kernels)(*x)
         out.float().pow(2).mean().backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     fast, ref = grads
     assert "could not compile the float parts" not in caplog.text
+    assert seen == [(0, 2, 0)]  # the training forward: both GELUs left to inductor, no packed codes
     assert set(fast) == set(ref) and len(ref) > 10
     for name in ref:
         scale = max(1e-6, ref[name].abs().max().item())
@@ -149,16 +153,20 @@ def test_inductor_compiles_the_float_parts_of_hf_decoders(name, caplog, monkeypa
 # ------------------------------------------------------------------------ GELU in the GEMM's epilogue
 def _lowered_counts(monkeypatch):
     """Spy on the backend's glue compile: per lowered forward, (bit_linear kernels with a fused GELU,
-    GELUs left to inductor)."""
+    GELUs left to inductor, producers that write the next linear's packed codes)."""
     from bitfx import backend
 
     seen, real = [], backend.compile_glue
 
     def spy(lowered, inputs):
         calls = [n for n in lowered.graph.nodes if n.op == "call_function"]
-        seen.append((sum(n.target is kernel_ops.BIT_LINEAR_KERNEL and n.kwargs.get("activation") == "gelu"
-                         for n in calls),
-                     sum(n.target is torch.ops.aten.gelu.default for n in calls)))
+        to_bits = [n for n in calls if n.target is kernel_ops.BIT_LINEAR_TO_BITS]
+        # every packed-codes producer feeds exactly one GEMM on those codes
+        assert all([u.target for u in n.users] == [kernel_ops.BIT_LINEAR_ON_BITS] for n in to_bits)
+        assert sum(n.target is kernel_ops.BIT_LINEAR_ON_BITS for n in calls) == len(to_bits)
+        seen.append((sum(n.target in (kernel_ops.BIT_LINEAR_KERNEL, kernel_ops.BIT_LINEAR_TO_BITS)
+                         and n.kwargs.get("activation") == "gelu" for n in calls),
+                     sum(n.target is torch.ops.aten.gelu.default for n in calls), len(to_bits)))
         return real(lowered, inputs)
 
     monkeypatch.setattr(backend, "compile_glue", spy)
@@ -170,6 +178,8 @@ def test_hf_bert_glue_fusions(config, monkeypatch, caplog):
     """A random-init HF BERT, compiled:
     - each layer's intermediate projection takes its GELU into the GEMM (one per layer, none left to
       inductor); the epilogue's erf is a rational minimax approximation (|error| < 4.2e-7);
+    - (bipft: sign codes with a given α) it also writes the output projection's packed sign codes, which that
+      projection's GEMM takes as they are; (bitnet: 8-bit absmax codes per token) it writes floats;
     - (bipft) the estimators, each head's q/k/v times a [D, 2r] weight, reach inductor as reductions, not as
       extern BLAS calls with N = 2 (50-160 µs each at MiniLM's batch): no ``aten.mm`` with N <= 4 is left
       in the graph inductor compiles;
@@ -196,7 +206,7 @@ def test_hf_bert_glue_fusions(config, monkeypatch, caplog):
         ref = _compiled(model, config=config, kernels="reference")(input_ids=ids).last_hidden_state
         out = _compiled(model, config=config)(input_ids=ids).last_hidden_state
     assert "could not compile the float parts" not in caplog.text
-    assert seen == [(2, 0)]
+    assert seen == [(2, 0, 2 if config == "bipft" else 0)]
     assert len(graphs) == 1
     mms = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.mm.default]
     assert all(n.args[1].meta["val"].shape[1] > backend.SKINNY_N for n in mms)
@@ -230,7 +240,7 @@ def test_only_a_sole_exact_gelu_is_fused_and_the_switch_turns_it_off(monkeypatch
         monkeypatch.setenv("BITFX_FUSE_EPILOGUE", "0")
         off = _compiled(model, config="bitnet")(x)
     # a: two uses, b: tanh GELU -> left to inductor; c: fused
-    assert seen == [(1, 2), (0, 3)]
+    assert seen == [(1, 2, 0), (0, 3, 0)]
     for got in (out, off):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
@@ -276,3 +286,93 @@ def test_skinny_mm_rewrite_keeps_the_values_and_leaves_wide_products():
     torch.testing.assert_close(got[0], a.double().mm(b.double()).float(), rtol=1e-6, atol=1e-5)
     assert torch.equal(got[1], torch.mm(a, c))
     assert isinstance(gm, fx.GraphModule)
+
+
+# --------------------------------------------------------------- the next linear's sign-and-pack, fused
+def _pair_args(g, activation="gelu"):
+    """Two linears, 200 -> 128 -> 70: the first's output (GELU'd) is the second's input (codes sign(h + m2), α2)."""
+    x = torch.randn(3, 9, 200, generator=g)
+    w1, w2 = (torch.nn.Parameter(torch.randn(n, k, generator=g)) for n, k in ((128, 200), (70, 128)))
+    b1, b2 = torch.randn(128, generator=g), torch.randn(70, generator=g)
+    m1, m2 = torch.randn(200, generator=g) * 0.1, torch.randn(128, generator=g) * 0.3
+    first = (x, w1, b1, None, m1, torch.tensor(0.7), "sign_tensor", "sign", 1)
+    second = (w2, b2, None, None, torch.tensor(0.4), "sign_tensor", "sign", 1)
+    return first, second, m2
+
+
+@pytest.mark.parametrize("activation", ["gelu", "none"])
+@torch.no_grad()  # (forward ops: no autograd)
+def test_kernel_op_pair_equals_the_two_linears(activation):
+    """``bit_linear_on_bits(bit_linear_to_bits(x, ..., out_move=m2), ...)``, through the C++ ops and the Python
+    implementations: the codes equal the sign bits of the first op's float output plus m2 (packed by NumPy),
+    and the result equals the plain ops chained, ``bit_linear(bit_linear(x, ...), ..., move=m2, α2)``; both
+    plans of the first weight (float and packed output) are kept when calls alternate."""
+    import numpy as np
+
+    from bitfx.ops import native
+
+    first, second, m2 = _pair_args(torch.Generator().manual_seed(0))
+    h = kernel_ops.BIT_LINEAR_KERNEL(*first, True, activation=activation)
+    u = (h + m2).numpy()
+    expected_bits = np.packbits(u >= 0, axis=-1, bitorder="little").view(np.int64)
+    w2, b2, s2, _, a2, *modes = second
+    expected = torch.ops.bitfx.bit_linear(h, w2, b2, s2, m2, a2, *modes)
+    for to_bits, on_bits in ((kernel_ops.BIT_LINEAR_TO_BITS, kernel_ops.BIT_LINEAR_ON_BITS),
+                             (kernel_ops.bit_linear_to_bits, kernel_ops.bit_linear_on_bits)):
+        bits = to_bits(*first, True, activation=activation, out_move=m2)
+        assert bits.dtype == torch.int64 and bits.shape == (3, 9, 2)
+        assert np.array_equal(bits.numpy(), expected_bits)
+        torch.testing.assert_close(on_bits(bits, *second, True), expected, rtol=1e-5, atol=1e-5)
+    misses = native.plan_misses()
+    for _ in range(3):
+        assert torch.equal(kernel_ops.BIT_LINEAR_KERNEL(*first, True, activation=activation), h)
+        assert np.array_equal(kernel_ops.BIT_LINEAR_TO_BITS(*first, True, activation=activation, out_move=m2).numpy(),
+                              expected_bits)
+    assert native.plan_misses() == misses
+
+
+@torch.no_grad()
+def test_kernel_op_pair_refuses_what_it_cannot_compute():
+    first, (w2, b2, s2, _, a2, *modes), m2 = _pair_args(torch.Generator().manual_seed(1))
+    bits = kernel_ops.BIT_LINEAR_TO_BITS(*first, True, out_move=m2)
+    for on_bits in (kernel_ops.BIT_LINEAR_ON_BITS, kernel_ops.bit_linear_on_bits):
+        with pytest.raises(ValueError, match="takes codes signed with a given alpha"):
+            on_bits(bits, w2, b2, s2, m2, a2, *modes, True)  # a move: the producer applies it
+        with pytest.raises(ValueError, match="takes codes signed with a given alpha"):
+            on_bits(bits, w2, b2, s2, None, None, *modes, True)  # per-token mean|x|: needs the floats
+    with pytest.raises(ValueError, match="has 3 words in its last dim; K=128 needs 2"):
+        kernel_ops.BIT_LINEAR_ON_BITS(torch.zeros(4, 3, dtype=torch.int64), w2, b2, s2, None, a2, *modes, True)
+    x, w1 = first[0], torch.randn(96, 200)
+    with pytest.raises(ValueError, match="N must be a multiple of 64, got N=96"):
+        kernel_ops.BIT_LINEAR_TO_BITS(x, w1, *first[2:], True)
+
+
+def test_pack_signs_round_trip_against_numpy():
+    import numpy as np
+
+    u = torch.randn(5, 3, 192, generator=torch.Generator().manual_seed(2))
+    u[0, 0, :7] = 0.0  # sign(0) = +1
+    packed = kernel_ops.pack_signs(u)
+    assert np.array_equal(packed.numpy(), np.packbits(u.numpy() >= 0, axis=-1, bitorder="little").view(np.int64))
+    assert torch.equal(kernel_ops.unpack_signs(packed, 192), torch.where(u < 0, -1.0, 1.0))
+    assert torch.equal(kernel_ops.unpack_signs(packed, 150), torch.where(u < 0, -1.0, 1.0)[..., :150])
+
+
+def test_the_pack_switch_keeps_the_two_linears_apart(monkeypatch):
+    """``BITFX_FUSE_PACK=0``: the GELU stays fused, the output projection packs its own input; per-token codes
+    (bibert: mean|x| of each row) are never packed by the producer. Every variant equals the reference."""
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setenv("BITFX_AOT_CACHE", "0")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, vocab_size=300)).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    seen = _lowered_counts(monkeypatch)
+    with torch.no_grad():
+        for config, switch in (("bipft", "0"), ("bibert", "1")):
+            monkeypatch.setenv("BITFX_FUSE_PACK", switch)
+            ref = _compiled(model, config=config, kernels="reference")(input_ids=ids).last_hidden_state
+            out = _compiled(model, config=config)(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert seen == [(2, 0, 0), (2, 0, 0)]
