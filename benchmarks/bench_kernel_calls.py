@@ -12,7 +12,13 @@ hits both paths alike):
   c++       ``torch.ops.bitfx_kernels.bit_linear`` with the C++ kernel: dispatcher -> C++ plan lookup ->
             one ``at::empty`` -> two TVM-FFI calls with DLTensor pointers
   over      the call minus ``kernels``: what each path adds per call
-Also ``sign_scores`` / ``binary_pv`` at attention shapes. Inference calls (no_grad). Nothing is asserted.
+  ceil%     (M=128) the C++ op's bit-MACs per second as a share of the one-core ceiling of the same shape,
+            measured in this run (``bitfx/perf/ceiling.c``)
+Also ``sign_scores`` / ``binary_pv`` at attention shapes, and BERT-base's feed-forward pair (768 -> 3072 with
+GELU -> 768, M=128) two ways: ``bit_linear`` twice (the second packs the GELU's float output itself), and
+``bit_linear_to_bits`` + ``bit_linear_on_bits`` (the first GEMM's epilogue writes the second's packed codes:
+the float intermediate is never stored, the second op is its GEMM alone). Inference calls (no_grad). Nothing
+is asserted.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch  # noqa: E402
 
 import bitfx  # noqa: E402,F401
 from bitfx.ops import kernel_ops, native  # noqa: E402
+from bitfx.perf import ceiling  # noqa: E402
 
 _LIB = torch.library.Library("bitfx_bench", "DEF")
 _LIB.define(f"bit_linear(Tensor x, Tensor weight, {kernel_ops._PLAN_ARGS}) -> Tensor")
@@ -53,7 +60,7 @@ def interleaved(fns: dict, calls: int, rounds: int = 9) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def linear_row(M: int, K: int, N: int, calls: int) -> None:
+def linear_row(M: int, K: int, N: int, calls: int, ceil_g: float | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(M, K, generator=g)
     w = torch.nn.Parameter(torch.randn(N, K, generator=g))
@@ -68,7 +75,49 @@ def linear_row(M: int, K: int, N: int, calls: int) -> None:
         "c++": lambda: torch.ops.bitfx_kernels.bit_linear(*args),
     }, calls)
     assert torch.equal(PY.bit_linear(*args), torch.ops.bitfx_kernels.bit_linear(*args))
-    _print(f"bit_linear M={M:<4d} {K}->{N}", t)
+    _print(f"bit_linear M={M:<4d} {K}->{N}", t, _share(M * K * N, t["c++"], ceil_g))
+
+
+def _share(work: int, us: float, ceil_g: float | None) -> str:
+    """`work` bit-MACs in `us` microseconds as a percentage of `ceil_g` G bit-MACs/s."""
+    return "" if ceil_g is None else f"  {100 * work / (us * 1e3) / ceil_g:5.1f}%"
+
+
+def ffn_pair_rows(M: int, calls: int, ceilings: dict) -> None:
+    """768 -> 3072 (GELU) -> 768, sign codes with a move and a given α (bipft): unfused, and packed in the
+    first GEMM's epilogue."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, 768, generator=g)
+    w1, w2 = (torch.nn.Parameter(torch.randn(n, k, generator=g)) for n, k in ((3072, 768), (768, 3072)))
+    b1, b2 = torch.randn(3072, generator=g), torch.randn(768, generator=g)
+    m1, m2 = torch.randn(768, generator=g) * 0.1, torch.randn(3072, generator=g) * 0.1
+    a1, a2 = torch.tensor(0.8), torch.tensor(0.5)
+    ops = torch.ops.bitfx_kernels
+    first = (x, w1, b1, None, m1, a1, "sign_tensor", "sign", 1, True)
+    # (its own copy of W2: a layer's plan is keyed by its parameter and move, and the unfused call has a move)
+    second = (torch.nn.Parameter(w2.detach().clone()), b2, None, None, a2, "sign_tensor", "sign", 1, True)
+
+    def unfused():
+        h = ops.bit_linear(*first, activation="gelu")
+        return ops.bit_linear(h, w2, b2, None, m2, a2, "sign_tensor", "sign", 1, True)
+
+    def fused():
+        return ops.bit_linear_on_bits(ops.bit_linear_to_bits(*first, activation="gelu", out_move=m2), *second)
+
+    bits = ops.bit_linear_to_bits(*first, activation="gelu", out_move=m2)
+    t = interleaved({"unfused": unfused, "fused": fused,
+                     "to_bits": lambda: ops.bit_linear_to_bits(*first, activation="gelu", out_move=m2),
+                     "on_bits": lambda: ops.bit_linear_on_bits(bits, *second),
+                     "gelu": lambda: ops.bit_linear(*first, activation="gelu")}, calls)
+    torch.testing.assert_close(fused(), unfused(), rtol=1e-4, atol=1e-3)  # (a near-zero code may flip)
+    work = M * 768 * 3072
+    c1, c2 = ceilings.get((768, 3072)), ceilings.get((3072, 768))
+    both = None if c1 is None or c2 is None else 2 / (1 / c1 + 1 / c2)  # the pair's ceiling: time-weighted
+    print(f"{'ffn pair M=' + str(M) + ' 768->3072->768':30s} unfused {t['unfused']:7.1f}  fused {t['fused']:7.1f} us "
+          f"({t['unfused'] / t['fused']:.2f}x){_share(2 * work, t['unfused'], both)} ->{_share(2 * work, t['fused'], both)}")
+    print(f"{'  768->3072 +gelu: float out':30s} {t['gelu']:8.1f} us{_share(work, t['gelu'], c1)}; packed codes out "
+          f"{t['to_bits']:7.1f} us{_share(work, t['to_bits'], c1)}")
+    print(f"{'  3072->768 on packed codes':30s} {t['on_bits']:8.1f} us{_share(work, t['on_bits'], c2)} (the GEMM alone)")
 
 
 def attention_rows(Lq: int, calls: int) -> None:
@@ -83,14 +132,14 @@ def attention_rows(Lq: int, calls: int) -> None:
     _print(f"binary_pv 12x{Lq}x128 d64", t)
 
 
-def _print(name: str, t: dict) -> None:
+def _print(name: str, t: dict, tail: str = "") -> None:
     base = t.get("kernels")
     cells = [f"{t.get('kernels', float('nan')):8.1f}", f"{t['python']:8.1f}", f"{t['c++']:8.1f}"]
     if base is not None:
         cells += [f"{t['python'] - base:8.1f}", f"{t['c++'] - base:8.1f}"]
     else:
         cells += [f"{'':8s}", f"{'':8s}"]
-    print(f"{name:30s} {' '.join(cells)} {t['python'] / t['c++']:7.2f}x")
+    print(f"{name:30s} {' '.join(cells)} {t['python'] / t['c++']:7.2f}x{tail}")
 
 
 def main(argv=None) -> None:
@@ -102,15 +151,23 @@ def main(argv=None) -> None:
         raise SystemExit(f"the C++ kernel ops are not available: {native.status()}")
     print(f"torch {torch.__version__}, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, "
           f"load average {os.getloadavg()[0]:.2f} (1 min)")
-    print(f"{'us per call':30s} {'kernels':>8s} {'python':>8s} {'c++':>8s} {'py over':>8s} {'c++ over':>8s} "
-          f"{'speedup':>7s}")
     shapes = [(768, 768)] if args.quick else [(768, 768), (768, 3072), (3072, 768)]
+    try:
+        ceilings = {(K, N): ceiling.measure(128, N, K).gbit_per_s for K, N in shapes}
+        print("same-run ceiling, 1 core: " + ", ".join(f"{K}->{N} {g:.0f} G bit-MACs/s" for (K, N), g in ceilings.items()))
+    except ceiling.CeilingUnavailable as err:
+        ceilings = {}
+        print(f"no ceiling in this run ({err}): no ceil% column")
+    print(f"{'us per call':30s} {'kernels':>8s} {'python':>8s} {'c++':>8s} {'py over':>8s} {'c++ over':>8s} "
+          f"{'speedup':>7s}  {'ceil%' if ceilings else ''}")
     with torch.no_grad():
         for M in (1, 128):
             for K, N in shapes:
-                linear_row(M, K, N, calls=2000 if M == 1 else 100)
+                linear_row(M, K, N, calls=2000 if M == 1 else 100, ceil_g=ceilings.get((K, N)) if M == 128 else None)
         for Lq in (1, 128):
             attention_rows(Lq, calls=1000 if Lq == 1 else 100)
+        if not args.quick:
+            ffn_pair_rows(128, 100, ceilings)
 
 
 if __name__ == "__main__":
