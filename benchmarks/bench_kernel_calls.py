@@ -14,7 +14,7 @@ hits both paths alike):
   over      the call minus ``kernels``: what each path adds per call
   ceil%     (M=128) the C++ op's bit-MACs per second as a share of the one-core ceiling of the same shape,
             measured in this run (``bitfx/perf/ceiling.c``)
-Also ``sign_scores`` / ``binary_pv`` at attention shapes, and BERT-base's feed-forward pair (768 -> 3072 with
+Also ``sign_scores`` / ``binary_pv`` / ``fused_attention`` at attention shapes, and BERT-base's feed-forward pair (768 -> 3072 with
 GELU -> 768, M=128) two ways: ``bit_linear`` twice (the second packs the GELU's float output itself), and
 ``bit_linear_to_bits`` + ``bit_linear_on_bits`` (the first GEMM's epilogue writes the second's packed codes:
 the float intermediate is never stored, the second op is its GEMM alone). Inference calls (no_grad). Nothing
@@ -130,6 +130,18 @@ def attention_rows(Lq: int, calls: int) -> None:
     t = interleaved({"python": lambda: PY.binary_pv(p, v), "c++": lambda: torch.ops.bitfx_kernels.binary_pv(p, v)},
                     calls)
     _print(f"binary_pv 12x{Lq}x128 d64", t)
+    # the fused attention kernel as BiPFT calls it (elastic codes, a padding mask, rank-1 score estimators,
+    # est_v, α's given): the Python implementation against the C++ entry
+    from bitfx.codegen import fused_attention as FA
+
+    mask = FA.score_bias(torch.ones(1, 1, 1, 128, dtype=torch.bool))
+    est_q, est_k = torch.randn(1, 12, Lq, 2, generator=g), torch.randn(1, 12, 128, 2, generator=g)
+    est_v = torch.randn(1, 12, 128, 1, generator=g)
+    a = torch.tensor(0.5)
+    fa = (q, k, v, mask, est_v, a, a, a, torch.tensor(0.02), 0.125, False, "elastic", est_q, est_k)
+    t = interleaved({"python": lambda: FA.fused_attention(*fa[:12], est_q=est_q, est_k=est_k),
+                     "c++": lambda: FA.FUSED_ATTENTION_KERNEL(*fa)}, calls)
+    _print(f"fused_attention 12x{Lq}x128 d64", t)
 
 
 def _print(name: str, t: dict, tail: str = "") -> None:

@@ -22,7 +22,7 @@ m = AutoModel.from_pretrained(path).eval()
 batch = dict(tok(texts(8), padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
 with torch.no_grad():
     f = torch.compile(m, backend="bitfx", options={"config": "bipft"}); f(**batch)
-    c0 = FA.STATS["calls"]; f(**batch); used = FA.STATS["calls"] - c0
+    c0 = FA.calls(); f(**batch); used = FA.calls() - c0
     s = []
     for _ in range(7):
         c = time.process_time()

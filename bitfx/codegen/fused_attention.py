@@ -27,10 +27,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["fused_attention", "score_bias", "unsupported_reason", "bit_attention_fused",
+__all__ = ["fused_attention", "calls", "score_bias", "unsupported_reason", "bit_attention_fused",
            "bit_attention_on_fused_kernel", "FUSED_ATTENTION_KERNEL", "STATS", "MAX_D", "MAX_DV", "MAX_EST_RANK"]
 
-#: "calls" of the fused kernel; "fused" / "two_kernels": bit_attention calls (or traces) routed each way.
+#: "calls" of the fused kernel through this Python implementation (``calls()`` adds the C++ op's); "fused" /
+#: "two_kernels": bit_attention calls (or traces) routed each way.
 STATS: collections.Counter = collections.Counter()
 MAX_D = 1024
 MAX_DV = 256
@@ -221,15 +222,41 @@ def bit_attention_fused(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_par
 
 
 # -- the kernel op: what a compiled graph calls (glue="inductor"), opaque to inductor ---------------------
+def _kernel_handle(D: int, Dv: int, prob_mode: str, bias_pattern: int, causal: bool, alpha_q: bool, alpha_k: bool,
+                   alpha_v: bool, est_v: bool, est_rank: int) -> int:
+    """The C++ op's kernel (native.cpp, once per configuration): its TVM-FFI handle. ``bias_pattern``: -1 without
+    a bias, else bit i set where the bias's dim i (batch, heads, query rows) is full."""
+    from bitfx.codegen.build import kernel
+    from bitfx.codegen.runtime import _parallel
+
+    pattern = None if bias_pattern < 0 else tuple(bool(bias_pattern >> i & 1) for i in range(3))
+    return kernel("fused_attention", D=D, Dv=Dv, prob_mode=prob_mode, bias=pattern, causal=bool(causal),
+                  alpha_q=alpha_q, alpha_k=alpha_k, alpha_v=alpha_v, est_v=est_v, est_rank=est_rank, debug=False,
+                  parallel=_parallel()).__chandle__()
+
+
+def calls() -> int:
+    """Calls of the fused kernel so far: through the Python implementation and through the C++ op."""
+    from bitfx.ops import native
+
+    return STATS["calls"] + native.attention_calls()
+
+
 def _define_op():
-    from bitfx.ops import kernel_ops  # noqa: F401 - defines the "bitfx_kernels" namespace first
+    from bitfx.ops import kernel_ops
 
     lib = torch.library.Library("bitfx_kernels", "FRAGMENT")
-    lib.define("fused_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? est_v, Tensor? alpha_q, "
-               "Tensor? alpha_k, Tensor? alpha_v, Tensor? prob_param, float scale, bool is_causal, "
-               "str prob_mode, Tensor? est_q=None, Tensor? est_k=None) -> Tensor")
-    # TODO(native): a C++ entry (bitfx/ops/native.cpp) would take the Python per call away; this is Python.
-    lib.impl("fused_attention", fused_attention, "CompositeExplicitAutograd")
+    schema = ("(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? est_v, Tensor? alpha_q, Tensor? alpha_k, "
+              "Tensor? alpha_v, Tensor? prob_param, float scale, bool is_causal, str prob_mode, Tensor? est_q=None, "
+              "Tensor? est_k=None) -> Tensor")
+    lib.define("fused_attention" + schema)
+    # the C++ CPU kernel (bitfx/ops/native.cpp) takes over once loaded; it sends what it does not cover here
+    lib.define("_fused_attention_python" + schema)
+    lib.define("_fused_attention_kernel(int D, int Dv, str prob_mode, int bias_pattern, bool causal, bool alpha_q, "
+               "bool alpha_k, bool alpha_v, bool est_v, int est_rank) -> int")
+    lib.impl("fused_attention", kernel_ops._loading_native(fused_attention), "CompositeExplicitAutograd")
+    lib.impl("_fused_attention_python", fused_attention, "CPU")
+    lib.impl("_fused_attention_kernel", _kernel_handle, "CPU")
 
     @torch.library.register_fake("bitfx_kernels::fused_attention", lib=lib)
     def _(q, k, v, bias, est_v, alpha_q, alpha_k, alpha_v, prob_param, scale, is_causal, prob_mode, est_q=None,

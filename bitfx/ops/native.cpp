@@ -2,9 +2,10 @@
 //
 // bitfx/ops/native.py builds this file once per machine (one g++/clang++ call, -O2) into the bitfx cache
 // and loads it; its TORCH_LIBRARY_IMPL registers CPU kernels for bitfx_kernels::bit_linear (and its pair
-// bit_linear_to_bits / bit_linear_on_bits), sign_scores and binary_pv, which then take precedence over the Python implementations (registered for
-// CompositeExplicitAutograd in bitfx/ops/kernel_ops.py, the fallback when this file cannot be built).
-// The two helper ops it asks on a cache miss are Python CPU kernels, reached by redispatching to CPU.
+// bit_linear_to_bits / bit_linear_on_bits), fused_attention, sign_scores and binary_pv, which then take
+// precedence over the Python implementations (registered for CompositeExplicitAutograd in
+// bitfx/ops/kernel_ops.py and bitfx/codegen/fused_attention.py, the fallback when this file cannot be built).
+// The helper ops it asks on a cache miss are Python CPU kernels, reached by redispatching to CPU.
 //
 // A call does what runtime.LinearPlan.__call__ does, in C++: look up the layer's plan (packed weight,
 // vectors, TVM function handles), allocate the outputs with at::empty, and call the two TVM kernels through
@@ -28,7 +29,9 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -523,6 +526,131 @@ at::Tensor binary_pv(const at::Tensor& p_in, const at::Tensor& v) {
   return out.view(shape);
 }
 
+// ----------------------------------------------------------------------------------- fused_attention
+// What fused_attention.fused_attention does per call, for the common shapes a compiled graph passes: q, k, v
+// [B, H, L, D] float32 with a unit last stride (transposed views as they are), the bias a contiguous float32
+// [bB, bH, bQ, Lk] (each of the first three dims full or 1), est_v [B, H, Lk, 1], est_q/est_k contiguous
+// [B, H, L, 2r], scalars given as one-element tensors. Anything else (other ranks or dtypes, a bias to
+// broadcast, bad shapes: the Python implementation's errors) goes to the Python implementation,
+// bitfx_kernels::_fused_attention_python. Kernel handles come from Python once per configuration, through
+// bitfx_kernels::_fused_attention_kernel.
+constexpr double kEps = 1e-5;  // bitfx.ops.quantizers.EPS: elastic's alpha_P floor (a test compares them)
+constexpr int64_t kMaxD = 1024, kMaxDv = 256, kMaxEstRank = 8;  // fused_attention.MAX_D, MAX_DV, MAX_EST_RANK
+std::atomic<int64_t> g_attention_calls{0};
+std::mutex g_amutex;
+std::unordered_map<std::string, std::shared_ptr<Fn>> g_attention_kernels;
+
+bool f32_cpu(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); }
+bool scalar(const c10::optional<at::Tensor>& t) { return !t.has_value() || t->numel() == 1; }
+double value(const c10::optional<at::Tensor>& t, double none) {  // as Python's float(t)
+  return t.has_value() ? t->item().toDouble() : none;
+}
+
+const Fn& attention_kernel(int64_t D, int64_t Dv, const std::string& mode, int64_t pattern, bool causal, bool aq,
+                           bool ak, bool av, bool est_v, int64_t rank) {
+  const std::string key = std::to_string(D) + ":" + std::to_string(Dv) + ":" + mode + ":" + std::to_string(pattern) +
+                          ":" + std::to_string(causal) + std::to_string(aq) + std::to_string(ak) +
+                          std::to_string(av) + std::to_string(est_v) + ":" + std::to_string(rank);
+  {
+    std::lock_guard<std::mutex> lock(g_amutex);
+    auto it = g_attention_kernels.find(key);
+    if (it != g_attention_kernels.end()) return *it->second;
+  }
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bitfx_kernels::_fused_attention_kernel", "");
+  Stack stack{D, Dv, mode, pattern, causal, aq, ak, av, est_v, rank};
+  op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &stack);
+  auto fn = std::make_shared<Fn>(stack.at(0).toInt());
+  std::lock_guard<std::mutex> lock(g_amutex);
+  return *g_attention_kernels.emplace(key, std::move(fn)).first->second;
+}
+
+void fused_attention(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
+  constexpr size_t kArgs = 14;
+  Stack args = take_args(stack, kArgs);
+  auto opt = [&](size_t i) { return args[i].isNone() ? c10::optional<at::Tensor>() : args[i].toTensor(); };
+  const at::Tensor &q = args[0].toTensor(), &k = args[1].toTensor(), &v = args[2].toTensor();
+  const auto bias = opt(3), est_v = opt(4), aq = opt(5), ak = opt(6), av = opt(7), pp = opt(8);
+  const auto est_q = opt(12), est_k = opt(13);
+  const std::string mode(args[11].toStringRef());
+  const bool causal = args[10].toBool();
+  const bool has_est = est_q.has_value() && est_k.has_value();
+  bool fast = q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && f32_cpu(q) && f32_cpu(k) && f32_cpu(v) &&
+              (mode == "bivit" || mode == "bool" || (mode == "elastic" && pp.has_value())) &&
+              scalar(aq) && scalar(ak) && scalar(av) && scalar(pp);
+  int64_t B = 0, H = 0, Lq = 0, D = 0, Lk = 0, Dv = 0, pattern = -1, rank = 0;
+  if (fast) {
+    B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
+    fast = k.size(0) == B && k.size(1) == H && v.size(0) == B && v.size(1) == H && k.size(3) == D &&
+           v.size(2) == Lk && Lq > 0 && Lk > 0 && B * H > 0 && 1 <= D && D <= kMaxD && 1 <= Dv && Dv <= kMaxDv &&
+           (q.stride(3) == 1 || D == 1) && (k.stride(3) == 1 || D == 1) && (v.stride(3) == 1 || Dv == 1);
+  }
+  if (fast && bias.has_value()) {
+    const at::Tensor& b = *bias;
+    fast = b.dim() == 4 && f32_cpu(b) && b.is_contiguous() && b.size(3) == Lk;
+    const int64_t full[3] = {B, H, Lq};
+    pattern = 0;
+    for (int i = 0; fast && i < 3; ++i) {
+      fast = b.size(i) == 1 || b.size(i) == full[i];
+      if (b.size(i) != 1) pattern |= 1 << i;
+    }
+  }
+  if (fast && est_v.has_value()) {
+    const at::Tensor& e = *est_v;
+    fast = e.dim() == 4 && f32_cpu(e) && e.is_contiguous() && e.size(0) == B && e.size(1) == H && e.size(2) == Lk &&
+           e.size(3) == 1;
+  }
+  if (fast && has_est) {
+    const at::Tensor &eq = *est_q, &ek = *est_k;
+    const int64_t w = eq.dim() == 4 ? eq.size(3) : 0;
+    rank = w / 2;
+    fast = eq.dim() == 4 && ek.dim() == 4 && f32_cpu(eq) && f32_cpu(ek) && eq.is_contiguous() && ek.is_contiguous() &&
+           eq.size(0) == B && eq.size(1) == H && eq.size(2) == Lq && ek.size(0) == B && ek.size(1) == H &&
+           ek.size(2) == Lk && ek.size(3) == w && w % 2 == 0 && 1 <= rank && rank <= kMaxEstRank;
+  }
+  if (!fast) return run_python("bitfx_kernels::_fused_attention_python", std::move(args), stack);
+
+  float p = 0.0f;  // bivit: ln β (β <= 0: -inf, every code 1); elastic: α_P floored at EPS; bool: unused
+  if (mode == "bivit") {
+    const double beta = value(pp, 0.25);
+    p = beta > 0 ? static_cast<float>(std::log(beta)) : -std::numeric_limits<float>::infinity();
+  } else if (mode == "elastic") {
+    p = static_cast<float>(std::max(value(pp, 0.0), kEps));
+  }
+  float scalars[5] = {static_cast<float>(args[9].toDouble()), static_cast<float>(value(aq, 0.0)),
+                      static_cast<float>(value(ak, 0.0)), static_cast<float>(value(av, 0.0)), p};
+  const Fn& fn = attention_kernel(D, Dv, mode, pattern, causal, aq.has_value(), ak.has_value(), av.has_value(),
+                                  est_v.has_value(), rank);
+  WorkHint hint(B * H * Lq * Lk * (D + Dv));
+  at::Tensor out = at::empty({B, H, Lq, Dv}, q.options());
+  DLTensor d[10];
+  int n = 0;
+  d[n++] = dl(q);
+  d[n++] = dl(k);
+  d[n++] = dl(v);
+  if (bias.has_value()) d[n++] = dl(*bias);
+  int64_t ev_shape[3] = {B, H, Lk}, s_shape[1] = {5};
+  if (est_v.has_value()) d[n++] = dl(est_v->data_ptr(), {kDLFloat, 32, 1}, ev_shape, 3);
+  if (has_est) {
+    d[n++] = dl(*est_q);
+    d[n++] = dl(*est_k);
+  }
+  d[n++] = dl(scalars, {kDLFloat, 32, 1}, s_shape, 1);
+  d[n++] = dl(out);
+  DLTensor* p_[10];
+  for (int i = 0; i < n; ++i) p_[i] = &d[i];
+  switch (n) {
+    case 5: call(fn, {p_[0], p_[1], p_[2], p_[3], p_[4]}); break;
+    case 6: call(fn, {p_[0], p_[1], p_[2], p_[3], p_[4], p_[5]}); break;
+    case 7: call(fn, {p_[0], p_[1], p_[2], p_[3], p_[4], p_[5], p_[6]}); break;
+    case 8: call(fn, {p_[0], p_[1], p_[2], p_[3], p_[4], p_[5], p_[6], p_[7]}); break;
+    case 9: call(fn, {p_[0], p_[1], p_[2], p_[3], p_[4], p_[5], p_[6], p_[7], p_[8]}); break;
+    default: TORCH_CHECK(false, "bitfx native: unexpected fused_attention arity ", n);
+  }
+  g_attention_calls.fetch_add(1, std::memory_order_relaxed);
+  stack->emplace_back(std::move(out));
+}
+
 // ------------------------------------------------------------------------------------ one thread pool
 // TVM-generated host kernels run their parallel loops through two function pointers that every kernel
 // library holds, __TVMBackendParallelLaunch and __TVMBackendParallelBarrier. TVM-FFI fills them in when
@@ -648,6 +776,10 @@ extern "C" int64_t bitfx_pool_min_work() { return g_min_work.load(std::memory_or
 extern "C" int64_t bitfx_pool_launches() { return g_launches.load(std::memory_order_relaxed); }
 extern "C" int64_t bitfx_pool_team_launches() { return g_team_launches.load(std::memory_order_relaxed); }
 
+// For tests and benchmarks (ctypes): fused_attention calls run here; elastic's α_P floor (= quantizers.EPS).
+extern "C" int64_t bitfx_native_attention_calls() { return g_attention_calls.load(std::memory_order_relaxed); }
+extern "C" double bitfx_native_eps() { return kEps; }
+
 // For tests and benchmarks (ctypes): how many plans were built, and how many are held.
 extern "C" int64_t bitfx_native_plan_misses() {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -662,6 +794,7 @@ TORCH_LIBRARY_IMPL(bitfx_kernels, CPU, m) {
   m.impl("bit_linear", torch::CppFunction::makeFromBoxedFunction<&bit_linear>());
   m.impl("bit_linear_to_bits", torch::CppFunction::makeFromBoxedFunction<&bit_linear_to_bits>());
   m.impl("bit_linear_on_bits", torch::CppFunction::makeFromBoxedFunction<&bit_linear_on_bits>());
+  m.impl("fused_attention", torch::CppFunction::makeFromBoxedFunction<&fused_attention>());
   m.impl("sign_scores", TORCH_FN(sign_scores));
   m.impl("binary_pv", TORCH_FN(binary_pv));
 }

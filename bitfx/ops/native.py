@@ -1,7 +1,7 @@
 """The C++ CPU kernels of the ``bitfx_kernels`` ops (``native.cpp``): kernel calls without Python.
 
     from bitfx.ops import native
-    native.load()          # True: bit_linear / sign_scores / binary_pv now dispatch to C++ on CPU tensors
+    native.load()          # True: bit_linear (and its pair), fused_attention, sign_scores, binary_pv run in C++
     native.status()        # "loaded", "disabled (BITFX_NATIVE=0)", or why it could not be built
 
 ``native.cpp`` is built once per machine (one ``c++ -O2`` call, ~7 s of CPU; the library is kept in the
@@ -51,7 +51,8 @@ from bitfx.env import switched_off
 
 log = logging.getLogger(__name__)
 
-__all__ = ["start", "poll", "load", "status", "plan_misses", "plans_held", "library_path", "pool_status",
+__all__ = ["start", "poll", "load", "status", "plan_misses", "plans_held", "attention_calls", "library_path",
+           "pool_status",
            "pool_launches", "pool_min_work", "set_pool_min_work", "DEFAULT_POOL_MIN_WORK", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -239,10 +240,16 @@ def plans_held() -> int:
     return int(_state["lib"].bitfx_native_plans_held()) if _state["lib"] is not None else 0
 
 
+def attention_calls() -> int:
+    """How many ``fused_attention`` calls the C++ kernel ran (the rest went to its Python implementation)."""
+    return int(_state["lib"].bitfx_native_attention_calls()) if _state["lib"] is not None else 0
+
+
 def _setup_ctypes(lib) -> None:
     for name in ("bitfx_native_plan_misses", "bitfx_native_plans_held", "bitfx_pool_launches",
-                 "bitfx_pool_team_launches"):
+                 "bitfx_pool_team_launches", "bitfx_native_attention_calls"):
         getattr(lib, name).restype = ctypes.c_int64
+    lib.bitfx_native_eps.restype = ctypes.c_double
     lib.bitfx_pool_install.restype = ctypes.c_int
     lib.bitfx_pool_min_work.restype = ctypes.c_int64
     lib.bitfx_pool_set_min_work.argtypes = [ctypes.c_int64]

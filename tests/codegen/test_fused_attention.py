@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bitfx.codegen import fused_attention as FA
+from bitfx.ops import native
 from bitfx.ops.attention import bit_attention_reference
 
 from codegen_reference import as_numpy_u64, int_matmul, sign
@@ -210,8 +211,59 @@ def test_compiled_hf_bert_uses_the_fused_kernel_and_equals_the_reference(config,
         ref = torch.compile(model, backend="bitfx", options={"config": config, "kernels": "reference"})(
             input_ids=ids, attention_mask=attn).last_hidden_state
         torch._dynamo.reset()
-        before = FA.STATS["calls"]
+        before, native_before = FA.calls(), native.attention_calls()
         out = torch.compile(model, backend="bitfx", options={"config": config, "glue": glue})(
             input_ids=ids, attention_mask=attn).last_hidden_state
-    assert FA.STATS["calls"] > before  # the fused kernel ran
+    assert FA.calls() > before  # the fused kernel ran
+    if glue == "inductor":  # (the kernel op: its C++ entry, the library loaded by the compile)
+        assert native.attention_calls() > native_before
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
+
+
+def _op_cases():
+    """(name, args of bitfx_kernels::fused_attention, whether the C++ entry runs it itself)."""
+    g = torch.Generator().manual_seed(7)
+    B, H, Lq, Lk, D, Dv = 2, 3, 5, 70, 40, 24
+    q, k, v = (torch.randn(B, H, n, d, generator=g) for n, d in ((Lq, D), (Lk, D), (Lk, Dv)))
+    qt = torch.randn(B, Lq, H, D, generator=g).transpose(1, 2)  # a transposed view, unit last stride
+    keep = torch.rand(B, 1, 1, Lk, generator=g) > 0.2
+    bias = FA.score_bias(keep)
+    full_bias = torch.randn(B, H, Lq, Lk, generator=g)
+    est_q, est_k = torch.randn(B, H, Lq, 4, generator=g) * 0.1, torch.randn(B, H, Lk, 4, generator=g) * 0.1
+    est_v = torch.randn(B, H, Lk, 1, generator=g) * 0.1
+    a = lambda x: torch.tensor(x)  # noqa: E731
+    none3 = (None, None, None)
+    return [
+        ("bivit, mask, beta given", (q, k, v, bias, None, *none3, a(0.3), 0.15, False, "bivit"), True),
+        ("bivit default beta, causal", (q, k, v, None, None, *none3, None, 0.15, True, "bivit"), True),
+        ("bool, full bias, alphas", (q, k, v, full_bias, None, a(0.5), a(0.7), a(0.9), None, 0.15, False, "bool"), True),
+        ("elastic, estimators (bipft)", (qt, k, v, bias, est_v, a(0.5), a(0.7), a(0.9), a(0.02), 0.15, False,
+                                         "elastic", est_q, est_k), True),
+        ("elastic, alpha_P below EPS", (q, k, v, None, None, *none3, a(0.0), 0.15, False, "elastic"), True),
+        ("3-D q, k, v (one head)", (q[0], k[0], v[0], None, None, *none3, None, 0.15, False, "bivit"), False),
+        ("a 2-D bias to broadcast", (q, k, v, full_bias[0, 0], None, *none3, None, 0.15, False, "bool"), False),
+        ("float64 q, k, v", (q.double(), k.double(), v.double(), None, None, *none3, None, 0.15, False, "bool"), False),
+    ]
+
+
+@pytest.mark.parametrize("name,args,in_cpp", _op_cases(), ids=[c[0] for c in _op_cases()])
+def test_fused_attention_cpp_entry_equals_the_python_implementation(name, args, in_cpp):
+    """``bitfx_kernels::fused_attention`` through its C++ entry (no Python per call) equals the Python
+    implementation bit for bit; what the entry does not cover (other ranks, a bias to broadcast, other dtypes)
+    goes to the Python implementation, with the same result."""
+    assert native.load(), native.status()  # (waits for the build on a cold cache)
+    before, py_before = native.attention_calls(), FA.STATS["calls"]
+    out = FA.FUSED_ATTENTION_KERNEL(*args)
+    assert (native.attention_calls() - before, FA.STATS["calls"] - py_before) == ((1, 0) if in_cpp else (0, 1))
+    *head, est_q, est_k = (*args, None, None)[:14]
+    assert torch.equal(out, FA.fused_attention(*head, est_q=est_q, est_k=est_k))
+
+
+def test_fused_attention_cpp_entry_constants_are_bitfx_constants():
+    from bitfx.ops.quantizers import EPS
+
+    assert native.load(), native.status()
+    assert native._state["lib"].bitfx_native_eps() == EPS
+    with pytest.raises(ValueError, match="fused_attention: prob_mode='softmax'"):
+        q = torch.randn(1, 2, 4, 8)
+        FA.FUSED_ATTENTION_KERNEL(q, q, q, None, None, None, None, None, None, 0.2, False, "softmax")
