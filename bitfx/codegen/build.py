@@ -12,12 +12,18 @@ stale kernel) and the TVM version.
 Writes are atomic (temporary file + `os.replace`), so processes compiling the same kernel at once each
 publish a complete library and the last manifest wins. A manifest that does not parse, or a library whose
 size or sha256 differs from its manifest, or that fails to load, is rebuilt and replaced, never used.
-`STATS` counts what happened ("compiled", "loaded", "rebuilt") for tests and logs.
+`STATS` counts what happened ("compiled", "loaded", "rebuilt", "prefetched") for tests and logs.
+
+`prefetch([(op, params), ...])` starts kernels compiling (or loading) in background threads: TVM's compiler and
+LLVM release the GIL, so on a cold cache the kernels a model will call build beside each other and beside the
+rest of its compile (the lowering asks for them as soon as it knows their shapes); `kernel()` then waits for a
+kernel that is still under way instead of building it again.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -35,6 +41,8 @@ STATS: collections.Counter = collections.Counter()
 CACHE_FORMAT = 1
 _MEMO: dict = {}
 _LOADED: list[str] = []  # the kernel libraries this process loaded (bitfx.ops.native repoints their pool)
+_PENDING: dict = {}  # memo key -> Future of a prefetched kernel
+_POOL: list = []  # the prefetch thread pool, made on first use
 
 
 def cache_dir() -> Path:
@@ -53,8 +61,31 @@ def kernel(op: str, *, impl: str = "host", target: tvm.target.Target | None = No
     memo_key = (op, impl, None if target is None else str(target), tuple(sorted(params.items())))
     fn = _MEMO.get(memo_key)
     if fn is None:
-        fn = _MEMO[memo_key] = _load_or_build(op, impl, target, params)
+        pending = _PENDING.pop(memo_key, None)
+        if pending is not None:
+            try:
+                fn = pending.result()
+            except Exception:  # noqa: BLE001 - built again below, where its error is raised to the caller
+                fn = None
+        fn = _MEMO[memo_key] = fn if fn is not None else _load_or_build(op, impl, target, params)
     return fn
+
+
+def prefetch(specs, impl: str = "host") -> int:
+    """Start compiling (or loading) the kernels ``[(op, params), ...]`` of kernel set ``impl`` in background
+    threads, one per CPU; returns how many were started (the others are memoised or under way already)."""
+    started = 0
+    for op, params in specs:
+        memo_key = (op, impl, None, tuple(sorted(params.items())))
+        if memo_key in _MEMO or memo_key in _PENDING:
+            continue
+        if not _POOL:
+            _POOL.append(concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                               thread_name_prefix="bitfx-kernel-build"))
+        _PENDING[memo_key] = _POOL[0].submit(_load_or_build, op, impl, None, dict(params))
+        STATS["prefetched"] += 1
+        started += 1
+    return started
 
 
 def loaded_libraries() -> list[str]:

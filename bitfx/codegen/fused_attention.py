@@ -142,7 +142,6 @@ def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], es
     ``est_q``/``est_k`` (both, ``[*lead, L, 2r]``): BiPFT's score estimators, whose residual the kernel adds to
     the scores (``bias`` then holds the mask only); one of them None: no residual, as the reference."""
     from bitfx.codegen.build import kernel
-    from bitfx.codegen.runtime import _parallel
     from bitfx.ops.quantizers import EPS
 
     if prob_mode not in _MODES:
@@ -186,9 +185,9 @@ def fused_attention(qt: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], es
         codes = torch.empty(Bt, H, Lq, (Lk + 63) // 64, dtype=torch.uint64)
         counts = torch.empty(Bt, H, Lq, Dv, dtype=torch.int32)
         args += [codes, counts]
-    fn = kernel("fused_attention", D=D, Dv=Dv, prob_mode=prob_mode, bias=pattern, causal=bool(is_causal),
-                alpha_q=alpha_q is not None, alpha_k=alpha_k is not None, alpha_v=alpha_v is not None,
-                est_v=est_v is not None, est_rank=rank, debug=debug, parallel=_parallel(threads))
+    op, params = _kernel_spec(D, Dv, prob_mode, pattern, is_causal, alpha_q is not None, alpha_k is not None,
+                              alpha_v is not None, est_v is not None, rank, debug=debug, threads=threads)
+    fn = kernel(op, **params)
     fn(*args)
     STATS["calls"] += 1
     out = out.view(*lead, Lq, Dv)
@@ -222,17 +221,46 @@ def bit_attention_fused(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_par
 
 
 # -- the kernel op: what a compiled graph calls (glue="inductor"), opaque to inductor ---------------------
+def _kernel_spec(D: int, Dv: int, prob_mode: str, pattern, causal: bool, alpha_q: bool, alpha_k: bool, alpha_v: bool,
+                 est_v: bool, est_rank: int, *, debug: bool = False, threads: Optional[int] = None):
+    """``(op, params)`` of the kernel for one configuration, as ``build.kernel`` and ``build.prefetch`` take it.
+    ``pattern``: None without a bias, else which of its (batch, heads, query rows) dims are full."""
+    from bitfx.codegen.runtime import _parallel
+
+    return "fused_attention", dict(D=D, Dv=Dv, prob_mode=prob_mode, bias=pattern, causal=bool(causal),
+                                   alpha_q=alpha_q, alpha_k=alpha_k, alpha_v=alpha_v, est_v=est_v, est_rank=est_rank,
+                                   debug=debug, parallel=_parallel(threads))
+
+
+def kernel_spec(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v, scale, is_causal,
+                prob_mode):
+    """The kernel a ``bit_attention`` call with these arguments (tensors or their fake values: only shapes,
+    dtypes and devices are read) runs on, ``(op, params)``; None when it keeps the two-kernel path or its mask
+    is not a plain ``[B, H, Lq, Lk]`` broadcast (the kernel is then chosen at the call)."""
+    args = (qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v, scale, is_causal,
+            prob_mode)
+    if unsupported_reason(*args) is not None or qt.dim() != 4:
+        return None
+    pattern = None
+    if attn_mask is not None:
+        if attn_mask.dim() > 4 or attn_mask.shape[-1] not in (1, k.shape[-2]):
+            return None
+        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+        pattern = tuple(bool(d != 1) for d in shape[:3])
+    rank = est_q.shape[-1] // 2 if est_q is not None and est_k is not None else 0
+    return _kernel_spec(qt.shape[-1], v.shape[-1], prob_mode, pattern, is_causal, alpha_q is not None,
+                        alpha_k is not None, alpha_v is not None, est_v is not None, rank)
+
+
 def _kernel_handle(D: int, Dv: int, prob_mode: str, bias_pattern: int, causal: bool, alpha_q: bool, alpha_k: bool,
                    alpha_v: bool, est_v: bool, est_rank: int) -> int:
     """The C++ op's kernel (native.cpp, once per configuration): its TVM-FFI handle. ``bias_pattern``: -1 without
     a bias, else bit i set where the bias's dim i (batch, heads, query rows) is full."""
     from bitfx.codegen.build import kernel
-    from bitfx.codegen.runtime import _parallel
 
     pattern = None if bias_pattern < 0 else tuple(bool(bias_pattern >> i & 1) for i in range(3))
-    return kernel("fused_attention", D=D, Dv=Dv, prob_mode=prob_mode, bias=pattern, causal=bool(causal),
-                  alpha_q=alpha_q, alpha_k=alpha_k, alpha_v=alpha_v, est_v=est_v, est_rank=est_rank, debug=False,
-                  parallel=_parallel()).__chandle__()
+    op, params = _kernel_spec(D, Dv, prob_mode, pattern, causal, alpha_q, alpha_k, alpha_v, est_v, est_rank)
+    return kernel(op, **params).__chandle__()
 
 
 def calls() -> int:

@@ -114,8 +114,13 @@ def _pack_int8(codes: torch.Tensor, mode: str) -> torch.Tensor:
     """`[N, KW]`: each output column's codes packed along K (the `pack_rows` kernel)."""
     N, K = codes.shape
     out = torch.empty(N, _words(K), dtype=torch.uint64)
-    kernel("pack_rows", mode=mode, K=K, dtype="int8", parallel=_parallel())(codes, out)
+    op, params = _weight_pack_spec(K, mode)
+    kernel(op, **params)(codes, out)
     return out
+
+
+def _weight_pack_spec(K: int, mode: str) -> tuple[str, dict]:
+    return "pack_rows", dict(mode=mode, K=K, dtype="int8", parallel=_parallel())
 
 
 def bit_linear(x: torch.Tensor, packed: PackedWeight, *, act: str = "sign", bits: int = 1,
@@ -351,7 +356,11 @@ ROW_CHUNK = 4
 def weight_walk(packed: PackedWeight) -> dict:
     """The GEMM generator's layout arguments for this weight: `layout` and `row_chunk` for panels; none for
     K-major (whose kernels keep their keys)."""
-    return {"layout": "panel", "row_chunk": ROW_CHUNK} if packed.layout == "panel" else {}
+    return _walk(packed.layout)
+
+
+def _walk(layout: str) -> dict:
+    return {"layout": "panel", "row_chunk": ROW_CHUNK} if layout == "panel" else {}
 
 
 #: What a linear plan's GEMM may apply to its float output (`host.gemm(activation=...)`): the float glue's
@@ -391,12 +400,39 @@ def packed_sign_rows(bits: torch.Tensor, K: int, name: str = "bits") -> torch.Te
 
 def _gemm(packed: PackedWeight, act: str, bits: int, par: bool, *, epilogue: str, bias: bool,
           activation: str = "none", out_move: bool = False):
-    mode = _act_kernel(act) + ("_ternary" if packed.ternary else "")
+    op, params = _gemm_spec(packed.K, packed.N, packed.ternary, packed.layout, act, bits, par, epilogue=epilogue,
+                            bias=bias, activation=activation, out_move=out_move)
+    return kernel(op, **params)
+
+
+def _gemm_spec(K: int, N: int, ternary: bool, layout: str, act: str, bits: int, par: bool, *, epilogue: str,
+               bias: bool, activation: str = "none", out_move: bool = False) -> tuple[str, dict]:
+    mode = _act_kernel(act) + ("_ternary" if ternary else "")
     fused = {"activation": activation} if activation != "none" else {}  # the plain kernels keep their keys
     if out_move:
         fused["out_move"] = True
-    return kernel("gemm", mode=mode, K=packed.K, N=packed.N, planes=bits, epilogue=epilogue, bias=bias,
-                  parallel=par, **weight_walk(packed), **fused)
+    return "gemm", dict(mode=mode, K=K, N=N, planes=bits, epilogue=epilogue, bias=bias, parallel=par,
+                        **_walk(layout), **fused)
+
+
+def plan_kernels(K: int, N: int, *, ternary: bool, act: str = "sign", bits: int = 1, move: bool = False,
+                 alpha: bool = False, bias: bool = False, activation: str = "none", output: str = "float",
+                 out_move: bool = False, threads: int | None = None) -> list[tuple[str, dict]]:
+    """``[(op, params), ...]``: the kernels a host ``LinearPlan`` of these options calls (its quantizer, its GEMM,
+    then the weight's packing), as ``build.kernel`` / ``build.prefetch`` take them. The flags say which tensors
+    the plan is given."""
+    _check_bits(act, bits)
+    par = _parallel(threads)
+    pack = _act_pack(act)
+    if pack == "unsigned":
+        quant = ("pack_rows", dict(mode="pos", K=K, move=True, parallel=par))
+    elif act == "sign":
+        quant = ("pack_rows", dict(mode="sign", K=K, move=move, mean=not alpha, parallel=par))
+    else:
+        quant = ("absmax_planes", dict(K=K, bits=bits, parallel=par))
+    gemm = _gemm_spec(K, N, ternary, "panel", act, bits, par, epilogue=output if output == "sign_bits" else "float",
+                      bias=bias, activation=activation, out_move=out_move)
+    return [quant, gemm, *(_weight_pack_spec(K, m) for m in (("pos", "neg") if ternary else ("pos",)))]
 
 
 def _nnz(packed: PackedWeight, act: str) -> list:
@@ -473,12 +509,9 @@ class LinearPlan:
         self.words = _words(packed.K)
         if self.pack == "unsigned":  # u = x + move in torch, then u > α/2 (the threshold as pack's move)
             self.alpha, self.threshold = unsigned_threshold(self.alpha, packed.K)
-            self.quant = kernel("pack_rows", mode="pos", K=packed.K, move=True, parallel=par)
-        elif act == "sign":
-            self.quant = kernel("pack_rows", mode="sign", K=packed.K, move=self.move is not None,
-                                mean=self.alpha is None, parallel=par)
-        else:
-            self.quant = kernel("absmax_planes", K=packed.K, bits=bits, parallel=par)
+        op, params = plan_kernels(packed.K, packed.N, ternary=packed.ternary, act=act, bits=bits,
+                                  move=self.move is not None, alpha=self.alpha is not None, threads=threads)[0]
+        self.quant = kernel(op, **params)
         self.gemm = _gemm(packed, act, bits, par, epilogue=output if output == "sign_bits" else "float",
                           bias=self.bias is not None, activation=activation, out_move=self.out_move is not None)
 

@@ -37,6 +37,10 @@ only use (BERT's output projection after the intermediate GELU) and its codes ar
 
 The float h is never written nor read again (at MiniLM's 1024 x 1536: 6 MiB a layer), and the second layer's
 packing pass is gone. ``BITFX_FUSE_PACK=0`` keeps the two linears apart.
+
+The kernels each lowered call will run are known here (shapes and options from the nodes' fake values): the
+pass starts them compiling in background threads (``build.prefetch``), so that on a cold cache they build
+beside each other and beside inductor's compile of the glue, not one after another at the first call.
 """
 from __future__ import annotations
 
@@ -173,13 +177,47 @@ def _to_bits_val(val: torch.Tensor):
         return None
 
 
+def _linear_kernels(node: fx.Node, args, activation: str, output: str, out_move: bool) -> list:
+    """The host kernels a lowered CPU ``bit_linear`` (``node``, before lowering; ``args``: the lowered call's
+    first nine) will call, from the fake values; [] when they are not known here (no fake value, not on the
+    CPU, an unknown method)."""
+    from bitfx.codegen import runtime
+    from bitfx.ops import methods
+
+    x, w = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.device.type == "cpu" and w.dim() == 2):
+        return []
+    try:
+        N, K = int(w.shape[0]), int(w.shape[1])
+        return runtime.plan_kernels(K, N, ternary=methods.weight_method(args[6]).ternary, act=args[7], bits=args[8],
+                                    move=args[4] is not None, alpha=args[5] is not None, bias=args[2] is not None,
+                                    activation=activation, output=output, out_move=out_move)
+    except (TypeError, ValueError):  # symbolic sizes, an unknown method: the first call builds them
+        return []
+
+
+def _attention_kernels(node: fx.Node) -> list:
+    """The fused attention kernel a lowered ``bit_attention`` will call, from its fake values, or []."""
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
+    if not all(isinstance(v, torch.Tensor) for v in vals[:3]):
+        return []
+    try:
+        spec = fused_attention.kernel_spec(*vals)
+    except (TypeError, ValueError, AttributeError):  # symbolic sizes: the first call builds it
+        return []
+    return [] if spec is None else [spec]
+
+
 def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.config.kernels != "tvm":
         return gm
     if ctx.glue == "inductor":  # the kernel ops' C++ kernels: loaded, or built while the rest compiles
         native.start()
+    from bitfx.codegen import build
+
     count = 0
     on_bits: set[fx.Node] = set()  # bit_linears whose input a producer's epilogue signs and packs
+    kernels: list = []  # what the lowered calls will run: prefetched below
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -204,6 +242,9 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                         on_bits.add(consumer)
                         val = _to_bits_val(node.meta["val"])
                     new = gm.graph.call_function(target, (*args, persistent, *(view or ())), kwargs)
+                    kernels += _linear_kernels(node, args, kwargs.get("activation", "none"),
+                                               "sign_bits" if "out_move" in kwargs else "float",
+                                               kwargs.get("out_move") is not None)
                     if act is not None:  # the GELU is the kernel's now: its uses take the kernel's output
                         act.replace_all_uses_with(new)
                         gm.graph.erase_node(act)
@@ -212,10 +253,12 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                     count += 1
                     gm.add_submodule(name, BitLinearKernel(*node.args[6:9], cache=persistent))
                     new = gm.graph.call_module(name, tuple(node.args[:6]))
+                    kernels += _linear_kernels(node, node.args, "none", "float", False)
         elif node.target == BIT_ATTENTION:
             # the fused kernel op where it covers the call (decided when traced, BITFX_FUSED_ATTENTION=0
             # included), else the two kernel ops
             fn = fused_attention.bit_attention_on_fused_kernel if ctx.glue == "inductor" else tvm_bit_attention
+            kernels += _attention_kernels(node)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(fn, tuple(node.args))
         else:
@@ -227,6 +270,7 @@ def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             new.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+    build.prefetch(kernels)
     return gm
 
 

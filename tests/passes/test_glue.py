@@ -376,3 +376,42 @@ def test_the_pack_switch_keeps_the_two_linears_apart(monkeypatch):
             out = _compiled(model, config=config)(input_ids=ids).last_hidden_state
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert seen == [(2, 0, 0), (2, 0, 0)]
+
+
+@pytest.mark.parametrize("config", ["bipft", "bitnet"])
+def test_lowering_prefetches_every_kernel_the_calls_run(config, monkeypatch):
+    """The lowering knows each call's kernels from the fake values and starts them building in background
+    threads: with the in-process memo emptied, every kernel a compiled HF BERT's first calls need is compiled
+    or loaded by a prefetch thread, none by the calling thread; and the output equals the reference."""
+    import threading
+
+    from transformers import BertConfig, BertModel
+
+    from bitfx.codegen import build
+
+    monkeypatch.setenv("BITFX_AOT_CACHE", "0")  # the lowering must run here, not be loaded from disk
+    monkeypatch.setattr(build, "_MEMO", {})
+    monkeypatch.setattr(build, "_PENDING", {})
+    where, real = [], build._load_or_build
+
+    def spy(op, impl, target, params):
+        where.append((op, threading.current_thread().name.startswith("bitfx-kernel-build")))
+        return real(op, impl, target, params)
+
+    monkeypatch.setattr(build, "_load_or_build", spy)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, vocab_size=300)).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, -5:] = 0
+    with torch.no_grad():
+        ref = _compiled(model, config=config, kernels="reference")(input_ids=ids, attention_mask=mask)
+        before = build.STATS["prefetched"]
+        out = _compiled(model, config=config)(input_ids=ids, attention_mask=mask)
+    ops = {op for op, _ in where}
+    assert {"gemm", "pack_rows"} <= ops and (config != "bipft" or "fused_attention" in ops)
+    assert build.STATS["prefetched"] - before == len(where)
+    assert all(in_prefetch for _, in_prefetch in where), where
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=1e-4,
+                               atol=1e-4 * ref.last_hidden_state.abs().max().item())
