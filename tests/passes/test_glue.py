@@ -151,6 +151,16 @@ def test_inductor_compiles_the_float_parts_of_hf_decoders(name, caplog, monkeypa
 
 
 # ------------------------------------------------------------------------ GELU in the GEMM's epilogue
+def _tiny_hf_bert():
+    """A random-init HF BERT (2 layers, hidden 64, FFN 128) and a batch of token ids."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, vocab_size=300)).eval()
+    return model, torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
 def _lowered_counts(monkeypatch):
     """Spy on the backend's glue compile: per lowered forward, (bit_linear kernels with a fused GELU,
     GELUs left to inductor, producers that write the next linear's packed codes)."""
@@ -185,7 +195,6 @@ def test_hf_bert_glue_fusions(config, monkeypatch, caplog):
       in the graph inductor compiles;
     and the output equals the reference's."""
     from torch._inductor import compile_fx
-    from transformers import BertConfig, BertModel
 
     from bitfx import backend
 
@@ -197,10 +206,7 @@ def test_hf_bert_glue_fusions(config, monkeypatch, caplog):
         return real(gm, inputs, **kw)
 
     monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=128, vocab_size=300)).eval()
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    model, ids = _tiny_hf_bert()
     seen = _lowered_counts(monkeypatch)
     with torch.no_grad():
         ref = _compiled(model, config=config, kernels="reference")(input_ids=ids).last_hidden_state
@@ -361,13 +367,8 @@ def test_pack_signs_round_trip_against_numpy():
 def test_the_pack_switch_keeps_the_two_linears_apart(monkeypatch):
     """``BITFX_FUSE_PACK=0``: the GELU stays fused, the output projection packs its own input; per-token codes
     (bibert: mean|x| of each row) are never packed by the producer. Every variant equals the reference."""
-    from transformers import BertConfig, BertModel
-
     monkeypatch.setenv("BITFX_AOT_CACHE", "0")
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=128, vocab_size=300)).eval()
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    model, ids = _tiny_hf_bert()
     seen = _lowered_counts(monkeypatch)
     with torch.no_grad():
         for config, switch in (("bipft", "0"), ("bibert", "1")):
@@ -385,8 +386,6 @@ def test_lowering_prefetches_every_kernel_the_calls_run(config, monkeypatch):
     or loaded by a prefetch thread, none by the calling thread; and the output equals the reference."""
     import threading
 
-    from transformers import BertConfig, BertModel
-
     from bitfx.codegen import build
 
     monkeypatch.setenv("BITFX_AOT_CACHE", "0")  # the lowering must run here, not be loaded from disk
@@ -399,10 +398,7 @@ def test_lowering_prefetches_every_kernel_the_calls_run(config, monkeypatch):
         return real(op, impl, target, params)
 
     monkeypatch.setattr(build, "_load_or_build", spy)
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=128, vocab_size=300)).eval()
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    model, ids = _tiny_hf_bert()
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[1, -5:] = 0
     with torch.no_grad():
