@@ -15,6 +15,7 @@
 // rebuilds it. A miss (and every call with cache=False) asks Python once, through the dispatcher, via the
 // op bitfx_kernels::_linear_plan_parts, which returns the plan's tensors and kernel handles.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/stack.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
@@ -35,12 +36,20 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
 namespace {
 
 using Stack = std::vector<c10::IValue>;
+using Args = c10::ArrayRef<c10::IValue>;  // an op's arguments, still on its stack
+using Ints = c10::SmallVector<int64_t, 16>;  // a plan's geometry and key: no allocation per call
+
+std::string_view view(const c10::IValue& v) {
+  const auto& s = v.toStringRef();  // (a reference: the string lives in the IValue)
+  return {s.data(), s.size()};
+}
 
 // ------------------------------------------------------------------------------------ TVM-FFI calls
 struct Fn {  // a retained TVM-FFI function handle
@@ -195,7 +204,7 @@ constexpr size_t kPlanArgs = 14;  // bit_linear's arguments: x, weight, ..., act
 // The plan's parts from Python (kernel_ops._linear_plan_parts): tensors [w, (nnz), col, (bias), (move),
 // (alpha), (threshold), (out_move)] and ints [quant handle, gemm handle, kind, bits, K, N, n_weights, has_bias,
 // has_move, has_alpha, output (1: packed sign codes), has_out_move]. `args`: bit_linear's 14 arguments.
-std::shared_ptr<Plan> plan_from_python(const Stack& args, const c10::IValue& out_move, const char* output) {
+std::shared_ptr<Plan> plan_from_python(Args args, const c10::IValue& out_move, const char* output) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("bitfx_kernels::_linear_plan_parts", "");
   Stack stack(args.begin() + 1, args.begin() + kPlanArgs);  // all but x
@@ -324,14 +333,17 @@ using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorIm
 
 struct Slot {  // one layer: its parameter (weak), the key its plan was built for, the plan
   WeakImpl base;
-  std::vector<int64_t> key;
-  std::string modes;
+  Ints key;
+  std::string weight_mode, act_mode, activation, output;
   std::shared_ptr<Plan> plan;
+  bool same_modes(Args args, std::string_view out) const {
+    return weight_mode == view(args[6]) && act_mode == view(args[7]) && activation == view(args[13]) && output == out;
+  }
 };
 
 struct Geometry {
   const c10::TensorImpl* base;
-  std::vector<int64_t> g;  // offset, ndim, sizes, strides
+  Ints g;  // offset, ndim, sizes, strides, the epilogue's hash
   bool operator==(const Geometry& o) const { return base == o.base && g == o.g; }
 };
 struct GeometryHash {
@@ -346,7 +358,7 @@ std::mutex g_mutex;
 std::unordered_map<Geometry, Slot, GeometryHash> g_plans;
 int64_t g_misses = 0;
 
-void push_version(std::vector<int64_t>& key, const c10::IValue& v) {
+void push_version(Ints& key, const c10::IValue& v) {
   if (v.isNone()) {
     key.push_back(0);
     key.push_back(-1);
@@ -362,7 +374,7 @@ void push_version(std::vector<int64_t>& key, const c10::IValue& v) {
 // int[]? view_size=None, int[]? view_stride=None, int view_offset=0, str activation="none")), with bit_linear_to_bits'
 // out_move and the output ("float" or "sign_bits"). The activation and output are in the plan's GEMM epilogue:
 // only the plan's key needs them here.
-std::shared_ptr<Plan> lookup_plan(const Stack& args, const c10::IValue& out_move, const char* output) {
+std::shared_ptr<Plan> lookup_plan(Args args, const c10::IValue& out_move, const char* output) {
   const at::Tensor& param = args[1].toTensor();
   if (!args[9].toBool()) return plan_from_python(args, out_move, output);  // a weight the graph computes
   // the layer's weight: the view given (view_size...) of the parameter, else the tensor itself
@@ -374,26 +386,25 @@ std::shared_ptr<Plan> lookup_plan(const Stack& args, const c10::IValue& out_move
     for (int64_t s : param.sizes()) geo.g.push_back(s);
     for (int64_t s : param.strides()) geo.g.push_back(s);
   } else {
-    auto size = args[10].toIntVector(), stride = args[11].toIntVector();
+    const auto size = args[10].toIntList(), stride = args[11].toIntList();
     geo.g.push_back(args[12].toInt());
     geo.g.push_back(static_cast<int64_t>(size.size()));
-    geo.g.insert(geo.g.end(), size.begin(), size.end());
-    geo.g.insert(geo.g.end(), stride.begin(), stride.end());
+    for (int64_t v : size) geo.g.push_back(v);
+    for (int64_t v : stride) geo.g.push_back(v);
   }
   // one slot per output activation and kind: a weight used both with and without one keeps both plans (the
   // slot by the names' hash; the exact names are checked with the modes below)
-  const std::string epilogue = std::string(args[13].toStringRef()) + "|" + output;
-  geo.g.push_back(static_cast<int64_t>(std::hash<std::string>()(epilogue)));
-  std::vector<int64_t> key;
-  key.reserve(13);
+  geo.g.push_back(static_cast<int64_t>(std::hash<std::string_view>()(view(args[13])) * 31u ^
+                                       std::hash<std::string_view>()(output)));
+  Ints key;
   for (size_t i = 1; i <= 5; ++i) push_version(key, args[i]);
   push_version(key, out_move);
   key.push_back(args[8].toInt());
-  std::string modes = std::string(args[6].toStringRef()) + "|" + std::string(args[7].toStringRef()) + "|" + epilogue;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     auto it = g_plans.find(geo);
-    if (it != g_plans.end() && !it->second.base.expired() && it->second.key == key && it->second.modes == modes)
+    if (it != g_plans.end() && !it->second.base.expired() && it->second.key == key &&
+        it->second.same_modes(args, output))
       return it->second.plan;
   }
   std::shared_ptr<Plan> plan = plan_from_python(args, out_move, output);  // outside the lock: Python takes the GIL
@@ -401,47 +412,48 @@ std::shared_ptr<Plan> lookup_plan(const Stack& args, const c10::IValue& out_move
   ++g_misses;
   for (auto it = g_plans.begin(); it != g_plans.end();)  // drop layers whose parameter is gone
     it = it->second.base.expired() ? g_plans.erase(it) : std::next(it);
-  g_plans.insert_or_assign(geo, Slot{WeakImpl(base.getIntrusivePtr()), std::move(key), std::move(modes), plan});
+  g_plans.insert_or_assign(geo, Slot{WeakImpl(base.getIntrusivePtr()), std::move(key), std::string(view(args[6])),
+                                     std::string(view(args[7])), std::string(view(args[13])), output, plan});
   return plan;
 }
 
-// Moves an op's last n arguments off the stack.
-Stack take_args(Stack* stack, size_t n) {
-  Stack args(std::make_move_iterator(stack->end() - n), std::make_move_iterator(stack->end()));
-  stack->erase(stack->end() - n, stack->end());
-  return args;
+// Replaces an op's n arguments on the stack by its result.
+void finish(Stack* stack, size_t n, c10::IValue result) {
+  torch::jit::drop(*stack, n);
+  stack->emplace_back(std::move(result));
 }
 
 // A plan this file cannot run (kind -1): the op's Python implementation, through the dispatcher.
-void run_python(const char* op_name, Stack args, Stack* stack) {
+void run_python(const char* op_name, Stack* stack, size_t n) {
   const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "");
+  Stack args(stack->end() - n, stack->end());
   op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &args);
-  stack->emplace_back(std::move(args.at(0)));
+  finish(stack, n, std::move(args.at(0)));
 }
 
 void bit_linear(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
-  Stack args = take_args(stack, kPlanArgs);
+  Args args = torch::jit::last(*stack, kPlanArgs);
   std::shared_ptr<Plan> plan = lookup_plan(args, c10::IValue(), "float");
-  if (plan->kind == kPython) return run_python("bitfx_kernels::_bit_linear_python", std::move(args), stack);
-  stack->emplace_back(run_plan(*plan, args[0].toTensor()));
+  if (plan->kind == kPython) return run_python("bitfx_kernels::_bit_linear_python", stack, kPlanArgs);
+  finish(stack, kPlanArgs, run_plan(*plan, args[0].toTensor()));
 }
 
 // bit_linear_to_bits(<bit_linear's arguments>, Tensor? out_move=None) -> int64 [..., N/64]
 void bit_linear_to_bits(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
-  Stack args = take_args(stack, kPlanArgs + 1);
+  Args args = torch::jit::last(*stack, kPlanArgs + 1);
   std::shared_ptr<Plan> plan = lookup_plan(args, args[kPlanArgs], "sign_bits");
-  if (plan->kind == kPython) return run_python("bitfx_kernels::_bit_linear_to_bits_python", std::move(args), stack);
-  stack->emplace_back(run_plan(*plan, args[0].toTensor()));
+  if (plan->kind == kPython) return run_python("bitfx_kernels::_bit_linear_to_bits_python", stack, kPlanArgs + 1);
+  finish(stack, kPlanArgs + 1, run_plan(*plan, args[0].toTensor()));
 }
 
 // bit_linear_on_bits(Tensor bits, <bit_linear's other arguments>) -> float32 [..., N]
 void bit_linear_on_bits(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
-  Stack args = take_args(stack, kPlanArgs);
-  TORCH_CHECK_VALUE(args[4].isNone() && !args[5].isNone() && args[7].toStringRef() == "sign",
+  Args args = torch::jit::last(*stack, kPlanArgs);
+  TORCH_CHECK_VALUE(args[4].isNone() && !args[5].isNone() && view(args[7]) == "sign",
                     "bit_linear_on_bits takes codes signed with a given alpha: act_mode='sign', alpha given, "
-                    "move=None (applied by the producer); got act_mode='", args[7].toStringRef(), "'");
+                    "move=None (applied by the producer); got act_mode='", view(args[7]), "'");
   std::shared_ptr<Plan> plan = lookup_plan(args, c10::IValue(), "float");
-  stack->emplace_back(run_plan_on_bits(*plan, args[0].toTensor()));
+  finish(stack, kPlanArgs, run_plan_on_bits(*plan, args[0].toTensor()));
 }
 
 // ------------------------------------------------------------------------- sign_scores / binary_pv
@@ -567,7 +579,7 @@ const Fn& attention_kernel(int64_t D, int64_t Dv, const std::string& mode, int64
 
 void fused_attention(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* stack) {
   constexpr size_t kArgs = 14;
-  Stack args = take_args(stack, kArgs);
+  Args args = torch::jit::last(*stack, kArgs);
   auto opt = [&](size_t i) { return args[i].isNone() ? c10::optional<at::Tensor>() : args[i].toTensor(); };
   const at::Tensor &q = args[0].toTensor(), &k = args[1].toTensor(), &v = args[2].toTensor();
   const auto bias = opt(3), est_v = opt(4), aq = opt(5), ak = opt(6), av = opt(7), pp = opt(8);
@@ -608,7 +620,7 @@ void fused_attention(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* sta
            eq.size(0) == B && eq.size(1) == H && eq.size(2) == Lq && ek.size(0) == B && ek.size(1) == H &&
            ek.size(2) == Lk && ek.size(3) == w && w % 2 == 0 && 1 <= rank && rank <= kMaxEstRank;
   }
-  if (!fast) return run_python("bitfx_kernels::_fused_attention_python", std::move(args), stack);
+  if (!fast) return run_python("bitfx_kernels::_fused_attention_python", stack, kArgs);
 
   float p = 0.0f;  // bivit: ln β (β <= 0: -inf, every code 1); elastic: α_P floored at EPS; bool: unused
   if (mode == "bivit") {
@@ -648,7 +660,7 @@ void fused_attention(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* sta
     default: TORCH_CHECK(false, "bitfx native: unexpected fused_attention arity ", n);
   }
   g_attention_calls.fetch_add(1, std::memory_order_relaxed);
-  stack->emplace_back(std::move(out));
+  finish(stack, kArgs, std::move(out));
 }
 
 // ------------------------------------------------------------------------------------ one thread pool
