@@ -13,7 +13,7 @@ hits both paths alike):
             one ``at::empty`` -> two TVM-FFI calls with DLTensor pointers
   over      the call minus ``kernels``: what each path adds per call
   ceil%     (M=128) the C++ op's bit-MACs per second as a share of the one-core ceiling of the same shape,
-            measured in this run (``bitfx/perf/ceiling.c``)
+            measured in this run (``bitfx/perf/ceiling.c``, the best of three readings)
 Also ``sign_scores`` / ``binary_pv`` / ``fused_attention`` at attention shapes, and BERT-base's feed-forward pair (768 -> 3072 with
 GELU -> 768, M=128) two ways: ``bit_linear`` twice (the second packs the GELU's float output itself), and
 ``bit_linear_to_bits`` + ``bit_linear_on_bits`` (the first GEMM's epilogue writes the second's packed codes:
@@ -165,8 +165,14 @@ def main(argv=None) -> None:
           f"load average {os.getloadavg()[0]:.2f} (1 min)")
     shapes = [(768, 768)] if args.quick else [(768, 768), (768, 3072), (3072, 768)]
     try:
-        ceilings = {(K, N): ceiling.measure(128, N, K).gbit_per_s for K, N in shapes}
-        print("same-run ceiling, 1 core: " + ", ".join(f"{K}->{N} {g:.0f} G bit-MACs/s" for (K, N), g in ceilings.items()))
+        # the best of three readings per shape, spread over a few seconds: one reading can come out 10-25 % low
+        # when the CPU is slow for a moment (then a figure above 100 % appears), never high
+        ceilings = {(K, N): 0.0 for K, N in shapes}
+        for _ in range(3):
+            for K, N in shapes:
+                ceilings[(K, N)] = max(ceilings[(K, N)], ceiling.measure(128, N, K).gbit_per_s)
+        print("same-run ceiling, 1 core (best of 3): " +
+              ", ".join(f"{K}->{N} {g:.0f} G bit-MACs/s" for (K, N), g in ceilings.items()))
     except ceiling.CeilingUnavailable as err:
         ceilings = {}
         print(f"no ceiling in this run ({err}): no ceil% column")
