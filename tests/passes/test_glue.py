@@ -411,3 +411,38 @@ def test_lowering_prefetches_every_kernel_the_calls_run(config, monkeypatch):
     assert all(in_prefetch for _, in_prefetch in where), where
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=1e-4,
                                atol=1e-4 * ref.last_hidden_state.abs().max().item())
+
+
+class _Chain(torch.nn.Module):
+    """Three linears in a row, the middle one followed by an exact GELU: fc1 -> fc2 -> GELU -> fc3."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(96, 128), torch.nn.Linear(128, 192), torch.nn.Linear(192, 64)
+
+    def forward(self, x):
+        return self.fc3(torch.nn.functional.gelu(self.fc2(self.fc1(x))))
+
+
+def test_a_chain_of_linears_packs_each_pair_once(monkeypatch):
+    """fc1 writes fc2's packed codes; fc2 runs on them and applies its GELU in its epilogue, writing floats (a
+    linear is not both a consumer and a producer of packed codes); fc3 packs its own input. Equals the reference."""
+    monkeypatch.setenv("BITFX_AOT_CACHE", "0")
+    torch.manual_seed(0)
+    model, x = _Chain().eval(), torch.randn(2, 7, 96)
+    seen = []
+    from bitfx import backend
+
+    real = backend.compile_glue
+
+    def spy(lowered, inputs):
+        seen.append([(str(n.target).split(".")[-2], n.kwargs.get("activation", "none")) for n in lowered.graph.nodes
+                     if n.op == "call_function" and "bitfx_kernels" in str(n.target)])
+        return real(lowered, inputs)
+
+    monkeypatch.setattr(backend, "compile_glue", spy)
+    with torch.no_grad():
+        ref = _compiled(model, kernels="reference")(x)
+        out = _compiled(model)(x)
+    assert seen == [[("bit_linear_to_bits", "none"), ("bit_linear_on_bits", "gelu"), ("bit_linear", "none")]]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
