@@ -15,6 +15,11 @@ kernel adds it broadcast over batch, heads and query rows as its shape says. BiP
 (rank r ≤ 8) go to the kernel as they are: their residual is 2r multiply-adds per score there, where a
 ``[B, H, Lq, Lk]`` float bias built outside cost more than the whole kernel (MiniLM: 3.9 vs 1.7 ms a call).
 Inputs are computed in float32 (fp16/bf16 cast here); the output is float32.
+
+The kernel op ``bitfx_kernels::fused_attention`` has a C++ CPU kernel (``bitfx/ops/native.cpp``, loaded with the
+other kernel ops): for 4-D float32 q/k/v, a ``[bB, bH, bQ, Lk]`` bias and contiguous estimators it reads the
+scalars, finds the kernel by configuration (``_kernel_handle``, once) and calls it without Python; anything else
+goes to ``fused_attention`` here (``_fused_attention_python``). ``calls()`` counts both paths.
 """
 
 from __future__ import annotations
