@@ -42,6 +42,7 @@ CACHE_FORMAT = 1
 _MEMO: dict = {}
 _LOADED: list[str] = []  # the kernel libraries this process loaded (bitfx.ops.native repoints their pool)
 _PENDING: dict = {}  # memo key -> Future of a prefetched kernel
+PREFETCH_THREADS = 4  # at most this many kernel builds at once (`prefetch`)
 _POOL: list = []  # the prefetch thread pool, made on first use
 
 
@@ -73,14 +74,16 @@ def kernel(op: str, *, impl: str = "host", target: tvm.target.Target | None = No
 
 def prefetch(specs, impl: str = "host") -> int:
     """Start compiling (or loading) the kernels ``[(op, params), ...]`` of kernel set ``impl`` in background
-    threads, one per CPU; returns how many were started (the others are memoised or under way already)."""
+    threads, one per CPU up to ``PREFETCH_THREADS`` (an LLVM build holds a few hundred MB); returns how many
+    were started (the others are memoised or under way already). A process that exits meanwhile waits for
+    them (and the next one finds them in the cache)."""
     started = 0
     for op, params in specs:
         memo_key = (op, impl, None, tuple(sorted(params.items())))
         if memo_key in _MEMO or memo_key in _PENDING:
             continue
         if not _POOL:
-            _POOL.append(concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+            _POOL.append(concurrent.futures.ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, os.cpu_count() or 1),
                                                                thread_name_prefix="bitfx-kernel-build"))
         _PENDING[memo_key] = _POOL[0].submit(_load_or_build, op, impl, None, dict(params))
         STATS["prefetched"] += 1
