@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from bitfx.env import switched_off
 
 __all__ = ["fused_attention", "calls", "score_bias", "unsupported_reason", "bit_attention_fused",
            "bit_attention_on_fused_kernel", "FUSED_ATTENTION_KERNEL", "STATS", "MAX_D", "MAX_DV", "MAX_EST_RANK"]
@@ -47,7 +48,7 @@ _MODES = ("bivit", "bool", "elastic")
 def unsupported_reason(qt, k, v, attn_mask, alpha_q, alpha_k, alpha_v, prob_param, est_q, est_k, est_v,
                        scale, is_causal, prob_mode) -> Optional[str]:
     """Why this ``bit_attention`` call keeps the two-kernel path, or None when the fused kernel runs it."""
-    if os.environ.get("BITFX_FUSED_ATTENTION", "1") == "0":  # every call on the two-kernel path (A/B runs)
+    if switched_off("BITFX_FUSED_ATTENTION"):  # every call on the two-kernel path (A/B runs)
         return "BITFX_FUSED_ATTENTION=0"
     if prob_mode not in _MODES:
         return f"prob_mode {prob_mode!r}"

@@ -417,10 +417,11 @@ def _gemm_spec(K: int, N: int, ternary: bool, layout: str, act: str, bits: int, 
 
 def plan_kernels(K: int, N: int, *, ternary: bool, act: str = "sign", bits: int = 1, move: bool = False,
                  alpha: bool = False, bias: bool = False, activation: str = "none", output: str = "float",
-                 out_move: bool = False, threads: int | None = None) -> list[tuple[str, dict]]:
+                 out_move: bool = False, threads: int | None = None, layout: str = "panel") -> list[tuple[str, dict]]:
     """``[(op, params), ...]``: the kernels a host ``LinearPlan`` of these options calls (its quantizer, its GEMM,
     then the weight's packing), as ``build.kernel`` / ``build.prefetch`` take them. The flags say which tensors
-    the plan is given."""
+    the plan is given; ``layout``: the packed weight's (``pack_weight`` makes panels). ``LinearPlan`` builds its
+    kernels from this list, so what the lowering prefetches is what the plan calls."""
     _check_bits(act, bits)
     par = _parallel(threads)
     pack = _act_pack(act)
@@ -430,7 +431,7 @@ def plan_kernels(K: int, N: int, *, ternary: bool, act: str = "sign", bits: int 
         quant = ("pack_rows", dict(mode="sign", K=K, move=move, mean=not alpha, parallel=par))
     else:
         quant = ("absmax_planes", dict(K=K, bits=bits, parallel=par))
-    gemm = _gemm_spec(K, N, ternary, "panel", act, bits, par, epilogue=output if output == "sign_bits" else "float",
+    gemm = _gemm_spec(K, N, ternary, layout, act, bits, par, epilogue=output if output == "sign_bits" else "float",
                       bias=bias, activation=activation, out_move=out_move)
     return [quant, gemm, *(_weight_pack_spec(K, m) for m in (("pos", "neg") if ternary else ("pos",)))]
 
@@ -498,7 +499,6 @@ class LinearPlan:
         self.K, self.N, self.act, self.bits, self.activation = packed.K, packed.N, act, bits, activation
         self.output = output
         self.out_move = None if out_move is None else _vector(out_move, packed.N, "out_move")
-        par = _parallel(threads)
         cs = _vector(col_scale, packed.N, "col_scale")
         self.col = cs.expand(packed.N).contiguous() if cs.numel() == 1 else cs
         self.bias = None if bias is None else _vector(bias, packed.N, "bias")
@@ -509,11 +509,11 @@ class LinearPlan:
         self.words = _words(packed.K)
         if self.pack == "unsigned":  # u = x + move in torch, then u > α/2 (the threshold as pack's move)
             self.alpha, self.threshold = unsigned_threshold(self.alpha, packed.K)
-        op, params = plan_kernels(packed.K, packed.N, ternary=packed.ternary, act=act, bits=bits,
-                                  move=self.move is not None, alpha=self.alpha is not None, threads=threads)[0]
-        self.quant = kernel(op, **params)
-        self.gemm = _gemm(packed, act, bits, par, epilogue=output if output == "sign_bits" else "float",
-                          bias=self.bias is not None, activation=activation, out_move=self.out_move is not None)
+        (qop, qparams), (gop, gparams), *_ = plan_kernels(
+            packed.K, packed.N, ternary=packed.ternary, act=act, bits=bits, move=self.move is not None,
+            alpha=self.alpha is not None, bias=self.bias is not None, activation=activation, output=output,
+            out_move=self.out_move is not None, threads=threads, layout=packed.layout)
+        self.quant, self.gemm = kernel(qop, **qparams), kernel(gop, **gparams)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.output != "float":

@@ -109,6 +109,15 @@ def _packed_word(mode: str, value, dtype: str):
     return ~word if inverted else word
 
 
+def _packed_bytes(mode: str, value, dtype: str, lanes: int):
+    """`lanes` (a multiple of 8) packed bits as `lanes/8` bytes (uint8, or a uint8 vector), lane j -> bit j % 8 of
+    byte j // 8: the bytes of `_packed_word`'s word, in memory order (little-endian)."""
+    cond, inverted = _bit_predicate(mode, value, dtype, lanes)
+    n = lanes // 8
+    word = T.reinterpret("uint8" if n == 1 else f"uint8x{n}", tirx.Cast(f"uint1x{lanes}", cond))
+    return ~word if inverted else word
+
+
 def _packed_bit(mode: str, value, dtype: str, j):
     cond, inverted = _bit_predicate(mode, value, dtype, 1)
     one = _u64(1) << j.astype("uint64")
@@ -503,9 +512,8 @@ def gemm(*, mode: str, K: int | None, N: int | None, planes: int = 1, signed: bo
                     with T.vectorized(0, width) as j:
                         u = dst[i, j] if fn is None else fn(dst[i, j])
                         T.buffer_store(dst, u + MV[col0 + j] if out_move else u, [i, j])
-                    neg = _vec_load(dst, [i], width, 0) < _zero("float32", width)  # sign(u) = NOT(u < 0)
+                    byte = _packed_bytes("sign", _vec_load(dst, [i], width, 0), "float32", width)
                     nbytes = width // 8
-                    byte = ~T.reinterpret("uint8" if nbytes == 1 else f"uint8x{nbytes}", tirx.Cast(f"uint1x{width}", neg))
                     if nbytes == 1:
                         T.buffer_store(O, byte, [rows[0] + i, col0 // 8])
                     else:
