@@ -84,31 +84,38 @@ def compile_time(layers: int) -> None:
 
     Each runs twice against its own empty cache directories: "cold" (nothing cached: bitfx's kernels, packed
     weights and calibration, and inductor's and AOTAutograd's caches, `TORCHINDUCTOR_CACHE_DIR`), then "warm"
-    (the same directories, now filled). The last stop's figures kept inductor's default cache directory, warm
-    from earlier runs, for bitfx's cold start; they are printed here too ("bitfx, inductor cache kept")."""
-    def run(backend: str, env: dict) -> float:
+    (the same directories, now filled). "whole model" is `torch.compile(model)`; "regional" compiles each
+    encoder layer (`layer.compile(...)`, PyTorch's recipe for repeated blocks: one graph, compiled once, runs
+    every layer; the embeddings and the head stay eager). The last stop's figures kept inductor's default cache
+    directory, warm from earlier runs, for bitfx's cold start; they are printed here too ("inductor cache kept")."""
+    def run(backend: str, regional: bool, env: dict) -> float:
+        call = (f"    [layer.compile({backend}) for layer in m.layer]\n    m(*inp)\n" if regional
+                else f"    torch.compile(m{', ' if backend else ''}{backend})(*inp)\n")
         code = (
             "import time, torch; from bitfx.models import bert_encoder\n"
             f"m, inp = bert_encoder(layers={layers})\n"
             "t = time.perf_counter()\n"
-            f"with torch.no_grad(): torch.compile(m{backend})(*inp)\n"
+            "with torch.no_grad():\n" + call +
             "print(f'{time.perf_counter() - t:.2f}')\n"
         )
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         return float(out.stdout.strip().splitlines()[-1])
 
     rows = []
-    for name, backend, fresh_inductor in (("bitfx", ", backend='bitfx'", True), ("inductor fp32", "", True),
-                                          ("bitfx, inductor cache kept", ", backend='bitfx'", False)):
+    bitfx_, inductor = "backend='bitfx'", ""
+    for name, backend, regional, fresh_inductor in (
+            ("bitfx, whole model", bitfx_, False, True), ("inductor fp32, whole model", inductor, False, True),
+            ("bitfx, regional", bitfx_, True, True), ("inductor fp32, regional", inductor, True, True),
+            ("bitfx, whole, inductor cache kept", bitfx_, False, False)):
         with tempfile.TemporaryDirectory() as bitfx_cache, tempfile.TemporaryDirectory() as inductor_cache:
             env = {**os.environ, "BITFX_CACHE_DIR": bitfx_cache}
             if fresh_inductor:
                 env["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
-            rows.append((name, run(backend, env), run(backend, env)))
+            rows.append((name, run(backend, regional, env), run(backend, regional, env)))
     print(f"\n(c) compile + first call of the {layers}-layer BERT-base-shaped model (fresh process each)")
-    print(f"{'':28s} {'cold':>8s} {'warm':>8s}")
+    print(f"{'':34s} {'cold':>8s} {'warm':>8s}")
     for name, cold, warm in rows:
-        print(f"{name:28s} {cold:7.2f}s {warm:7.2f}s")
+        print(f"{name:34s} {cold:7.2f}s {warm:7.2f}s")
 
 
 def linear_bytes(layers: int) -> None:

@@ -17,7 +17,10 @@ import contextlib
 import functools
 import logging
 import os
+import platform
+import threading
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -46,17 +49,20 @@ torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
 REPORTS: list = []
 
 #: (Keyed by identity: a WeakKeyDictionary compares tensor keys with ``==``, which is elementwise.)
-_CALIBRATED: "WeakIdKeyDictionary[torch.Tensor, dict[str, torch.Tensor]]" = WeakIdKeyDictionary()
+_CALIBRATED: "WeakIdKeyDictionary[torch.Tensor, tuple[tuple[int, ...], dict[str, torch.Tensor]]]" = WeakIdKeyDictionary()
 
 
 def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
     opts = CompileOptions.from_dict(options)
+    if opts.config.kernels == "tvm" and opts.glue == "inductor":
+        _probe_simd_early()  # (child processes, beside the capture and the passes below)
     traced, weights = capture_dynamo(gm, example_inputs)
     ctx = PassContext(opts.config, weights, example_inputs=tuple(example_inputs))
+    binding = None
     if not _has_bitfx_ops(traced):
         before = {name for name, _ in traced.named_parameters()}
         traced = run_passes(traced, ctx, PIPELINE)
-        _initialise(traced, before, example_inputs, opts.config)
+        binding = _AddedValues(traced, before, example_inputs, opts.config)
     log.info("bitfx: %d rewrites, %d left in float", len(ctx.report.rewrites), len(ctx.report.skips))
     traced.bitfx_report = ctx.report
 
@@ -75,12 +81,15 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     # (dynamo may abort this attempt, e.g. TensorifyScalarRestartAnalysis, and call again)
     # (a cache hit loads inductor's kernels, which asks the SIMD probes too: remembered here as in a compile)
     probes = _simd_probes_remembered() if ctx.glue == "inductor" else contextlib.nullcontext()
+    module, inputs = traced, list(example_inputs)
+    if binding is not None and binding.per_weights:
+        module, inputs = binding.module, inputs + binding.example_values(inputs)
     with _aot_autograd_cache(ctx, opts) as wrap, probes:
-        compiled = aot_module_simplified(traced, example_inputs, fw_compiler=wrap(fw_compiler),
+        compiled = aot_module_simplified(module, inputs, fw_compiler=wrap(fw_compiler),
                                          bw_compiler=bw_compiler)
     REPORTS.append(ctx.report)
     del REPORTS[:-64]
-    return compiled
+    return binding.bind(compiled) if binding is not None and binding.per_weights else compiled
 
 
 @contextlib.contextmanager
@@ -165,6 +174,7 @@ def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
         # size_asserts off: no per-call size/stride check of every input and extern-kernel output (~45 per
         # BERT layer call: 0.161 -> 0.138 ms at seq 1); the kernel ops return fresh contiguous tensors, as
         # their fake functions say
+        _simd_checked()
         with _simd_probes_remembered(), inductor_config.patch(size_asserts=False):
             return compile_fx_inner(graph, inputs)
     except Exception as err:  # noqa: BLE001 - the kernels still run; only the glue stays eager
@@ -223,6 +233,10 @@ def _skinny_mm_as_reductions(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+_PROBES_LOCK = threading.Lock()
+_PROBES_USERS = [0, None]  # [contexts open, inductor's own probe while they are]
+
+
 @contextlib.contextmanager
 def _simd_probes_remembered():
     """Inductor checks each SIMD ISA the CPU reports by loading a compiled test kernel in a child Python,
@@ -230,40 +244,95 @@ def _simd_probes_remembered():
     AOTAutograd's cache loads a compiled forward: 1.4 s of a 6-7 s warm start). The answer
     depends only on the test library, this CPU, torch and the C++ compiler: bitfx keeps each passed
     probe in its compile cache and answers it from there in later processes. A failed probe is not
-    kept (it is asked again), so a transient failure never disables an ISA."""
+    kept (it is asked again), so a transient failure never disables an ISA.
+
+    The memo is installed while at least one such context is open, in any thread (`_probe_simd_early`
+    opens them in its threads while the compile opens its own): a count under a lock, so the last one
+    out, not the first, puts inductor's probe back."""
     from torch._inductor import cpu_vec_isa
 
-    real = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
-    if real is None or getattr(real, "_bitfx_remembered", False) or not compile_cache.enabled():
-        yield  # (nested: the outer context already answers them)
+    if getattr(cpu_vec_isa.VecISA, "_probe_load", None) is None or not compile_cache.enabled():
+        yield
         return
-
-    def probe(self, output_path: str) -> bool:
-        try:
-            stamp = os.stat(output_path)
-            key = compile_cache.content_key(
-                "simd_probe", [], extra=f"{_isa_fingerprint()}|{output_path}|{stamp.st_size}|{stamp.st_mtime_ns}")
-        except OSError:
-            return real(self, output_path)
-        with torch._subclasses.fake_tensor.unset_fake_temporarily():  # real tensors inside the compile
-            if compile_cache.load(key, stat="simd_probe_") is not None:
-                return True
-            ok = real(self, output_path)
-            if ok:
-                compile_cache.store(key, {"ok": torch.tensor(True)}, stat="simd_probe_")
-        return ok
-
-    probe._bitfx_remembered = True
-    cpu_vec_isa.VecISA._probe_load = probe
+    with _PROBES_LOCK:
+        if _PROBES_USERS[0] == 0:
+            _PROBES_USERS[1] = cpu_vec_isa.VecISA._probe_load
+            cpu_vec_isa.VecISA._probe_load = functools.partialmethod(_remembered_probe, _PROBES_USERS[1])
+        _PROBES_USERS[0] += 1
     try:
         yield
     finally:
-        cpu_vec_isa.VecISA._probe_load = real
+        with _PROBES_LOCK:
+            _PROBES_USERS[0] -= 1
+            if _PROBES_USERS[0] == 0:
+                cpu_vec_isa.VecISA._probe_load = _PROBES_USERS[1]
+
+
+def _remembered_probe(self, real, output_path: str) -> bool:
+    try:
+        stamp = os.stat(output_path)
+        key = compile_cache.content_key(
+            "simd_probe", [], extra=f"{_isa_fingerprint()}|{output_path}|{stamp.st_size}|{stamp.st_mtime_ns}")
+    except OSError:
+        return real(self, output_path)
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():  # real tensors inside the compile
+        if compile_cache.load(key, stat="simd_probe_") is not None:
+            return True
+        ok = real(self, output_path)
+        if ok:
+            compile_cache.store(key, {"ok": torch.tensor(True)}, stat="simd_probe_")
+    return ok
+
+
+#: The early SIMD checks under way (`_probe_simd_early`), one thread per ISA; joined by `_simd_checked`.
+_EARLY_PROBES: list[threading.Thread] = []
+
+
+def _probe_simd_early() -> None:
+    """Start inductor's SIMD ISA checks now, in background threads, one per ISA this CPU reports.
+
+    Inductor asks them one after another when it first generates C++ (`valid_vec_isa_list`), inside
+    the compile of the glue: on a machine where its cache is empty each compiles a test library with the
+    C++ compiler and loads it in a child Python (seven builds and six loads, ~8 s of a 12-layer BERT's
+    cold compile here). Started at the backend's entry they run in child processes beside bitfx's
+    capture, passes, calibration and AOTAutograd's trace. Each ISA's answer is inductor's own (its
+    ``bool(isa)``, memoised per ISA), so the compile later reads it; nothing is decided here."""
+    from torch._inductor import cpu_vec_isa
+
+    if _EARLY_PROBES or platform.machine() not in ("x86_64", "AMD64"):
+        return
+    try:
+        # what a probe imports, imported here first: setuptools (through torch.utils.cpp_extension) patches the
+        # import machinery as it loads, and imported in the probe threads it broke an import of the compile's
+        # own ("No module named 'torch._inductor.fx_passes.dedupe_symint_uses'")
+        import torch.utils._filelock  # noqa: F401
+        import torch.utils.cpp_extension  # noqa: F401
+        from torch._inductor import codecache, cpp_builder  # noqa: F401
+
+        flags = cpu_vec_isa.x86_isa_checker()
+        isas = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+    except Exception:  # noqa: BLE001 - inductor asks them itself, as it always did
+        return
+
+    def check(isa) -> None:
+        with _simd_probes_remembered(), contextlib.suppress(Exception):
+            bool(isa)
+
+    # a thread per ISA (three here): one thread for all of them left most of the wait in the compile
+    for isa in isas:
+        t = threading.Thread(target=check, args=(isa,), name=f"bitfx-simd-{isa}", daemon=True)
+        t.start()
+        _EARLY_PROBES.append(t)
+
+
+def _simd_checked() -> None:
+    """Wait for the early SIMD checks, so that inductor does not start the same ones again."""
+    for t in _EARLY_PROBES:
+        t.join()
 
 
 def _isa_fingerprint() -> str:
     """The CPU's flags, the torch version and the C++ compiler (path and modification time)."""
-    import platform
     import shutil
 
     from torch._inductor import cpu_vec_isa
@@ -278,32 +347,129 @@ def _isa_fingerprint() -> str:
     return f"{platform.machine()}|{flags}|{torch.__version__}|{cxx}|{stamp}"
 
 
-def _initialise(traced: fx.GraphModule, before: set[str], example_inputs, config) -> None:
-    added = {n: p for n, p in traced.named_parameters() if n not in before}
-    added.update({n: b for n, b in traced.named_buffers() if n.startswith("bitfx_")})
-    if not added:
-        return
-    key = next((x for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
-    cached = _CALIBRATED.get(key) if key is not None else None
-    if cached is not None and set(cached) >= set(added):
+class _AddedValues:
+    """The values of the parameters the passes added (scales, thresholds, estimators), per module called.
+
+    Dynamo passes a module's parameters to the compiled graph as inputs, so one graph serves every module
+    whose ``forward`` it traced: ``layer.compile(backend="bitfx")`` for each of a BERT's 12 layers
+    ("regional compilation", PyTorch's recipe for compile time) calls the backend once, for layer 0, and
+    runs that graph for all 12. The added values belong to the module, not to the graph: calibrated on
+    layer 0 and shared, BiViT's thresholds were wrong in the other layers (max error 0.47 on a 3-layer
+    BERT). So where the graph has parameter inputs, the added values are inputs too (``module``, with
+    placeholders for them) and `bind` wraps the compiled function: each call looks its values up by the
+    parameters it was given, and the first call with a module's parameters calibrates that module (from
+    the added values' initial state, on that call's inputs, through the disk cache as at compile time).
+    Without parameter inputs (a GraphModule's own attributes) the values stay constants of the graph.
+
+    Keyed by the first parameter input (``_CALIBRATED``, by identity, weakly) with the identities of all
+    of them checked, so a dynamo recompilation (new shapes) reuses the values of the first compile."""
+
+    def __init__(self, traced: fx.GraphModule, before: set[str], example_inputs, config) -> None:
+        added = {n: p for n, p in traced.named_parameters() if n not in before}
+        added.update({n: b for n, b in traced.named_buffers() if n.startswith("bitfx_")})
+        self.traced, self.config, self.names = traced, config, sorted(added)
+        self.initial = {n: added[n].detach().clone() for n in self.names}
+        self.like = {n: added[n] for n in self.names}
+        self._bound: dict[tuple[int, ...], tuple] = {}  # parameter identities -> (weakref, values)
+        self.params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+        self.per_weights = bool(self.names) and bool(self.params)
+        self._lock = threading.Lock()
+        self.calibrations = 0  # calibrations run (not read from the in-process or disk cache)
+        values = self.values(example_inputs)
+        with torch.no_grad():  # the graph's own attributes hold the first module's values too
+            for name, value in zip(self.names, values):
+                added[name].copy_(value)
+        self.module = self._as_inputs(traced) if self.per_weights else traced
+
+    def values(self, inputs) -> tuple[torch.Tensor, ...]:
+        """The added values for the module whose parameters are among ``inputs``; calibrated on a miss.
+
+        (Per call: a tuple of the parameters' identities and one dict lookup, ~2 µs for a BERT layer.)"""
+        if not self.names:
+            return ()
+        ids = tuple(id(inputs[i]) for i in self.params)
+        hit = self._bound.get(ids)
+        if hit is not None and hit[0]() is inputs[self.params[0]]:
+            return hit[1]
+        return self._look_up(inputs, ids)
+
+    def _look_up(self, inputs, ids) -> tuple[torch.Tensor, ...]:
+        key = inputs[self.params[0]] if self.params else None
+        like = self.like
+        cached = _CALIBRATED.get(key) if key is not None else None
+        if (cached is not None and cached[0] == ids
+                and all(n in cached[1] and cached[1][n].shape == like[n].shape for n in self.names)):
+            # (another compile of the same module: new shapes, or the module since cast with .half())
+            values = {n: cached[1][n].to(like[n].device, like[n].dtype) for n in self.names}
+        else:
+            with self._lock:  # calibration runs on the one traced module
+                values = self._calibrate(inputs)
+            if key is not None:
+                _CALIBRATED[key] = (ids, values)
+        # leaves that require grad as the parameters the passes added do: the decompositions see the same
+        # graph (a 4-D x times a 2-D weight that requires grad folds into one mm: BiPFT's estimators)
+        out = tuple(values[n].detach().requires_grad_(like[n].requires_grad) for n in self.names)
+        if key is not None:
+            bound = self._bound
+            bound[ids] = (weakref.ref(key, lambda _, ids=ids: bound.pop(ids, None)), out)
+        return out
+
+    def example_values(self, inputs) -> list:
+        """The added values of ``inputs``' module as AOTAutograd's example inputs: fake, static-shaped.
+
+        (A real tensor would be fakified there with a dynamic size per dimension, symbols dynamo has no
+        source for: the first guard on one, e.g. the lowering reading a scale's length, broke the compile.)"""
+        from torch._guards import detect_fake_mode
+
+        values = list(self.values(inputs))
+        fake_mode = detect_fake_mode(inputs)
+        return values if fake_mode is None else [fake_mode.from_tensor(v, static_shapes=True) for v in values]
+
+    def bind(self, compiled):
+        values = self.values
+
+        def run(*args):
+            return compiled(*args, *values(args))
+
+        run.zero_grad, run.named_parameters = compiled.zero_grad, compiled.named_parameters
+        run.named_buffers = compiled.named_buffers
+        return run
+
+    def _calibrate(self, inputs) -> dict[str, torch.Tensor]:
+        added = dict(self.traced.named_parameters()) | dict(self.traced.named_buffers())
         with torch.no_grad():
-            for name, p in added.items():
-                p.copy_(cached[name])
-        return
-    # dynamo passes SymInts for dynamic sizes: calibrate on their concrete values (hints)
-    concrete = tuple(x.node.hint if isinstance(x, torch.SymInt) else x for x in example_inputs)
-    # the same model, batch and config in an earlier process: reuse its calibration from disk
-    disk_key = compile_cache.content_key(
-        "calibration", [x for x in concrete if isinstance(x, torch.Tensor)],
-        extra=repr([x for x in concrete if not isinstance(x, torch.Tensor)]) + repr(config)
-        + repr(sorted((n, tuple(p.shape)) for n, p in added.items())))
-    stored = compile_cache.load(disk_key)
-    if stored is not None and set(stored) == set(added):
-        with torch.no_grad():
-            for name, p in added.items():
-                p.copy_(stored[name])
-    else:
-        calibrate(traced, [concrete])
-        compile_cache.store(disk_key, {n: p.detach() for n, p in added.items()})
-    if key is not None:
-        _CALIBRATED[key] = {n: p.detach().clone() for n, p in added.items()}
+            for name in self.names:  # every module starts from what the passes set
+                added[name].copy_(self.initial[name])
+        # dynamo passes SymInts for dynamic sizes: calibrate on their concrete values (hints)
+        concrete = tuple(x.node.hint if isinstance(x, torch.SymInt) else x for x in inputs)
+        # the same module, batch and config in an earlier process: its calibration from disk
+        disk_key = compile_cache.content_key(
+            "calibration", [x for x in concrete if isinstance(x, torch.Tensor)],
+            extra=repr([x for x in concrete if not isinstance(x, torch.Tensor)]) + repr(self.config)
+            + repr([(n, tuple(added[n].shape)) for n in sorted(self.names)]))
+        stored = compile_cache.load(disk_key)
+        if stored is not None and set(stored) == set(self.names):
+            return {n: stored[n].to(added[n].device, added[n].dtype) for n in self.names}
+        calibrate(self.traced, [concrete])
+        self.calibrations += 1
+        values = {n: added[n].detach().clone() for n in self.names}
+        compile_cache.store(disk_key, values)
+        return values
+
+    def _as_inputs(self, traced: fx.GraphModule) -> fx.GraphModule:
+        """A copy of ``traced`` in which each added value is a placeholder after the graph's own inputs."""
+        graph = fx.Graph()
+        out = graph.graph_copy(traced.graph, {})
+        graph.output(out)
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        placeholders = {}
+        for name in reversed(self.names):  # each inserted right after the last input: reversed keeps the order
+            with graph.inserting_after(last):
+                placeholders[name] = graph.placeholder(name)
+        for node in list(graph.nodes):
+            if node.op == "get_attr" and node.target in placeholders:
+                node.replace_all_uses_with(placeholders[node.target])
+                graph.erase_node(node)
+        module = fx.GraphModule(traced, graph)
+        module.meta = getattr(traced, "meta", {})
+        return module

@@ -1,0 +1,142 @@
+"""Regional compilation: ``layer.compile(backend="bitfx")`` on each repeated block, PyTorch's recipe for compile
+time. Dynamo compiles the block once and runs that one graph for every layer, each layer's parameters passed as
+inputs; the values bitfx adds (scales, BiViT thresholds, BiPFT estimators) belong to each layer, not to the graph.
+The expected outputs are those of the whole model compiled as one graph (every layer calibrated in one pass)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitfx import backend
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_bert(layers: int = 3):
+    """A random-init HF BERT (hidden 64, 4 heads, FFN 128) and a batch of token ids."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=300)
+    model = transformers.BertModel(cfg).eval()
+    return model, torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def calibrations(monkeypatch):
+    """Counts the calibrations run (those read back from a cache are not)."""
+    calls = []
+    real = backend.calibrate
+    monkeypatch.setattr(backend, "calibrate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    torch._dynamo.reset()
+    yield calls
+    torch._dynamo.reset()
+
+
+def _whole(model, ids, options):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="bitfx", options=options)(ids).last_hidden_state
+    torch._dynamo.reset()
+    return out
+
+
+@pytest.mark.parametrize("preset", ["bivit", "bipft"])
+def test_one_graph_serves_every_layer_with_its_own_values(preset, calibrations, tmp_path, monkeypatch):
+    monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))  # nothing calibrated earlier
+    model, ids = _hf_bert()
+    options = {"config": preset, "kernels": "reference"}
+    expected = _whole(model, ids, options)
+    longer = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    expected_longer = _whole(model, longer, options)
+    calibrations.clear()
+
+    reports = len(backend.REPORTS)
+    for layer in model.encoder.layer:
+        layer.compile(backend="bitfx", options=options)
+    with torch.no_grad():
+        got = model(ids).last_hidden_state
+        assert len(backend.REPORTS) - reports == 1  # one compiled graph for the three layers
+        assert len(calibrations) == 3  # each layer calibrated once, on the activations it receives
+        again = model(ids).last_hidden_state
+        got_longer = model(longer).last_hidden_state  # new shapes: dynamo compiles again, values reused
+    assert len(calibrations) == 3
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-5 * scale
+    assert torch.equal(got, again)
+    assert (got_longer - expected_longer).abs().max() <= 1e-5 * expected_longer.abs().max()
+
+
+def test_each_layer_keeps_values_of_its_own(calibrations, tmp_path, monkeypatch):
+    """BiViT's thresholds differ between the layers (a graph that shared layer 0's would not meet the bound
+    of the test above), and a second model object with other weights gets values of its own."""
+    monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
+    model, ids = _hf_bert()
+    other, _ = _hf_bert()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    for m in (model, other):
+        for layer in m.encoder.layer:
+            layer.compile(backend="bitfx", options={"config": "bivit", "kernels": "reference"})
+    with torch.no_grad():
+        model(ids), other(ids)
+    assert len(calibrations) == 6
+
+    def thresholds(m):
+        key = m.encoder.layer
+        return [[v for n, v in backend._CALIBRATED[layer.attention.self.query.weight][1].items() if n.startswith("bitfx_beta")]
+                for layer in key]
+    ours, theirs = thresholds(model), thresholds(other)
+    assert ours[0] and len(ours[0]) == len(ours[1])
+    assert not all(torch.equal(a, b) for a, b in zip(ours[0], ours[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(ours[0], theirs[0]))
+
+
+def test_regional_tvm_kernels_equal_the_reference(calibrations, tmp_path, monkeypatch):
+    """The same with TVM kernels and inductor glue, at two sequence lengths (the second compile is dynamic in
+    the sequence: its kernels cannot be prefetched from symbolic sizes and build at the first call)."""
+    monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
+    model, ids = _hf_bert()
+    longer = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    expected = _whole(model, ids, {"config": "bipft", "kernels": "reference"})
+    expected_longer = _whole(model, longer, {"config": "bipft", "kernels": "reference"})
+    for layer in model.encoder.layer:
+        layer.compile(backend="bitfx", options={"config": "bipft"})
+    with torch.no_grad():
+        got, got_longer = model(ids).last_hidden_state, model(longer).last_hidden_state
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (got_longer - expected_longer).abs().max() <= 1e-4 * expected_longer.abs().max()
+
+
+WARM_SCRIPT = r"""
+import json, torch, transformers, bitfx
+import bitfx.backend
+calls = []
+calibrate = bitfx.backend.calibrate
+bitfx.backend.calibrate = lambda *a, **k: (calls.append(1), calibrate(*a, **k))[1]
+torch.manual_seed(0)
+cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                              vocab_size=300)
+model = transformers.BertModel(cfg).eval()
+ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+for layer in model.encoder.layer:
+    layer.compile(backend="bitfx", options={"config": "bivit", "kernels": "reference"})
+with torch.no_grad():
+    y = model(ids).last_hidden_state
+print(json.dumps({"calibrations": len(calls), "y": y.double().sum().item()}))
+"""
+
+
+def test_warm_start_reads_every_layers_values_from_disk(tmp_path):
+    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path)}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", WARM_SCRIPT], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["calibrations"] == 3 and warm["calibrations"] == 0
+    assert warm["y"] == cold["y"]
