@@ -134,10 +134,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--skip-compile-time", action="store_true")
+    p.add_argument("--skip-speed", action="store_true", help="only (c) and (d)")
     p.add_argument("--skip-bytes", action="store_true")
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
-    if len(args.threads) == 1 and os.environ.get("TVM_NUM_THREADS") == str(args.threads[0]):
+    if args.skip_speed:
+        pass
+    elif len(args.threads) == 1 and os.environ.get("TVM_NUM_THREADS") == str(args.threads[0]):
         layer_speed(args.seq, args.threads[0])
     else:
         # TVM's pool is sized once per process: each thread count runs in a process of its own

@@ -140,3 +140,38 @@ def test_warm_start_reads_every_layers_values_from_disk(tmp_path):
     cold, warm = runs
     assert cold["calibrations"] == 3 and warm["calibrations"] == 0
     assert warm["y"] == cold["y"]
+
+
+def _repeated_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The longest ``nn.ModuleList`` of modules of one class: the model's layers."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+             and len({type(b) for b in m}) == 1]
+    return max(lists, key=len)
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "distilbert", "vit", "gpt2", "llama"])
+def test_zoo_models_compiled_by_region_equal_the_whole_model(name, tmp_path, monkeypatch):
+    """Real model code (the HF zoo: encoders, ViT, and decoders with their KV caches and rotary embeddings), its
+    layers compiled one by one, against the whole model compiled as one graph."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hf_zoo import ZOO, call
+
+    monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
+    model, args, kwargs = ZOO[name].make()
+    options = {"config": "bivit", "kernels": "reference"}
+
+    def hidden(out):
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = hidden(torch.compile(model, backend="bitfx", options=options)(*args, **kwargs))
+    torch._dynamo.reset()
+    for block in _repeated_blocks(model):
+        block.compile(backend="bitfx", options=options)
+    try:
+        with torch.no_grad():
+            got = hidden(call(model, args, kwargs))
+    finally:
+        torch._dynamo.reset()
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
