@@ -86,8 +86,8 @@ def _value_codes(v: Tensor, alpha_v: Optional[Tensor]):
     if alpha_v is None:
         scale = v.abs().mean(dim=(-2, -1), keepdim=True).detach()
         return codes, scale, scale * q._ste(codes, v.clamp(-1.0, 1.0))
-    scale = alpha_v.reshape(())
-    return codes, scale, scale * q._ste(codes, torch.clamp(v / scale, -1.0, 1.0))
+    scale = alpha_v.reshape(())  # (the divisor floored as in quantizers.act_sign: all-zero values give α_v = 0)
+    return codes, scale, scale * q._ste(codes, torch.clamp(v / scale.clamp(min=q.EPS), -1.0, 1.0))
 
 
 def _score_residual(est_q: Optional[Tensor], est_k: Optional[Tensor]) -> Optional[Tensor]:

@@ -78,7 +78,8 @@ def act_sign(x: Tensor, move: Tensor | None = None, alpha: Tensor | None = None)
     ``alpha`` is None, ``α = mean_k |u|`` per token (XNOR-Net, not trained).
     Backward (STE), learnable α (BiT): ``∂Qa/∂u = 1[|u| <= α]``,
     ``∂Qa/∂α = sign(u) - (u/α)·1[|u| <= α]``; per-token α: ``∂Qa/∂u = α·1[|u| <= 1]``.
-    ``∂Qa/∂move = ∂Qa/∂u``.
+    ``∂Qa/∂move = ∂Qa/∂u``. For α below ``EPS`` the divisor is ``EPS``: ``∂Qa/∂u = (α/EPS)·1[|u| <= EPS]``,
+    ``∂Qa/∂α = sign(u)``; a zero α gives finite gradients.
     """
     u = x if move is None else x + move
     codes = sign(u).detach()
@@ -88,7 +89,10 @@ def act_sign(x: Tensor, move: Tensor | None = None, alpha: Tensor | None = None)
         value = scale[..., None] * _ste(codes, clipped)
     else:
         scale = alpha.reshape(())
-        clipped = torch.clamp(u / scale, -1.0, 1.0)
+        # (the divisor floored at EPS: an input that is all zeros calibrates α = 0 — elastic attention
+        # probabilities that all round to 0 give one — and u / 0 made every gradient upstream NaN; the forward
+        # value, α·sign(u), and every gradient at α >= EPS are unchanged)
+        clipped = torch.clamp(u / scale.clamp(min=EPS), -1.0, 1.0)
         value = scale * _ste(codes, clipped)
     return codes, scale, value
 

@@ -145,3 +145,36 @@ def test_bad_prob_mode_is_named():
     x = torch.randn(1, 1, 2, 4)
     with pytest.raises(ValueError, match="prob_mode='hard'"):
         OP(x, x, x, None, None, None, None, None, None, None, None, None, False, "hard")
+
+
+@pytest.mark.parametrize("preset", ["bit", "bipft"])
+def test_uniform_attention_trains_with_finite_gradients(preset):
+    """A random-init HF BERT attends almost uniformly (P ≈ 1/24): elastic binarization rounds every probability
+    to 0 (α_P = 4·mean P, P/α_P ≈ 1/4), the attention output is all zeros and the next linear's α calibrates
+    to 0. Its STE divided u by α = 0, and every gradient upstream was NaN (56 of the binarized model's
+    parameters under `bit`); the divisor is floored at EPS now, the forward unchanged."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=300, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    qat = bitfx.binarize(model, {"input_ids": ids}, preset)
+    alphas = {n: p for n, p in qat.named_parameters() if n.startswith("bitfx_alpha__")}
+    assert any(float(a) == 0.0 for a in alphas.values())  # the case above occurs in this model
+    out = qat(input_ids=ids)
+    (out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state).pow(2).mean().backward()
+    grads = {n: p.grad for n, p in qat.named_parameters() if p.grad is not None}
+    assert len(grads) > 30
+    assert all(torch.isfinite(g).all() for g in grads.values()), [n for n, g in grads.items() if not g.isfinite().all()]
+
+
+def test_value_codes_at_zero_alpha_have_finite_gradients():
+    from bitfx.ops import attention as A
+
+    v = torch.zeros(1, 2, 3, 4, requires_grad=True)
+    alpha_v = torch.tensor(0.0, requires_grad=True)
+    _, _, value = A._value_codes(v, alpha_v)
+    value.sum().backward()
+    torch.testing.assert_close(v.grad, torch.zeros_like(v))
+    torch.testing.assert_close(alpha_v.grad, torch.tensor(24.0))  # dQ/dα_v = sign(0) = +1 below EPS, 24 values

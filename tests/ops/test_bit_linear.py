@@ -150,6 +150,25 @@ def test_ste_gradients_bit_elastic():
     torch.testing.assert_close(w.grad, (gy.t() @ qa))  # identity STE through the weight binarizer
 
 
+def test_ste_gradients_at_zero_alpha_are_finite():
+    """An input that is all zeros calibrates α = 0 (elastic attention probabilities that all round to 0 give
+    one): the forward is 0, and the gradients are those of the divisor floored at EPS, not 0/0 = NaN."""
+    x = torch.zeros(2, 4, requires_grad=True)
+    w = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    alpha = torch.tensor(0.0, requires_grad=True)
+    move = torch.zeros(4, requires_grad=True)
+    y = OP(x, w, None, None, move, alpha, "sign_tensor", "sign", 1)
+    assert torch.equal(y, torch.zeros(2, 3))
+    y.sum().backward()
+    codes = torch.where(w.detach() - w.detach().mean() < 0, -1.0, 1.0)
+    grad_qa = torch.ones(2, 3) @ (w.detach().abs().mean() * codes)  # dL/dQa
+    # below EPS the divisor is EPS: dQa/du = (α/EPS)·1[|u| <= EPS] = 0 at α = 0; dQa/dα = sign(u) = +1 at u = 0
+    torch.testing.assert_close(x.grad, torch.zeros(2, 4))
+    torch.testing.assert_close(move.grad, torch.zeros(4))
+    torch.testing.assert_close(alpha.grad, grad_qa.sum())
+    assert torch.isfinite(w.grad).all()
+
+
 def test_ste_gradient_absmax_is_identity():
     x = torch.randn(3, 8, requires_grad=True)
     w = torch.randn(4, 8, requires_grad=True)
