@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from processes import json_runs
 
 from bitfx import compile_cache
 
@@ -99,12 +100,7 @@ def test_warm_start_skips_inductors_simd_probes(tmp_path, aot_cache):
     (its loading asks the probes too)."""
     pytest.importorskip("torch._inductor.cpu_vec_isa")
     env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path), "BITFX_AOT_CACHE": aot_cache}
-    runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cold, warm = runs
+    cold, warm = json_runs(PROBE_SCRIPT, env)
     assert cold["probes"] >= 1  # the first process probes (the test is not vacuous)
     assert warm["probes"] == 0
     assert warm["y"] == cold["y"]

@@ -2,13 +2,11 @@
 time. Dynamo compiles the block once and runs that one graph for every layer, each layer's parameters passed as
 inputs; the values bitfx adds (scales, BiViT thresholds, BiPFT estimators) belong to each layer, not to the graph.
 The expected outputs are those of the whole model compiled as one graph (every layer calibrated in one pass)."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from processes import json_runs
 
 from bitfx import backend
 
@@ -131,13 +129,7 @@ print(json.dumps({"calibrations": len(calls), "y": y.double().sum().item()}))
 
 
 def test_warm_start_reads_every_layers_values_from_disk(tmp_path):
-    env = {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path)}
-    runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", WARM_SCRIPT], env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cold, warm = runs
+    cold, warm = json_runs(WARM_SCRIPT, {**os.environ, "BITFX_COMPILE_CACHE_DIR": str(tmp_path)})
     assert cold["calibrations"] == 3 and warm["calibrations"] == 0
     assert warm["y"] == cold["y"]
 
@@ -153,7 +145,6 @@ def _repeated_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
 def test_zoo_models_compiled_by_region_equal_the_whole_model(name, tmp_path, monkeypatch):
     """Real model code (the HF zoo: encoders, ViT, and decoders with their KV caches and rotary embeddings), its
     layers compiled one by one, against the whole model compiled as one graph."""
-    sys.path.insert(0, os.path.dirname(__file__))
     from hf_zoo import ZOO, call
 
     monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
