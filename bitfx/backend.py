@@ -374,7 +374,6 @@ class _AddedValues:
         self.params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         self.per_weights = bool(self.names) and bool(self.params)
         self._lock = threading.Lock()
-        self.calibrations = 0  # calibrations run (not read from the in-process or disk cache)
         values = self.values(example_inputs)
         with torch.no_grad():  # the graph's own attributes hold the first module's values too
             for name, value in zip(self.names, values):
@@ -388,6 +387,8 @@ class _AddedValues:
         for a whole model's hundreds of parameters; a miss compares all of them.)"""
         if not self.names:
             return ()
+        if not self.params:  # (values as constants of the graph: asked once, at compile time)
+            return self._look_up(inputs)
         first, last = inputs[self.params[0]], inputs[self.params[-1]]
         hit = self._bound.get((id(first), id(last)))
         if hit is not None and hit[0]() is first:
@@ -453,7 +454,6 @@ class _AddedValues:
         if stored is not None and set(stored) == set(self.names):
             return {n: stored[n].to(added[n].device, added[n].dtype) for n in self.names}
         calibrate(self.traced, [concrete])
-        self.calibrations += 1
         values = {n: added[n].detach().clone() for n in self.names}
         compile_cache.store(disk_key, values)
         return values
