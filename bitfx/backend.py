@@ -43,13 +43,14 @@ log = logging.getLogger(__name__)
 # issues a reorderable call after the graph instead: the warning is still given, the graph is whole.
 torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
 
-#: Calibrated values of added parameters, per model (keyed by its first parameter), so that a
-#: recompilation (new shapes) reuses the values of the first compile instead of refitting.
 #: Reports of the most recent compilations (newest last), for tools such as ``bitfx demo``.
 REPORTS: list = []
 
-#: (Keyed by identity: a WeakKeyDictionary compares tensor keys with ``==``, which is elementwise.)
-_CALIBRATED: "WeakIdKeyDictionary[torch.Tensor, tuple[tuple[int, ...], dict[str, torch.Tensor]]]" = WeakIdKeyDictionary()
+#: Calibrated values of added parameters, per module called (keyed by its first parameter, with the identities
+#: of all its parameters), so that a recompilation (new shapes) reuses the values of the first compile instead
+#: of refitting (`_AddedValues`). (Keyed by identity: a WeakKeyDictionary compares tensor keys with ``==``.)
+_CALIBRATED: "WeakIdKeyDictionary[torch.Tensor, tuple[tuple[int, ...], dict[str, torch.Tensor]]]" = (
+    WeakIdKeyDictionary())
 
 
 def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):

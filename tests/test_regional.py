@@ -84,9 +84,8 @@ def test_each_layer_keeps_values_of_its_own(calibrations, tmp_path, monkeypatch)
     assert len(calibrations) == 6
 
     def thresholds(m):
-        key = m.encoder.layer
-        return [[v for n, v in backend._CALIBRATED[layer.attention.self.query.weight][1].items() if n.startswith("bitfx_beta")]
-                for layer in key]
+        values = [backend._CALIBRATED[layer.attention.self.query.weight][1] for layer in m.encoder.layer]
+        return [[v for n, v in layer.items() if n.startswith("bitfx_beta")] for layer in values]
     ours, theirs = thresholds(model), thresholds(other)
     assert ours[0] and len(ours[0]) == len(ours[1])
     assert not all(torch.equal(a, b) for a, b in zip(ours[0], ours[1]))
@@ -101,10 +100,21 @@ def test_regional_tvm_kernels_equal_the_reference(calibrations, tmp_path, monkey
     longer = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(2))
     expected = _whole(model, ids, {"config": "bipft", "kernels": "reference"})
     expected_longer = _whole(model, longer, {"config": "bipft", "kernels": "reference"})
+    symbolic = []
+    capture = backend.capture_dynamo
+
+    def spy(gm, example_inputs):
+        fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        symbolic.append(any(isinstance(d, torch.SymInt) for f in fakes if isinstance(f, torch.Tensor)
+                            for d in f.shape))
+        return capture(gm, example_inputs)
+
+    monkeypatch.setattr(backend, "capture_dynamo", spy)
     for layer in model.encoder.layer:
         layer.compile(backend="bitfx", options={"config": "bipft"})
     with torch.no_grad():
         got, got_longer = model(ids).last_hidden_state, model(longer).last_hidden_state
+    assert symbolic == [False, True]
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert (got_longer - expected_longer).abs().max() <= 1e-4 * expected_longer.abs().max()
 

@@ -78,8 +78,8 @@ def act_sign(x: Tensor, move: Tensor | None = None, alpha: Tensor | None = None)
     ``alpha`` is None, ``α = mean_k |u|`` per token (XNOR-Net, not trained).
     Backward (STE), learnable α (BiT): ``∂Qa/∂u = 1[|u| <= α]``,
     ``∂Qa/∂α = sign(u) - (u/α)·1[|u| <= α]``; per-token α: ``∂Qa/∂u = α·1[|u| <= 1]``.
-    ``∂Qa/∂move = ∂Qa/∂u``. For α below ``EPS`` the divisor is ``EPS``: ``∂Qa/∂u = (α/EPS)·1[|u| <= EPS]``,
-    ``∂Qa/∂α = sign(u)``; a zero α gives finite gradients.
+    ``∂Qa/∂move = ∂Qa/∂u``. For α below ``EPS`` the divisor is ``EPS``:
+    ``∂Qa/∂u = (α/EPS)·1[|u| <= EPS]``, ``∂Qa/∂α = sign(u)``; a zero α gives finite gradients.
     """
     u = x if move is None else x + move
     codes = sign(u).detach()
