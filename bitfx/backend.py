@@ -9,7 +9,8 @@ Flow: the dynamo graph is re-traced to pre-dispatch ATen (``capture_dynamo``), t
 rewrites it (a graph that already holds bitfx ops, e.g. from ``bitfx.binarize``, is lowered as
 it is), scales are initialised on the first batch, and AOTAutograd produces the forward (and,
 when training, backward) graphs; the forward is lowered to kernels. Parameters added by the
-passes are calibrated once per model and reused when dynamo recompiles for new shapes.
+passes are inputs of the compiled graph, calibrated once per module that calls it (each layer of a
+regionally compiled model: `_AddedValues`) and reused when dynamo recompiles for new shapes.
 """
 from __future__ import annotations
 

@@ -75,12 +75,16 @@ def kernel(op: str, *, impl: str = "host", target: tvm.target.Target | None = No
 def prefetch(specs, impl: str = "host") -> int:
     """Start compiling (or loading) the kernels ``[(op, params), ...]`` of kernel set ``impl`` in background
     threads, one per CPU up to ``PREFETCH_THREADS`` (an LLVM build holds a few hundred MB); returns how many
-    were started (the others are memoised or under way already). A process that exits meanwhile waits for
-    them (and the next one finds them in the cache)."""
+    were started (the others are memoised or under way already, or have a parameter that is no value yet: a
+    size dynamo made symbolic, which the first call builds). A process that exits meanwhile waits for them (and
+    the next one finds them in the cache)."""
     started = 0
     for op, params in specs:
         memo_key = (op, impl, None, tuple(sorted(params.items())))
-        if memo_key in _MEMO or memo_key in _PENDING:
+        try:
+            if memo_key in _MEMO or memo_key in _PENDING:
+                continue
+        except TypeError:  # unhashable: a SymInt
             continue
         if not _POOL:
             _POOL.append(concurrent.futures.ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, os.cpu_count() or 1),

@@ -205,9 +205,7 @@ def _attention_kernels(node: fx.Node) -> list:
         spec = fused_attention.kernel_spec(*vals)
     except (TypeError, ValueError, AttributeError):  # symbolic sizes: the first call builds it
         return []
-    symbolic = spec is not None and any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
-                                        for v in spec[1].values())
-    return [] if spec is None or symbolic else [spec]  # (a size dynamo made dynamic: the first call builds it)
+    return [] if spec is None else [spec]  # (one with a symbolic size: `build.prefetch` leaves it to the call)
 
 
 def lower_kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

@@ -413,6 +413,24 @@ def test_lowering_prefetches_every_kernel_the_calls_run(config, monkeypatch):
                                atol=1e-4 * ref.last_hidden_state.abs().max().item())
 
 
+def test_prefetch_leaves_a_symbolic_size_to_the_call(monkeypatch):
+    """A size dynamo made dynamic is no value yet: ``prefetch`` starts nothing for that spec (it used to fail on
+    hashing the SymInt, which broke a dynamic compile) and still starts the others."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from bitfx.codegen import build
+
+    monkeypatch.setattr(build, "_MEMO", {})
+    monkeypatch.setattr(build, "_PENDING", {})
+    started = []
+    monkeypatch.setattr(build, "_load_or_build", lambda op, impl, target, params: started.append(params))
+    symbolic = ShapeEnv().create_unbacked_symint()
+    assert build.prefetch([("pack_rows", {"K": symbolic}), ("pack_rows", {"K": 64})]) == 1
+    for future in build._PENDING.values():
+        future.result()
+    assert started == [{"K": 64}]
+
+
 class _Chain(torch.nn.Module):
     """Three linears in a row, the middle one followed by an exact GELU: fc1 -> fc2 -> GELU -> fc3."""
 
