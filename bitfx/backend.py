@@ -28,9 +28,10 @@ import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bitfx import compile_cache
+from bitfx import compile_cache, regions
 from bitfx.calibrate import calibrate
 from bitfx.config import CompileOptions
 from bitfx.env import switched_off
@@ -58,8 +59,33 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     opts = CompileOptions.from_dict(options)
     if opts.config.kernels == "tvm" and opts.glue == "inductor":
         _probe_simd_early()  # (child processes, beside the capture and the passes below)
+    if opts.regions:
+        try:
+            split = regions.compile_regions(gm, example_inputs, opts.config,
+                                            lambda part, inputs, uses: _compile(part, inputs, opts, uses))
+        except regions.Declined as why:
+            log.info("bitfx: the graph is compiled whole (%s)", why)
+        else:
+            _reported(split.bitfx_report)
+            return split
+    compiled, ctx = _compile(gm, example_inputs, opts)
+    _reported(ctx.report)
+    return compiled
+
+
+def _reported(report) -> None:
+    REPORTS.append(report)
+    del REPORTS[:-64]
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: CompileOptions, instances: int = 1):
+    """One graph through the passes, AOTAutograd and the lowering -> (compiled function, PassContext).
+
+    ``example_inputs`` are dynamo's (real tensors), or for a partition of a split graph
+    (`bitfx.regions`) its real parameters and inputs and fakes for the activations between
+    partitions: then the added values are calibrated at the first call (`_AddedValues`)."""
     traced, weights = capture_dynamo(gm, example_inputs)
-    ctx = PassContext(opts.config, weights, example_inputs=tuple(example_inputs))
+    ctx = PassContext(opts.config, weights, example_inputs=tuple(example_inputs), instances=instances)
     binding = None
     if not _has_bitfx_ops(traced):
         before = {name for name, _ in traced.named_parameters()}
@@ -72,6 +98,7 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
 
     def fw_compiler(fw: fx.GraphModule, inputs):
         lowered = run_passes(fw, ctx, LOWERING)
+        lowered.meta["bitfx_instances"] = ctx.instances
         if ctx.glue == "inductor":
             return compile_glue(lowered, inputs)
         return make_boxed_func(lowered)
@@ -89,9 +116,9 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     with _aot_autograd_cache(ctx, opts) as wrap, probes:
         compiled = aot_module_simplified(module, inputs, fw_compiler=wrap(fw_compiler),
                                          bw_compiler=bw_compiler)
-    REPORTS.append(ctx.report)
-    del REPORTS[:-64]
-    return binding.bind(compiled) if binding is not None and binding.per_weights else compiled
+    if binding is not None and binding.per_weights:
+        compiled = binding.bind(compiled)
+    return compiled, ctx
 
 
 @contextlib.contextmanager
@@ -124,7 +151,7 @@ def _aot_autograd_cache(ctx: PassContext, opts: CompileOptions):
     # bitfx's switches (BITFX_FUSED_ATTENTION=0 lowers attention to the two-kernel path, ...) are part of the
     # key: every BITFX_* variable, so a switch added later cannot replay a graph lowered the other way
     switches = sorted((k, v) for k, v in os.environ.items() if k.startswith("BITFX_"))
-    stamp = _BitfxStamp(f"{_bitfx_digest()}|{opts!r}|{switches!r}")
+    stamp = _BitfxStamp(f"{compile_cache.source_digest()}|{opts!r}|{switches!r}")
     with inductor_config.patch(post_grad_custom_post_pass=stamp):
         yield lambda fn: SerializableAOTDispatchCompiler(OutputCode, fn)
 
@@ -140,21 +167,6 @@ class _BitfxStamp(CustomGraphPass):
 
     def uuid(self) -> str:
         return self._uuid
-
-
-@functools.cache
-def _bitfx_digest() -> str:
-    """SHA-256 of every bitfx source file (Python and C++): any edit changes it."""
-    import hashlib
-    from pathlib import Path
-
-    root = Path(__file__).parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*")):
-        if f.suffix in (".py", ".cpp", ".c", ".h") and "__pycache__" not in f.parts:
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:32]
 
 
 def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
@@ -376,10 +388,14 @@ class _AddedValues:
         self.params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         self.per_weights = bool(self.names) and bool(self.params)
         self._lock = threading.Lock()
-        values = self.values(example_inputs)
-        with torch.no_grad():  # the graph's own attributes hold the first module's values too
-            for name, value in zip(self.names, values):
-                added[name].copy_(value)
+        self.deferred = any(isinstance(x, FakeTensor) for x in example_inputs)
+        if self.deferred and self.names and not self.params:
+            raise regions.Declined("added values without parameter inputs to key them by")
+        if not self.deferred:  # a partition of a split graph (fake activations) calibrates at its first call
+            values = self.values(example_inputs)
+            with torch.no_grad():  # the graph's own attributes hold the first module's values too
+                for name, value in zip(self.names, values):
+                    added[name].copy_(value)
         self.module = self._as_inputs(traced) if self.per_weights else traced
 
     def values(self, inputs) -> tuple[torch.Tensor, ...]:
@@ -426,7 +442,9 @@ class _AddedValues:
         source for: the first guard on one, e.g. the lowering reading a scale's length, broke the compile.)"""
         from torch._guards import detect_fake_mode
 
-        values = list(self.values(inputs))
+        # (a partition's activations are fakes: its values come at the first call, with the initial ones' shapes)
+        values = ([self.initial[n].detach().requires_grad_(self.like[n].requires_grad) for n in self.names]
+                  if self.deferred else list(self.values(inputs)))
         fake_mode = detect_fake_mode(inputs)
         return values if fake_mode is None else [fake_mode.from_tensor(v, static_shapes=True) for v in values]
 

@@ -111,7 +111,20 @@ class _Calibrator(fx.Interpreter):
                 self.linear(n, args)
             else:
                 self.attention(n, args)
+                # the estimator products were computed (upstream nodes) from the weights before this fit: again
+                # with the fitted ones, so that the op, and every layer after it, sees what inference computes
+                for e in n.args[8:11]:
+                    if isinstance(e, fx.Node) and e in self.env:
+                        self.env[e] = self._again(e)
         return super().run_node(n)
+
+    def _again(self, n: fx.Node) -> Any:
+        """``n`` run again on its inputs' current values (a weight read again; its node's value may be freed)."""
+        def value(a: fx.Node) -> Any:
+            return self.env[a] if a in self.env else getattr_path(self.module, a.target)
+
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), value)
+        return getattr(self, n.op)(n.target, args, kwargs)
 
     def linear(self, n: fx.Node, args) -> None:
         if n.meta.get("bitfx_own_quantizer"):

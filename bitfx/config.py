@@ -208,9 +208,14 @@ class CompileOptions:
     #: who runs the float parts around the kernels: "inductor" compiles them into fused C++ loops
     #: (the kernels are extern calls in its graph); "eager" runs them as PyTorch ops.
     glue: str = "inductor"
+    #: compile each repeated block (a transformer's layers) once and call it for every layer
+    #: (`bitfx.regions`); False compiles dynamo's graph as one.
+    regions: bool = True
 
     def __post_init__(self) -> None:
         self.config = BinarizeConfig.coerce(self.config)
+        if not isinstance(self.regions, bool):
+            raise ValueError(f"regions={self.regions!r} (accepted: True, False)")
         if self.glue not in GLUES:
             raise ValueError(f"glue={self.glue!r} (accepted: {', '.join(map(repr, GLUES))})")
         if self.kernels is not None:

@@ -63,6 +63,37 @@ def test_content_key_follows_bytes_dtype_and_shape():
     assert k != compile_cache.content_key("t", [a], extra="bivit")
 
 
+def test_content_key_follows_bitfx_sources(monkeypatch, tmp_path):
+    """An edited bitfx (a calibration fixed, a packing changed) never reads what the old code stored: the
+    sources' digest is in every key (the version number, there before, does not change with an edit)."""
+    a = torch.arange(6.0)
+    k = compile_cache.content_key("t", [a])
+    assert compile_cache.source_digest() == compile_cache.source_digest() and len(compile_cache.source_digest()) == 32
+    monkeypatch.setattr(compile_cache, "source_digest", lambda: "0" * 32)
+    assert compile_cache.content_key("t", [a]) != k
+    # and the digest itself reads every source file: one more byte in a copy of the tree changes it
+    import shutil
+    from pathlib import Path
+
+    import bitfx
+
+    tree = tmp_path / "bitfx"
+    shutil.copytree(Path(bitfx.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    copy = tree / "compile_cache.py"
+
+    def digest():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bitfx_copy_cache", copy)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.source_digest()
+
+    before = digest()
+    (tree / "calibrate.py").write_text((tree / "calibrate.py").read_text() + "\n# edited\n")
+    assert digest() != before
+
+
 def test_damaged_entry_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
     compile_cache.store("x-1", {"v": torch.ones(3)})

@@ -10,14 +10,11 @@ from bitfx.ops import ATTENTION, BIT_ATTENTION, BIT_LINEAR
 from bitfx.passes.canonicalize_attention import canonicalize_attention
 from bitfx.passes.canonicalize_linear import canonicalize_linear
 from bitfx.passes.eliminate_dead_code import eliminate_dead_code
+from lowering import count, executed, lowered  # noqa: F401 - lowered is a fixture
 from models import CASES
 
 REFERENCE = {"config": "bipft", "kernels": "reference"}
 CANONICALIZE = [eliminate_dead_code, canonicalize_linear, canonicalize_attention]
-
-
-def count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
 
 
 @pytest.fixture(autouse=True)
@@ -25,19 +22,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def lowered(monkeypatch):
-    """The forward graphs the bitfx backend lowers, recorded as they enter LOWERING."""
-    graphs = []
-
-    def record(gm, ctx):
-        graphs.append(gm)
-        return gm
-
-    monkeypatch.setattr(bitfx.backend, "LOWERING", [record, *bitfx.backend.LOWERING])
-    return graphs
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -70,8 +54,10 @@ def test_binarize_and_compile_agree(name, lowered):
         y_float, y_bin, y_compiled = model(*x), gm(*x), compiled(*x)
     torch.testing.assert_close(y_compiled, y_bin, rtol=1e-4, atol=1e-4)
     assert (y_bin - y_float).abs().max() > 1e-2, "binarized output equals the float one"
-    assert count(lowered[-1], BIT_LINEAR) == case.linears
-    assert count(lowered[-1], BIT_ATTENTION) == case.attentions
+    assert executed(lowered, BIT_LINEAR) == case.linears
+    assert executed(lowered, BIT_ATTENTION) == case.attentions
+    compiled_report = bitfx.backend.REPORTS[-1]  # every layer's rewrites, also where one graph serves all
+    assert compiled_report.count("linear", "bit_linear") == case.linears, compiled_report.summary()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -90,7 +76,7 @@ def test_compile_canonicalizes_without_changing_numbers(name, lowered):
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="bitfx", options=options)(*x), model(*x),
                                    rtol=1e-5, atol=1e-5)
-    assert count(lowered[-1], ATTENTION) == case.attentions
+    assert executed(lowered, ATTENTION) == case.attentions
 
 
 @pytest.mark.parametrize("name", ["bert", "decoder", "encoder_layer", "vit"])
@@ -121,8 +107,8 @@ def test_compiling_a_binarized_module_lowers_it_as_it_is(lowered):
     compiled = torch.compile(gm, backend="bitfx", options=REFERENCE)
     with torch.no_grad():
         torch.testing.assert_close(compiled(*x), gm(*x), rtol=1e-5, atol=1e-5)
-    assert count(lowered[-1], BIT_LINEAR) == count(gm, BIT_LINEAR) == case.linears
-    assert count(lowered[-1], BIT_ATTENTION) == count(gm, BIT_ATTENTION) == case.attentions
+    assert executed(lowered, BIT_LINEAR) == count(gm, BIT_LINEAR) == case.linears
+    assert executed(lowered, BIT_ATTENTION) == count(gm, BIT_ATTENTION) == case.attentions
 
 
 def test_a_bare_linear_is_binarized():
@@ -142,9 +128,8 @@ def test_fused_encoder_layer_op_decomposes_under_dynamo(lowered):
     case = CASES["encoder_layer"]
     with torch.no_grad():
         torch.compile(case.model(), backend="bitfx", options=REFERENCE)(*case.inputs())
-    fw = lowered[-1]
-    assert count(fw, torch.ops.aten._transformer_encoder_layer_fwd.default) == 0
-    assert count(fw, BIT_LINEAR) == case.linears and count(fw, BIT_ATTENTION) == case.attentions
+    assert executed(lowered, torch.ops.aten._transformer_encoder_layer_fwd.default) == 0
+    assert executed(lowered, BIT_LINEAR) == case.linears and executed(lowered, BIT_ATTENTION) == case.attentions
 
 
 @pytest.mark.parametrize("name", ["mlp", "decoder"])

@@ -26,16 +26,13 @@ from bitfx import cli
 from bitfx.inputs import CaptureError
 from bitfx.ops import BIT_ATTENTION, BIT_LINEAR
 from hf_zoo import ZOO, _tokens
+from lowering import count, executed, lowered  # noqa: F401 - lowered is a fixture
 from targets.target_tools import needs_gnu, needs_qemu
 
 REFERENCE = {"config": "bipft", "kernels": "reference"}
 SCHEMA = json.loads((Path(bitfx.__file__).parent / "inspect" / "diff.schema.json").read_text())
 FAST = ["bert", "gpt2", "decoder_layer"]  # bert: test_tokenizer_dict_...
 SLOW = [name for name in ZOO if name not in FAST]
-
-
-def count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
 
 
 def tensors(tree):
@@ -64,19 +61,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture
-def lowered(monkeypatch):
-    """The forward graphs the bitfx backend lowers, recorded as they enter LOWERING."""
-    graphs = []
-
-    def record(gm, ctx):
-        graphs.append(gm)
-        return gm
-
-    monkeypatch.setattr(bitfx.backend, "LOWERING", [record, *bitfx.backend.LOWERING])
-    return graphs
-
-
 def assert_binarize_and_compile_agree(name, lowered, example=None):
     """binarize == compile on one zoo model; returns the model, binarized module and its inputs.
     ``example(args, kwargs)`` -> (example_inputs, example_kwargs) as handed to binarize."""
@@ -92,14 +76,19 @@ def assert_binarize_and_compile_agree(name, lowered, example=None):
 
     y_float = run(model, args, kwargs)
     y_bin = run(gm, args, kwargs)
+    reports = len(bitfx.backend.REPORTS)
     y_compiled = run(torch.compile(model, backend="bitfx", options=REFERENCE), args, kwargs)
+    compiled_report = bitfx.backend.REPORTS[reports:]
     # the binarized module returns the model's output structure (ModelOutput fields, caches)
     assert type(y_bin) is type(y_float)
     assert pytree.tree_structure(y_bin) == pytree.tree_structure(y_float)
     assert rel_err(y_compiled, y_bin) <= 1e-5
     assert rel_err(y_bin, y_float) > 1e-2, "the binarized output equals the float one"
-    assert sum(count(g, BIT_LINEAR) for g in lowered) == z.linears
-    assert sum(count(g, BIT_ATTENTION) for g in lowered) == z.attentions
+    assert executed(lowered, BIT_LINEAR) == z.linears
+    assert executed(lowered, BIT_ATTENTION) == z.attentions
+    # the compile's report lists every layer's rewrites, also where one graph serves all layers
+    assert sum(r.count("linear", "bit_linear") for r in compiled_report) == z.linears
+    assert sum(r.count("attention", "bit_attention") for r in compiled_report) == z.attentions
     return model, gm, args, kwargs
 
 
@@ -309,8 +298,8 @@ def test_a_failed_binarize_leaves_no_state_for_the_next_compile(lowered):
     z = ZOO["decoder_layer"]
     model, args, _ = z.make()
     y = run(torch.compile(model, backend="bitfx", options=REFERENCE), args, {})
-    assert sum(count(g, BIT_LINEAR) for g in lowered) == z.linears
-    assert sum(count(g, BIT_ATTENTION) for g in lowered) == z.attentions
+    assert executed(lowered, BIT_LINEAR) == z.linears
+    assert executed(lowered, BIT_ATTENTION) == z.attentions
     assert rel_err(y, run(model, args, {})) > 1e-2
 
 

@@ -118,6 +118,7 @@ class PassContext:
     frozen: bool = False
     own_quantizers: int = 0  # fake-quant linears of the model's own binarizer, recognised
     glue: str = "eager"  # who runs the float glue of a lowered graph: "eager" PyTorch or "inductor"
+    instances: int = 1  # the partitions of a split graph this graph serves (`bitfx.regions`): a layer's, 12
 
     def own_binarizer_keeps(self) -> str | None:
         """The reason other candidates stay float in a model with its own binarizer, or None."""
