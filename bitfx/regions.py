@@ -23,7 +23,8 @@ the user to change their code. Here the backend does it for ``torch.compile(mode
 
 Not split (the whole graph is compiled, as before): configs
 whose choices depend on the whole graph (``keep_first`` / ``keep_last``, a model's own binarizer
-under ``own_binarizer="only"``), graphs in which no partition repeats, and ``regions=False``.
+under ``own_binarizer="only"``), graphs in which no partition repeats, a block whose parameters serve
+several call sites (its values are per call site), and ``regions=False``.
 """
 from __future__ import annotations
 
@@ -137,6 +138,11 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list[Any], config: Binar
     keys = {t: signature(sub, real[t], config) for t, sub in subs.items()}
     if len(set(keys.values())) == len(keys):
         raise Declined("no partition repeats")
+    # one module called at two sites (a shared block) would get one set of values for both: the whole graph
+    # calibrates each call site on its own
+    sites = [(keys[t], tuple(id(v) for v in real[t].values() if isinstance(v, torch.nn.Parameter))) for t in subs]
+    if len({s for s in sites if s[1]}) < len([s for s in sites if s[1]]):
+        raise Declined("a block's parameters serve several call sites")
 
     uses = {k: list(keys.values()).count(k) for k in keys.values()}
     compiled: dict[tuple, tuple[Callable, Any, str | None]] = {}

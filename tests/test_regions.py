@@ -142,14 +142,30 @@ class _Different(torch.nn.Module):
         return x
 
 
+class _Shared(torch.nn.Module):
+    """One block called at two sites (ALBERT-style sharing, with other layers between the calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.ModuleList([torch.nn.Linear(32, 32)])
+        self.norms = torch.nn.ModuleList([torch.nn.LayerNorm(32), torch.nn.LayerNorm(32)])
+
+    def forward(self, x):
+        for norm in self.norms:
+            x = norm(torch.nn.functional.gelu(self.shared[0](x)))
+        return x
+
+
 @pytest.mark.parametrize("case,reason", [("keep_first", "keep_first / keep_last choose among the whole graph's linears"),
-                                         ("no_repeats", "no partition repeats"), ("off", "")])
+                                         ("no_repeats", "no partition repeats"),
+                                         ("shared", "a block's parameters serve several call sites"), ("off", "")])
 def test_graphs_that_are_not_split(case, reason, calibrations, lowered, caplog):
     caplog.set_level("INFO", logger="bitfx.backend")
-    if case == "no_repeats":
+    if case in ("no_repeats", "shared"):
         torch.manual_seed(0)
+        model = (_Different if case == "no_repeats" else _Shared)().eval()
         with torch.no_grad():
-            torch.compile(_Different().eval(), backend="bitfx", options={"kernels": "reference"})(torch.randn(4, 32))
+            torch.compile(model, backend="bitfx", options={"kernels": "reference"})(torch.randn(4, 32))
     else:
         model, ids = _hf_bert()
         options = {"config": {"preset": "bivit", "keep_first": True}} if case == "keep_first" else {"regions": False}
