@@ -140,8 +140,10 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list[Any], config: Binar
         raise Declined("no partition repeats")
     # one module called at two sites (a shared block) would get one set of values for both: the whole graph
     # calibrates each call site on its own
-    sites = [(keys[t], tuple(id(v) for v in real[t].values() if isinstance(v, torch.nn.Parameter))) for t in subs]
-    if len({s for s in sites if s[1]}) < len([s for s in sites if s[1]]):
+    # (added values are keyed by the parameters a partition receives: `backend._AddedValues`)
+    sites = [p for p in (tuple(id(v) for v in real[t].values() if isinstance(v, torch.nn.Parameter))
+                         for t in subs) if p]
+    if len(set(sites)) < len(sites):
         raise Declined("a block's parameters serve several call sites")
 
     uses = {k: list(keys.values()).count(k) for k in keys.values()}
