@@ -2,8 +2,9 @@
 
 Registered through the ``torch_dynamo_backends`` entry point, so no ``import bitfx`` is needed.
 Options: ``config`` (a BinarizeConfig, preset name or dict), ``kernels`` (``"tvm"`` or
-``"reference"``) and ``glue`` (``"inductor"``, default: the float parts around the kernels are
-compiled by inductor; ``"eager"``: they run as PyTorch ops).
+``"reference"``), ``glue`` (``"inductor"``, default: the float parts around the kernels are
+compiled by inductor; ``"eager"``: they run as PyTorch ops) and ``regions`` (True, default: each
+repeated block of the graph is compiled once, `bitfx.regions`; False: the graph is compiled as one).
 
 Flow: the dynamo graph is re-traced to pre-dispatch ATen (``capture_dynamo``), the pipeline
 rewrites it (a graph that already holds bitfx ops, e.g. from ``bitfx.binarize``, is lowered as
