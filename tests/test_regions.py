@@ -4,6 +4,8 @@ those of the same model compiled as one graph (``regions=False``), each layer ca
 import pytest
 import torch
 from lowering import executed, lowered  # noqa: F401 - lowered is a fixture
+from regional_tools import calibrations  # noqa: F401 - a fixture
+from regional_tools import hf_bert as _hf_bert
 
 from bitfx import backend, regions
 from bitfx.ops import BIT_ATTENTION, BIT_LINEAR
@@ -11,24 +13,10 @@ from bitfx.ops import BIT_ATTENTION, BIT_LINEAR
 transformers = pytest.importorskip("transformers")
 
 
-def _hf_bert(layers: int = 3):
-    """A random-init HF BERT (hidden 64, 4 heads, FFN 128) and a batch of token ids."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                                  intermediate_size=128, vocab_size=300)
-    return transformers.BertModel(cfg).eval(), torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def calibrations(monkeypatch, tmp_path):
-    """Counts the calibrations run, with an empty compile cache (none is read from disk)."""
+@pytest.fixture(autouse=True)
+def empty_compile_cache(monkeypatch, tmp_path):
+    """Nothing calibrated earlier is read from disk: every calibration counted runs."""
     monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
-    calls = []
-    real = backend.calibrate
-    monkeypatch.setattr(backend, "calibrate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    torch._dynamo.reset()
-    yield calls
-    torch._dynamo.reset()
 
 
 def _compile(model, ids, **options):
