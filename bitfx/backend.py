@@ -66,6 +66,9 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
                                             lambda part, inputs, uses: _compile(part, inputs, opts, uses))
         except regions.Declined as why:
             log.info("bitfx: the graph is compiled whole (%s)", why)
+        except Exception as err:  # noqa: BLE001 - the one graph still compiles: nothing is lost but time
+            log.warning("bitfx: compiling by region failed (%s: %s); the graph is compiled whole",
+                        type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
         else:
             _reported(split.bitfx_report)
             return split

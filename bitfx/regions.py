@@ -28,6 +28,7 @@ several call sites (its values are per call site), and ``regions=False``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Any, Callable
@@ -181,8 +182,6 @@ def _block_of_partition(sub: fx.GraphModule) -> str | None:
 
 def _merge(into: Report, part: Report, compiled_for: str | None, block: str | None) -> None:
     """``part``'s entries added to ``into``, with the block it was compiled for renamed to ``block``."""
-    import dataclasses
-
     def renamed(entry):
         name = entry.module
         if compiled_for and block and (name == compiled_for or name.startswith(compiled_for + ".")):

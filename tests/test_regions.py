@@ -214,3 +214,20 @@ def test_regions_option_is_validated():
 
     with pytest.raises(ValueError, match="regions='yes'.*accepted: True, False"):
         CompileOptions.from_dict({"regions": "yes"})
+
+
+def test_a_failure_in_the_split_compiles_the_one_graph(calibrations, lowered, caplog, monkeypatch):
+    """Whatever goes wrong in the split (here: a signature that raises), the compile falls back to one graph,
+    with a warning that names the cause, and the output is the one graph's."""
+    model, ids = _hf_bert()
+    _, whole = _compile(model, ids, config="bivit", regions=False)
+    del lowered[:]
+
+    def broken(*_):
+        raise RuntimeError("signature broke")
+
+    monkeypatch.setattr(regions, "signature", broken)
+    _, got = _compile(model, ids, config="bivit")
+    assert "compiling by region failed (RuntimeError: signature broke); the graph is compiled whole" in caplog.text
+    assert [g.bitfx_instances for g in lowered] == [1]
+    assert torch.equal(got, whole)
