@@ -26,6 +26,17 @@ def _ste(value: Tensor, surrogate: Tensor) -> Tensor:
     return surrogate + (value - surrogate).detach()
 
 
+def _weight_value(w: Tensor, scale: Tensor, codes: Tensor) -> Tensor:
+    """``scale ⊙ codes`` with the identity straight-through gradient to ``w`` (and ``scale``'s own).
+
+    Without autograd (calibration, the reference ops under ``no_grad``) the identity term ``w - w.detach()``
+    is all zeros: skipped, it saves two passes and two weight-sized allocations per call (a BERT-base weight:
+    ~20 of ~50 ms here; calibrating 12 layers runs 72 of them). The value is the same."""
+    if torch.is_grad_enabled() and (w.requires_grad or scale.requires_grad):
+        return (w - w.detach()) + scale * codes
+    return scale * codes
+
+
 # -- weights --------------------------------------------------------------------------------
 def weight_sign_channel(w: Tensor, scale: Tensor | None = None):
     """1-bit weights, per output channel (BiBERT, BinaryViT; BiViT with a learnable ``scale``).
@@ -35,8 +46,7 @@ def weight_sign_channel(w: Tensor, scale: Tensor | None = None):
     """
     codes = sign(w - w.mean(dim=1, keepdim=True)).detach()
     s = w.abs().mean(dim=1).detach() if scale is None else scale.reshape(-1)
-    value = (w - w.detach()) + s[:, None] * codes
-    return codes, s, value
+    return codes, s, _weight_value(w, s[:, None], codes)
 
 
 def weight_sign_tensor(w: Tensor, scale: Tensor | None = None):
@@ -47,8 +57,7 @@ def weight_sign_tensor(w: Tensor, scale: Tensor | None = None):
     """
     codes = sign(w - w.mean()).detach()
     s = w.abs().mean().reshape(1).detach() if scale is None else scale.reshape(-1)
-    value = (w - w.detach()) + s.reshape(-1, 1) * codes
-    return codes, s, value
+    return codes, s, _weight_value(w, s.reshape(-1, 1), codes)
 
 
 def weight_ternary(w: Tensor, scale: Tensor | None = None):
@@ -59,8 +68,7 @@ def weight_ternary(w: Tensor, scale: Tensor | None = None):
     """
     gamma = w.abs().mean().clamp(min=EPS).reshape(1).detach() if scale is None else scale.reshape(-1)
     codes = torch.clamp(torch.round(w / gamma.detach()), -1, 1).detach()
-    value = (w - w.detach()) + gamma.reshape(-1, 1) * codes
-    return codes, gamma, value
+    return codes, gamma, _weight_value(w, gamma.reshape(-1, 1), codes)
 
 
 WEIGHT_QUANTIZERS = {

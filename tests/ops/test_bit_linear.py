@@ -197,3 +197,21 @@ def test_bad_modes_are_named():
         OP(x, w, None, None, None, None, "sign_tensor", "sign", 3)
     with pytest.raises(ValueError, match="act_mode='relu'"):
         OP(x, w, None, None, None, None, "sign_tensor", "relu", 1)
+
+
+@pytest.mark.parametrize("name", ["sign_channel", "sign_tensor", "ternary"])
+def test_weight_value_without_autograd_equals_the_straight_through_one(name):
+    """Without autograd the quantizers skip the identity term (all zeros): the value is bit for bit the same,
+    and with autograd the weight still gets the identity gradient."""
+    from bitfx.ops import quantizers as q
+
+    quantize = q.WEIGHT_QUANTIZERS[name]
+    w = torch.randn(48, 40, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    codes, scale, with_grad = quantize(w)
+    with torch.no_grad():
+        _, _, without = quantize(w)
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(with_grad.detach(), without)
+    assert torch.equal(without, scale.reshape(-1, 1) * codes)
+    with_grad.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
