@@ -431,13 +431,17 @@ class _AddedValues:
                 values = self._calibrate(inputs)
             if key is not None:
                 _CALIBRATED[key] = (ids, values)
-        # leaves that require grad as the parameters the passes added do: the decompositions see the same
-        # graph (a 4-D x times a 2-D weight that requires grad folds into one mm: BiPFT's estimators)
-        out = tuple(values[n].detach().requires_grad_(like[n].requires_grad) for n in self.names)
+        out = self._leaves(values)
         if key is not None:
             bound, short = self._bound, (ids[0], ids[-1])
             bound[short] = (weakref.ref(key, lambda _, short=short: bound.pop(short, None)), out)
         return out
+
+    def _leaves(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``values`` in ``names`` order as leaves that require grad as the parameters the passes added do: the
+        decompositions see the same graph (a 4-D x times a 2-D weight that requires grad folds into one mm:
+        BiPFT's estimators)."""
+        return tuple(values[n].detach().requires_grad_(self.like[n].requires_grad) for n in self.names)
 
     def example_values(self, inputs) -> list:
         """The added values of ``inputs``' module as AOTAutograd's example inputs: fake, static-shaped.
@@ -447,10 +451,9 @@ class _AddedValues:
         from torch._guards import detect_fake_mode
 
         # (a partition's activations are fakes: its values come at the first call, with the initial ones' shapes)
-        values = ([self.initial[n].detach().requires_grad_(self.like[n].requires_grad) for n in self.names]
-                  if self.deferred else list(self.values(inputs)))
+        values = self._leaves(self.initial) if self.deferred else self.values(inputs)
         fake_mode = detect_fake_mode(inputs)
-        return values if fake_mode is None else [fake_mode.from_tensor(v, static_shapes=True) for v in values]
+        return list(values) if fake_mode is None else [fake_mode.from_tensor(v, static_shapes=True) for v in values]
 
     def bind(self, compiled):
         values = self.values
