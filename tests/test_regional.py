@@ -33,12 +33,12 @@ def test_one_graph_serves_every_layer_with_its_own_values(preset, calibrations, 
     expected_longer = _whole(model, longer, options)
     calibrations.clear()
 
-    reports = len(backend.REPORTS)
+    backend.REPORTS.clear()  # (it keeps the newest 64: a difference of lengths could not see a new one)
     for layer in model.encoder.layer:
         layer.compile(backend="bitfx", options=options)
     with torch.no_grad():
         got = model(ids).last_hidden_state
-        assert len(backend.REPORTS) - reports == 1  # one compiled graph for the three layers
+        assert len(backend.REPORTS) == 1  # one compiled graph for the three layers
         assert len(calibrations) == 3  # each layer calibrated once, on the activations it receives
         again = model(ids).last_hidden_state
         got_longer = model(longer).last_hidden_state  # new shapes: dynamo compiles again, values reused

@@ -37,9 +37,9 @@ def test_one_graph_serves_every_layer_and_equals_the_whole_graph(preset, calibra
     del lowered[:]
     calibrations.clear()
 
-    reports = len(backend.REPORTS)
+    backend.REPORTS.clear()  # (it keeps the newest 64: a difference of lengths could not see a new one)
     compiled, split = _compile(model, ids, config=preset)
-    assert len(backend.REPORTS) - reports == 1  # one report for the model
+    assert len(backend.REPORTS) == 1  # one report for the model
     # the embeddings, one graph for the three layers, the pooler
     assert [g.bitfx_instances for g in lowered] == [1, 3, 1]
     assert executed(lowered, BIT_LINEAR) == 18 and executed(lowered, BIT_ATTENTION) == 3
