@@ -110,7 +110,7 @@ def _build(mod, dt):
 
 def verify(path: str | Path, example_inputs: Sequence[Any], expected=None, target: str = "linux-arm64",
            *, model=None, variants: int = 2, cpus: Sequence[str] | None = None, rtol: float = 1e-4,
-           atol: float = 1e-4, output_names: Sequence[str] | None = None) -> float:
+           atol: float = 1e-4, output_names: Sequence[str] | None = None, ties: bool = True) -> float:
     """Run ``path`` under qemu and compare every output with the host (``bitfx/deploy/verify.py``).
 
     With ``model`` (the host model, called on the library's flat inputs): on ``example_inputs`` and
@@ -119,8 +119,12 @@ def verify(path: str | Path, example_inputs: Sequence[Any], expected=None, targe
     (ARMv8.0-A) and ``cortex-a76`` (ARMv8.2-A), or on the core a target that asks for extensions
     needs (``bitfx.deploy.verify.cpus_for``). Tolerance: ``(atol + rtol) * max(1, max |host|)``.
 
+    With ``model`` and ``ties``, a mismatch that a few near-tie decisions explain passes with a warning
+    naming them: an activation within float rounding of its binarizer's threshold that the device took the
+    other way (``bitfx.deploy.verify.explain_ties``). ``bitfx.export(..., verify=True)`` passes its model.
+
     Returns:
-        The largest absolute difference.
+        The largest absolute difference (from the host with the near-ties flipped, where they explained one).
 
     Raises:
         VerifyError: an ``AssertionError`` naming the output, the input set, the CPU and the
@@ -131,7 +135,7 @@ def verify(path: str | Path, example_inputs: Sequence[Any], expected=None, targe
 
     return verify_library(path, model, _as_tuple(example_inputs), target, expected=expected,
                           variants=variants if model is not None else 0, cpus=cpus, rtol=rtol,
-                          atol=atol, output_names=output_names)
+                          atol=atol, output_names=output_names, ties=ties)
 
 
 # ------------------------------------------------------------------------------------ the pipeline

@@ -125,12 +125,12 @@ def check_prob_mode(prob_mode: str) -> None:
 
 def sign_scores_reference(qt: Tensor, k: Tensor) -> Tensor:
     """Exact integer scores ``sign(q)·sign(k)ᵀ`` (as float)."""
-    return q.sign(qt) @ q.sign(k).transpose(-2, -1)
+    return q.act_sign_codes(qt) @ q.act_sign_codes(k).transpose(-2, -1)
 
 
 def binary_pv_reference(p_codes: Tensor, v: Tensor) -> Tensor:
     """Exact integer ``P_b·sign(v)`` for P_b in {0, 1} (as float)."""
-    return p_codes @ q.sign(v)
+    return p_codes @ q.act_sign_codes(v)
 
 
 def bit_attention_scores(qt, k, alpha_q, alpha_k, est_q, est_k, attn_mask, scale, is_causal,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from bitfx.ops.quantizers import sign
+from bitfx.ops.quantizers import act_sign_codes
 
 __all__ = ["SIGN_SCORES", "BINARY_PV", "bit_attention_with_products"]
 
@@ -20,7 +20,7 @@ __all__ = ["SIGN_SCORES", "BINARY_PV", "bit_attention_with_products"]
 @torch.library.custom_op("bitfx_export::sign_scores", mutates_args=())
 def sign_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``S[..., i, j] = sum_d sign(q[..., i, d]) * sign(k[..., j, d])`` (float32)."""
-    return sign(q.float()) @ sign(k.float()).transpose(-2, -1)
+    return act_sign_codes(q.float()) @ act_sign_codes(k.float()).transpose(-2, -1)
 
 
 @sign_scores.register_fake
@@ -31,7 +31,7 @@ def _(q, k):
 @torch.library.custom_op("bitfx_export::binary_pv", mutates_args=())
 def binary_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``O[..., i, d] = sum_j p[..., i, j] * sign(v[..., j, d])`` for p in {0, 1} (float32)."""
-    return p.float() @ sign(v.float())
+    return p.float() @ act_sign_codes(v.float())
 
 
 @binary_pv.register_fake

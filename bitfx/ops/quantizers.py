@@ -7,8 +7,18 @@ and ``value`` = the differentiable quantized tensor whose *forward value* equals
 Kernels implement ``codes``/``scale``; training differentiates ``value``.
 
 ``sign(u) = +1 if u >= 0 else -1``: sign(0) = +1, and NaN binarizes as +1 (``not (u < 0)``).
+
+Every decision an activation binarizer takes at run time goes through ``_decided``: nothing happens there
+unless a ``Decisions`` recorder is active (``recording``), which notes each input within float rounding of its
+threshold and can take chosen ones the other way. ``bitfx.deploy.verify`` uses it to tell a device that
+rounded a near-tie otherwise from a device that computes something else. Weight codes are not decisions
+in that sense: a device gets them from the host.
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -19,6 +29,123 @@ EPS = 1e-5
 def sign(u: Tensor) -> Tensor:
     """±1 with sign(0) = +1 and sign(NaN) = +1, in ``u``'s dtype."""
     return torch.where(u < 0, -1.0, 1.0).to(u.dtype)
+
+
+# -- decisions near their thresholds ----------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class Decision:
+    """One binarizer decision within ``Decisions.near`` of its threshold.
+
+    ``margin``: the input's signed distance from the threshold, relative to its scale (``u / mean|u|`` of the
+    row for a sign; ``(P - β·rowmax) / (β·rowmax)`` for BiViT; ``(P/α - 1/2) / (1/2)`` elastic...), so
+    ``|margin|`` is comparable with float32's relative rounding. ``site``: the how-manieth decision tensor of
+    the run; ``index``: the element's flat index in it (``element``: the same in its ``shape``); ``label``:
+    where it was taken (the recorder's ``label`` at the time: an FX node and its module, when the host model
+    runs under an interpreter).
+    """
+
+    distance: float
+    site: int
+    index: int
+    margin: float = field(compare=False)
+    kind: str = field(compare=False)
+    shape: tuple = field(compare=False, default=())
+    label: str | None = field(compare=False, default=None)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.site, self.index
+
+    @property
+    def element(self) -> tuple[int, ...]:
+        out = []
+        rest = self.index
+        for size in reversed(self.shape):
+            rest, i = divmod(rest, size)
+            out.append(i)
+        return tuple(reversed(out))
+
+
+class Decisions:
+    """Records the decisions within ``near`` of their thresholds, and takes the ones in ``flips`` the other way.
+
+        with recording(Decisions(near=1e-4)) as d:
+            model(*inputs)
+        sorted(d.found)   # [Decision, ...], closest first
+
+    Sites are counted in the order the run takes them, so the same model on inputs of the same shapes
+    numbers them the same way, and a flip found in one run can be replayed in the next.
+    """
+
+    def __init__(self, near: float = 1e-4, flips=()):
+        self.near = float(near)
+        self.flips: dict[int, list[int]] = {}
+        for site, index in flips:
+            self.flips.setdefault(site, []).append(index)
+        self.found: list[Decision] = []
+        self.sites = 0
+        self.label: str | None = None
+
+    def decide(self, codes: Tensor, margin: Tensor, flip: Callable[[Tensor], Tensor], kind: str) -> Tensor:
+        site, self.sites = self.sites, self.sites + 1
+        m = margin.detach().float()
+        close = m.abs() <= self.near  # NaN is never close
+        # An input exactly at its threshold counts only alone in its row. Exact zeros in a run are structural,
+        # the same on every device (a head whose probabilities all binarized to 0 outputs a block of zeros); a
+        # lone one is rounding's (a GELU that underflows to -0.0 on the host is -6.6e-7 on an ARM build).
+        zero = m == 0
+        if zero.dim() and zero.any():
+            padded = torch.nn.functional.pad(zero.to(torch.int8), (1, 1)).bool()
+            close &= ~zero | ~(padded[..., :-2] | padded[..., 2:])
+        m = m.reshape(-1)
+        close = close.reshape(-1).nonzero().reshape(-1)
+        shape = tuple(codes.shape)
+        self.found += [Decision(abs(float(m[i])), site, i, float(m[i]), kind, shape, self.label) for i in close.tolist()]
+        if site not in self.flips:
+            return codes
+        index = torch.tensor(self.flips[site], dtype=torch.long)
+        out = codes.detach().clone().reshape(-1)
+        out[index] = flip(out[index].reshape(-1), m[index].to(out.dtype))
+        return out.reshape(codes.shape)
+
+
+_RECORDER: Decisions | None = None
+
+
+@contextlib.contextmanager
+def recording(decisions: Decisions):
+    """Route every activation decision of the ops run inside through ``decisions`` (one thread at a time)."""
+    global _RECORDER
+    previous, _RECORDER = _RECORDER, decisions
+    try:
+        yield decisions
+    finally:
+        _RECORDER = previous
+
+
+def _decided(codes: Tensor, margin: Callable[[], Tensor], flip, kind: str) -> Tensor:
+    """``codes`` as decided; under ``recording``, noted and possibly flipped (``margin()`` is only computed
+    then). ``flip(codes, margin)`` gives the codes on the other side of the threshold."""
+    recorder = _RECORDER
+    return codes if recorder is None else recorder.decide(codes, margin(), flip, kind)
+
+
+def _row_relative(u: Tensor) -> Tensor:
+    """``u / mean|u|`` per row (a row of exact zeros gives NaN: never close)."""
+    return u / u.abs().mean(dim=-1, keepdim=True)
+
+
+def _negate(codes: Tensor, _margin: Tensor) -> Tensor:
+    return -codes
+
+
+def _toggle(codes: Tensor, _margin: Tensor) -> Tensor:
+    return 1.0 - codes
+
+
+def act_sign_codes(u: Tensor) -> Tensor:
+    """``sign(u)`` of an activation (not a weight): a decision per element (``_decided``)."""
+    return _decided(sign(u), lambda: _row_relative(u.float()), _negate, "sign")
 
 
 def _ste(value: Tensor, surrogate: Tensor) -> Tensor:
@@ -90,7 +217,7 @@ def act_sign(x: Tensor, move: Tensor | None = None, alpha: Tensor | None = None)
     ``∂Qa/∂u = (α/EPS)·1[|u| <= EPS]``, ``∂Qa/∂α = sign(u)``; a zero α gives finite gradients.
     """
     u = x if move is None else x + move
-    codes = sign(u).detach()
+    codes = act_sign_codes(u).detach()
     if alpha is None:
         scale = u.abs().mean(dim=-1).detach()
         clipped = u.clamp(-1.0, 1.0)
@@ -122,6 +249,7 @@ def act_unsigned(x: Tensor, move: Tensor | None = None, alpha: Tensor | None = N
     scale = alpha.reshape(()).clamp(min=EPS)
     ratio = u / scale
     codes = torch.clamp(torch.round(ratio.detach()), 0, 1).nan_to_num(0.0)
+    codes = _decided(codes, lambda: 2.0 * ratio.detach() - 1.0, _toggle, "unsigned")
     value = scale * _ste(codes, torch.clamp(ratio, 0.0, 1.0))
     return codes, scale, value
 
@@ -136,7 +264,11 @@ def act_absmax(x: Tensor, bits: int = 8):
     qp = float(2 ** (bits - 1) - 1)
     gamma = x.detach().abs().amax(dim=-1).clamp(min=EPS)
     inv = qp / gamma
-    codes = torch.clamp(torch.round(x.detach() * inv[..., None]), -qp - 1, qp)
+    t = x.detach() * inv[..., None]
+    codes = torch.clamp(torch.round(t), -qp - 1, qp)
+    # the margin: from the nearest half-integer, relative to |t| (float32 rounds t relative to its size)
+    codes = _decided(codes, lambda: (t - torch.floor(t) - 0.5) / t.abs().clamp(min=1.0),
+                     lambda c, m: torch.clamp(c - torch.sign(m), -qp - 1, qp), "absmax")
     scale = 1.0 / inv
     value = _ste(codes * scale[..., None], x)
     return codes, scale, value
@@ -152,7 +284,10 @@ def prob_bivit(p: Tensor, beta: Tensor | float = 0.25):
     if isinstance(beta, Tensor):
         beta = beta.reshape(())
     rowmax = p.detach().amax(dim=-1, keepdim=True)
-    codes = (p.detach() >= beta * rowmax).to(p.dtype)
+    threshold = beta * rowmax
+    codes = (p.detach() >= threshold).to(p.dtype)
+    codes = _decided(codes, lambda: (p.detach() - threshold) / threshold.clamp(min=torch.finfo(torch.float32).tiny),
+                     _toggle, "bivit")
     return codes, None, _ste(codes, p)
 
 
@@ -168,6 +303,7 @@ def prob_elastic(p: Tensor, alpha: Tensor | None = None):
     alpha = alpha.reshape(()).clamp(min=EPS) if isinstance(alpha, Tensor) else alpha
     ratio = p / alpha
     codes = torch.clamp(torch.round(ratio.detach()), 0, 1)
+    codes = _decided(codes, lambda: 2.0 * ratio.detach() - 1.0, _toggle, "elastic")
     value = alpha * _ste(codes, torch.clamp(ratio, 0.0, 1.0))
     return codes, alpha, value
 
@@ -178,4 +314,5 @@ def prob_bool(s: Tensor):
     Backward (STE): ``∂P_b/∂S = 1[|S| <= 1]`` (clipped identity).
     """
     codes = (s.detach() > 0).to(s.dtype)
+    codes = _decided(codes, lambda: _row_relative(s.detach().float()), _toggle, "bool")
     return codes, None, _ste(codes, torch.clamp(s, -1.0, 1.0))
