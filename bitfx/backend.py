@@ -192,7 +192,6 @@ def compile_glue(lowered: fx.GraphModule, inputs) -> Any:
         # size_asserts off: no per-call size/stride check of every input and extern-kernel output (~45 per
         # BERT layer call: 0.161 -> 0.138 ms at seq 1); the kernel ops return fresh contiguous tensors, as
         # their fake functions say
-        _simd_checked()
         with _simd_probes_remembered(), inductor_config.patch(size_asserts=False):
             return compile_fx_inner(graph, inputs)
     except Exception as err:  # noqa: BLE001 - the kernels still run; only the glue stays eager
@@ -314,7 +313,8 @@ def _probe_simd_early() -> None:
     C++ compiler and loads it in a child Python (seven builds and six loads, ~8 s of a 12-layer BERT's
     cold compile here). Started at the backend's entry they run in child processes beside bitfx's
     capture, passes, calibration and AOTAutograd's trace. Each ISA's answer is inductor's own (its
-    ``bool(isa)``, memoised per ISA), so the compile later reads it; nothing is decided here."""
+    ``bool(isa)``, memoised per ISA), so the compile later reads it; the one shortcut is
+    `_nested_isa_builds`: the ATen test library is built once, for the widest ISA."""
     from torch._inductor import cpu_vec_isa
 
     if _EARLY_PROBES or platform.machine() not in ("x86_64", "AMD64"):
@@ -331,20 +331,90 @@ def _probe_simd_early() -> None:
         isas = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
     except Exception:  # noqa: BLE001 - inductor asks them itself, as it always did
         return
+    nested = _NestedIsaBuilds(isas)
 
     def check(isa) -> None:
-        with _simd_probes_remembered(), contextlib.suppress(Exception):
-            bool(isa)
+        try:
+            with _simd_probes_remembered(), nested.installed(), contextlib.suppress(Exception):
+                bool(isa)
+        finally:
+            if isa is nested.widest:  # (also when its answer was memoised before: then the others build their own)
+                nested.done.set()
 
     # a thread per ISA (three here): one thread for all of them left most of the wait in the compile
     for isa in isas:
         t = threading.Thread(target=check, args=(isa,), name=f"bitfx-simd-{isa}", daemon=True)
         t.start()
         _EARLY_PROBES.append(t)
+    # inductor waits for them where it first needs the answer (its codegen), not before it starts: its
+    # AOTAutograd trace, lowering and scheduling run beside the checks
+    real = cpu_vec_isa.valid_vec_isa_list
+
+    @functools.wraps(real)
+    def valid_vec_isa_list():
+        if threading.current_thread() not in _EARLY_PROBES:
+            _simd_checked()
+            cpu_vec_isa.valid_vec_isa_list = real  # joined: inductor's own from now on
+        return real()
+
+    cpu_vec_isa.valid_vec_isa_list = valid_vec_isa_list
+
+
+class _NestedIsaBuilds:
+    """Inductor's check of an x86 ISA builds its ATen test library (`VecISA._avx_code`: the vectorised headers,
+    ~2 s of g++ each here) with that ISA's flags and loads it, for every ISA the CPU reports, widest first
+    (AMX, AVX-512 VNNI, AVX-512, AVX2). Their flags are nested: each is a subset of the one before, for the
+    compiler and for the CPU. So while the early checks run, the widest ISA builds and loads the library
+    first, and when it passes the narrower ones take its answer for that library instead of building it
+    again; each still runs its own small intrinsic checks (bf16, VNNI). If the widest one fails, each
+    builds its own, as inductor does. Two long builds less: ~5 s of CPU out of a 2-core cold start."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _real = None
+
+    def __init__(self, isas):
+        self.widest = isas[0] if isas else None
+        self.passed: bool | None = None
+        self.done = threading.Event()
+
+    @contextlib.contextmanager
+    def installed(self):
+        from torch._inductor import cpu_vec_isa
+
+        cls = type(self)
+        with cls._lock:
+            if cls._users == 0:
+                cls._real = cpu_vec_isa.VecISA.check_build
+            cls._users += 1
+            real = cls._real
+            cpu_vec_isa.VecISA.check_build = lambda isa, code: self.check_build(real, isa, code)
+        try:
+            yield
+        finally:
+            with cls._lock:
+                cls._users -= 1
+                if cls._users == 0:
+                    cpu_vec_isa.VecISA.check_build = cls._real
+
+    def check_build(self, real, isa, code: str) -> bool:
+        from torch._inductor import cpu_vec_isa
+
+        if code != cpu_vec_isa.VecISA._avx_code or self.widest is None:
+            return real(isa, code)
+        if isa is self.widest:
+            try:
+                self.passed = real(isa, code)
+            finally:
+                self.done.set()
+            return self.passed
+        self.done.wait()
+        return True if self.passed else real(isa, code)
 
 
 def _simd_checked() -> None:
-    """Wait for the early SIMD checks, so that inductor does not start the same ones again."""
+    """Wait for the early SIMD checks, so that inductor does not start the same ones again (called where
+    inductor first asks for its ISA list)."""
     for t in _EARLY_PROBES:
         t.join()
 

@@ -2,6 +2,7 @@
 never timed); a changed parameter misses; damaged entries are recomputed."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -135,6 +136,37 @@ def test_warm_start_skips_inductors_simd_probes(tmp_path, aot_cache):
     assert cold["probes"] >= 1  # the first process probes (the test is not vacuous)
     assert warm["probes"] == 0
     assert warm["y"] == cold["y"]
+
+
+ISA_SCRIPT = r"""
+import json, sys, torch
+from torch._inductor import cpp_builder, cpu_vec_isa
+builds = []
+build = cpp_builder.CppBuilder.build
+cpp_builder.CppBuilder.build = lambda self: (builds.append(1), build(self))[1]
+if sys.argv[1] == "bitfx":
+    from bitfx import backend
+    backend._probe_simd_early()
+isas = cpu_vec_isa.valid_vec_isa_list()
+print(json.dumps({"isas": [str(i) for i in isas], "flags": [i.build_arch_flags() for i in isas],
+                  "picked": str(cpu_vec_isa.pick_vec_isa()), "builds": len(builds)}))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 SIMD ISAs only")
+def test_simd_checks_build_the_aten_test_library_once_with_inductors_answer(tmp_path):
+    """Cold (inductor's cache empty), inductor builds its ATen test library once per ISA the CPU reports; with
+    bitfx's early checks the widest builds it and the narrower ones, whose flags are subsets, take its answer.
+    The answer is inductor's own: the same ISAs, flags (bf16, VNNI: still checked each) and pick, in fresh
+    processes, each against its own empty cache."""
+    runs = {}
+    for who in ("inductor", "bitfx"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / who)}
+        (runs[who],) = json_runs(ISA_SCRIPT, env, times=1, args=(who,))
+    alone, bitfx = runs["inductor"], runs["bitfx"]
+    assert (bitfx["isas"], bitfx["flags"], bitfx["picked"]) == (alone["isas"], alone["flags"], alone["picked"])
+    assert alone["isas"]  # the CPU reports at least AVX2 (else nothing is checked and the test says nothing)
+    assert bitfx["builds"] == alone["builds"] - (len(alone["isas"]) - 1)
 
 
 AOT_SCRIPT = r"""
