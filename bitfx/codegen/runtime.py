@@ -100,7 +100,11 @@ def pack_weight(w_int: torch.Tensor, ternary: bool) -> PackedWeight:
         raise ValueError(f"w_int must be [N, K], got shape {tuple(w_int.shape)}")
     codes = w_int.detach().to("cpu", torch.int8).contiguous()
     allowed = (-1, 0, 1) if ternary else (-1, 1)
-    bad = torch.unique(codes[~torch.isin(codes, torch.tensor(allowed, dtype=torch.int8))])
+    # comparisons (torch.isin took 12-16 ms of a 3072 x 768 weight, most of its packing)
+    outside = (codes > 1) | (codes < -1)
+    if not ternary:
+        outside |= codes == 0
+    bad = torch.unique(codes[outside])
     if bad.numel() or not torch.equal(codes.to(w_int.dtype), w_int.detach().cpu()):
         values = bad.tolist() if bad.numel() else "non-integer values"
         raise ValueError(f"{'ternary' if ternary else 'binary'} weight codes must be in {allowed}; got {values}")
