@@ -314,7 +314,7 @@ def _probe_simd_early() -> None:
     cold compile here). Started at the backend's entry they run in child processes beside bitfx's
     capture, passes, calibration and AOTAutograd's trace. Each ISA's answer is inductor's own (its
     ``bool(isa)``, memoised per ISA), so the compile later reads it; the one shortcut is
-    `_nested_isa_builds`: the ATen test library is built once, for the widest ISA."""
+    `_NestedIsaBuilds`: the ATen test library is built once, for the widest ISA."""
     from torch._inductor import cpu_vec_isa
 
     if _EARLY_PROBES or platform.machine() not in ("x86_64", "AMD64"):

@@ -26,8 +26,9 @@ right, and its outputs differ. So on a mismatch (and with the host ``model``), `
 for a few decisions, each within ``near`` (relative) of its threshold on the host, that taken the other
 way on the host give the library's outputs within the same tolerance. Found: the output passes, and a
 warning names each decision (op, module, element, margin); not found: ``VerifyError``, saying what was
-searched. The search is greedy and small (``width`` closest decisions per step, ``max_flips`` steps, each
-step a host run per candidate), and only ever accepts outputs the host itself computes with those flips.
+searched. The search is greedy and small (``width`` candidates per step, those of the rows whose outputs
+differ first, then the closest; ``max_flips`` steps; a host run per candidate), and only ever accepts outputs
+the host itself computes with those flips.
 """
 
 from __future__ import annotations
