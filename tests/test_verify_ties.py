@@ -68,6 +68,47 @@ def test_a_lone_exact_zero_is_a_near_tie_a_run_of_them_and_weights_are_not():
     assert all(d.element[0] != 0 or d.element[1] >= 8 for d in seen.found)
 
 
+def _near_ties():
+    """(kind, binarize: () -> codes, the element placed at its threshold, its code there, the other code), each
+    input built by hand a relative 1e-6 or so past the threshold."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 16, generator=gen) + 0.2
+    x[1, 3] = 0.35 * (1 + 2e-6)  # u / α = 0.5 + 1e-6 with α = 0.7: code 1
+    s = torch.randn(2, 16, generator=gen)
+    s[0, 4] = 1e-7 * float(s[0].abs().mean())  # S > 0: code 1
+    p = torch.rand(2, 16, generator=gen) * 0.3
+    p[0, 0] = 0.4  # the row's max: BiViT's threshold 0.25 · 0.4 = 0.1
+    p[0, 7] = 0.1 * (1 + 1e-6)  # code 1
+    e = torch.rand(2, 16, generator=gen) * 0.05
+    e[1, 9] = 0.1 * (1 + 2e-6)  # P / α_P = 0.5 + 2e-6 with α_P = 0.2: code 1
+    a = torch.rand(2, 16, generator=gen) * 0.5
+    a[0, 0] = 1.0  # γ = 1: t = 127 x
+    a[0, 5] = (10.5 + 1e-5) / 127  # t just above 10.5: code 11
+    return [
+        ("unsigned", lambda: Q.act_unsigned(x, None, torch.tensor(0.7))[0], (1, 3), 1.0, 0.0),
+        ("bool", lambda: Q.prob_bool(s)[0], (0, 4), 1.0, 0.0),
+        ("bivit", lambda: Q.prob_bivit(p, 0.25)[0], (0, 7), 1.0, 0.0),
+        ("elastic", lambda: Q.prob_elastic(e, torch.tensor(0.2))[0], (1, 9), 1.0, 0.0),
+        ("absmax", lambda: Q.act_absmax(a, 8)[0], (0, 5), 11.0, 10.0),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _near_ties()])
+def test_each_binarizer_records_its_near_tie_and_flips_it_to_the_other_code(case):
+    kind, binarize, element, code, other = _near_ties()[case]
+    plain = binarize()
+    assert float(plain[element]) == code
+    with Q.recording(Q.Decisions(near=1e-4)) as seen:
+        assert torch.equal(binarize(), plain)
+    (decision,) = [d for d in seen.found if d.element == element]
+    assert decision.kind == kind and 0 < decision.distance < 1e-4
+    with Q.recording(Q.Decisions(near=1e-4, flips=[decision.key])):
+        flipped = binarize()
+    assert float(flipped[element]) == other
+    changed = (flipped != plain).nonzero().tolist()
+    assert changed == [list(element)]
+
+
 def _module_of(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
