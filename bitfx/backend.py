@@ -23,7 +23,7 @@ import platform
 import threading
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -250,8 +250,31 @@ def _skinny_mm_as_reductions(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-_PROBES_LOCK = threading.Lock()
-_PROBES_USERS = [0, None]  # [contexts open, inductor's own probe while they are]
+class _VecIsaPatch:
+    """``VecISA.<name>`` replaced by ``make(inductor's own)`` while at least one user, in any thread, is inside
+    ``installed()`` (the early SIMD threads and the compile open them side by side): a count under a lock, so the
+    last one out, not the first, puts inductor's back."""
+
+    def __init__(self, name: str, make: Callable) -> None:
+        self.name, self.make = name, make
+        self._lock, self._users, self._real = threading.Lock(), 0, None
+
+    @contextlib.contextmanager
+    def installed(self):
+        from torch._inductor import cpu_vec_isa
+
+        with self._lock:
+            if self._users == 0:
+                self._real = getattr(cpu_vec_isa.VecISA, self.name)
+                setattr(cpu_vec_isa.VecISA, self.name, self.make(self._real))
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    setattr(cpu_vec_isa.VecISA, self.name, self._real)
 
 
 @contextlib.contextmanager
@@ -263,26 +286,14 @@ def _simd_probes_remembered():
     probe in its compile cache and answers it from there in later processes. A failed probe is not
     kept (it is asked again), so a transient failure never disables an ISA.
 
-    The memo is installed while at least one such context is open, in any thread (`_probe_simd_early`
-    opens them in its threads while the compile opens its own): a count under a lock, so the last one
-    out, not the first, puts inductor's probe back."""
+    The memo is installed while at least one such context is open, in any thread (`_VecIsaPatch`)."""
     from torch._inductor import cpu_vec_isa
 
     if getattr(cpu_vec_isa.VecISA, "_probe_load", None) is None or not compile_cache.enabled():
         yield
         return
-    with _PROBES_LOCK:
-        if _PROBES_USERS[0] == 0:
-            _PROBES_USERS[1] = cpu_vec_isa.VecISA._probe_load
-            cpu_vec_isa.VecISA._probe_load = functools.partialmethod(_remembered_probe, _PROBES_USERS[1])
-        _PROBES_USERS[0] += 1
-    try:
+    with _REMEMBERED_PROBES.installed():
         yield
-    finally:
-        with _PROBES_LOCK:
-            _PROBES_USERS[0] -= 1
-            if _PROBES_USERS[0] == 0:
-                cpu_vec_isa.VecISA._probe_load = _PROBES_USERS[1]
 
 
 def _remembered_probe(self, real, output_path: str) -> bool:
@@ -299,6 +310,9 @@ def _remembered_probe(self, real, output_path: str) -> bool:
         if ok:
             compile_cache.store(key, {"ok": torch.tensor(True)}, stat="simd_probe_")
     return ok
+
+
+_REMEMBERED_PROBES = _VecIsaPatch("_probe_load", lambda real: functools.partialmethod(_remembered_probe, real))
 
 
 #: The early SIMD checks under way (`_probe_simd_early`), one thread per ISA; joined by `_simd_checked`.
@@ -335,7 +349,7 @@ def _probe_simd_early() -> None:
 
     def check(isa) -> None:
         try:
-            with _simd_probes_remembered(), nested.installed(), contextlib.suppress(Exception):
+            with _simd_probes_remembered(), nested.patch.installed(), contextlib.suppress(Exception):
                 bool(isa)
         finally:
             if isa is nested.widest:  # (also when its answer was memoised before: then the others build their own)
@@ -369,33 +383,11 @@ class _NestedIsaBuilds:
     again; each still runs its own small intrinsic checks (bf16, VNNI). If the widest one fails, each
     builds its own, as inductor does. Two long builds less: ~5 s of CPU out of a 2-core cold start."""
 
-    _lock = threading.Lock()
-    _users = 0
-    _real = None
-
     def __init__(self, isas):
         self.widest = isas[0] if isas else None
         self.passed: bool | None = None
         self.done = threading.Event()
-
-    @contextlib.contextmanager
-    def installed(self):
-        from torch._inductor import cpu_vec_isa
-
-        cls = type(self)
-        with cls._lock:
-            if cls._users == 0:
-                cls._real = cpu_vec_isa.VecISA.check_build
-            cls._users += 1
-            real = cls._real
-            cpu_vec_isa.VecISA.check_build = lambda isa, code: self.check_build(real, isa, code)
-        try:
-            yield
-        finally:
-            with cls._lock:
-                cls._users -= 1
-                if cls._users == 0:
-                    cpu_vec_isa.VecISA.check_build = cls._real
+        self.patch = _VecIsaPatch("check_build", lambda real: lambda isa, code: self.check_build(real, isa, code))
 
     def check_build(self, real, isa, code: str) -> bool:
         from torch._inductor import cpu_vec_isa

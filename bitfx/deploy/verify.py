@@ -236,7 +236,7 @@ def explain_ties(model: Callable, inputs: Sequence[Any], outputs: Sequence[np.nd
             if o.shape != e.shape or (np.isnan(o) != np.isnan(e)).any():
                 return math.inf, math.inf, math.inf, None
             diff = np.nan_to_num(np.abs(o - e), nan=0.0)
-            tol = (atol + rtol) * max(1.0, float(np.nanmax(np.abs(e))) if e.size and not np.isnan(e).all() else 1.0)
+            tol = _tolerance(e, rtol, atol)
             out = diff > tol
             bad += int(out.sum())
             squares += float(np.sum(diff ** 2))
@@ -383,14 +383,19 @@ def _compare(path, names, host, outs, label, cpu, rtol, atol) -> float:
                               max_diff=float("nan"))
         ok = ~nan_e
         diff = float(np.max(np.abs(o[ok] - e[ok]))) if ok.any() else 0.0
-        scale = max(1.0, float(np.max(np.abs(e[ok]))) if ok.any() else 1.0)
-        tol = (atol + rtol) * scale
+        tol = _tolerance(e, rtol, atol)
         if not diff <= tol:
             raise VerifyError(f"output {name} of {lib} differs from the host model on {cpu} "
                               f"({CPUS.get(cpu, cpu)}), on {label}: max |difference| = {diff:.3g} "
                               f"(tolerance {tol:.3g})", output=name, inputs=label, cpu=cpu, max_diff=diff)
         worst = max(worst, diff)
     return worst
+
+
+def _tolerance(host: np.ndarray, rtol: float, atol: float) -> float:
+    """``(atol + rtol) * max(1, max |host|)`` over the host's non-NaN values."""
+    finite = host[~np.isnan(host)]
+    return (atol + rtol) * max(1.0, float(np.max(np.abs(finite))) if finite.size else 1.0)
 
 
 def _run_failure(path, err: emulate.EmulationError, label: str, cpu: str) -> VerifyError:

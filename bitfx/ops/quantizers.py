@@ -90,7 +90,7 @@ class Decisions:
         self.sites = 0
         self.label: str | None = None
 
-    def decide(self, codes: Tensor, margin: Tensor, flip: Callable[[Tensor], Tensor], kind: str) -> Tensor:
+    def decide(self, codes: Tensor, margin: Tensor, flip: Callable[[Tensor, Tensor], Tensor], kind: str) -> Tensor:
         site, self.sites = self.sites, self.sites + 1
         m = margin.detach().float()
         close = m.abs() <= self.near  # NaN is never close
