@@ -186,6 +186,21 @@ at::Tensor rows(const at::Tensor& x, int64_t K, const char* name) {
   return x.to(at::kFloat).contiguous();  // callers read it as [numel / K, K]
 }
 
+// The TVM backend ABI of a parallel loop and the GNU OpenMP entry points (see "one thread pool" below).
+extern "C" {
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} TVMParallelGroupEnv;  // as tvm/runtime/c_backend_api.h (TVM 0.27) declares it
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
+void GOMP_barrier() __attribute__((weak));
+int omp_get_thread_num() __attribute__((weak));
+int omp_get_num_threads() __attribute__((weak));
+int omp_in_parallel() __attribute__((weak));
+}
+
 // ------------------------------------------------------------------------------------- bit_linear
 // kPython: a quantizer this file does not know (a newer activation method): the Python path runs each call.
 // kUnsigned: {0, α} codes (x + move) > α/2, packed by pack_rows("pos") with the threshold -α/2 as its move.
@@ -237,9 +252,9 @@ std::shared_ptr<Plan> plan_from_python(Args args, const c10::IValue& out_move, c
 
 // The GEMM of a plan, from the packed activation `da` and row scales `dr`, into `out`: float32 [M, N], or
 // (sign_bits) the next layer's packed codes, int64 [M, N/64], which the kernel writes as bytes [M, N/8].
-void run_gemm(const Plan& p, DLTensor* da, DLTensor* dr, const at::Tensor& out, int64_t M) {
+void run_gemm(const Plan& p, DLTensor* da, DLTensor* dr, void* out, int64_t M) {
   int64_t y_shape[2] = {M, p.sign_bits ? p.N / 8 : p.N};
-  DLTensor dy = dl(out.data_ptr(), p.sign_bits ? DLDataType{kDLUInt, 8, 1} : DLDataType{kDLFloat, 32, 1}, y_shape, 2);
+  DLTensor dy = dl(out, p.sign_bits ? DLDataType{kDLUInt, 8, 1} : DLDataType{kDLFloat, 32, 1}, y_shape, 2);
   DLTensor dw = dl(p.weights[0]), dc = dl(p.col);
   DLTensor dn = p.weights.size() == 2 ? dl(p.weights[1]) : DLTensor{};
   DLTensor db = p.bias.defined() ? dl(p.bias) : DLTensor{};
@@ -271,36 +286,81 @@ at::Tensor new_output(const Plan& p, const at::Tensor& x_in) {
   return at::empty(shape, x_in.options().dtype(p.sign_bits ? at::kLong : at::kFloat));
 }
 
-at::Tensor run_plan(const Plan& p, const at::Tensor& x_in) {
-  const at::Tensor x = rows(x_in, p.K, "x");  // x itself when float32 and contiguous
-  const int64_t M = x.numel() / std::max<int64_t>(p.K, 1), W = words(p.K);
-  const int64_t planes = p.kind == kAbsmax ? p.bits : 1;
-  WorkHint hint(M * p.N * p.K * planes);
-  int64_t x_shape[2] = {M, p.K}, a_shape[3] = {M, planes, W}, a2_shape[2] = {M, W}, r_shape[1] = {M};
-  DLTensor dx = dl(x.data_ptr(), {kDLFloat, 32, 1}, x_shape, 2);
-  DLTensor da = p.kind == kAbsmax ? dl(scratch(t_packed, M * planes * W), {kDLUInt, 64, 1}, a_shape, 3)
-                                  : dl(scratch(t_packed, M * W), {kDLUInt, 64, 1}, a2_shape, 2);
-  float* rows_ = scratch(t_rows, M);
-  DLTensor dr = dl(rows_, {kDLFloat, 32, 1}, r_shape, 1);
+// Where a plan's rows go, for rows [0, M): x (float32 [M, K]), the packed activation a (uint64 [M, planes, W]),
+// the row scales rs ([M]) and the output y (float32 [M, N], or the packed codes' bytes [M, N/8]).
+struct PlanRows {
+  const Plan* p;
+  float* x;
+  uint64_t* a;
+  float* rs;
+  char* y;
+  int64_t M, planes, W;
+};
+
+// Rows [m0, m0 + mt) of a plan's call: quantize and pack them, then their GEMM. Every kernel is row-wise, so a
+// slice of rows is a whole call on views (pointers moved by whole rows; shapes mt).
+void plan_rows(const PlanRows& r, int64_t m0, int64_t mt) {
+  const Plan& p = *r.p;
+  const int64_t W = r.W, planes = r.planes;
+  int64_t x_shape[2] = {mt, p.K}, a_shape[3] = {mt, planes, W}, a2_shape[2] = {mt, W}, r_shape[1] = {mt};
+  DLTensor dx = dl(r.x + m0 * p.K, {kDLFloat, 32, 1}, x_shape, 2);
+  uint64_t* a = r.a + m0 * planes * W;
+  DLTensor da = p.kind == kAbsmax ? dl(a, {kDLUInt, 64, 1}, a_shape, 3) : dl(a, {kDLUInt, 64, 1}, a2_shape, 2);
+  DLTensor dr = dl(r.rs + m0, {kDLFloat, 32, 1}, r_shape, 1);
   if (p.kind == kAbsmax) {
     call(*p.quant, {&dx, &da, &dr});
   } else if (p.kind == kUnsigned) {
-    at::Tensor u = p.move.defined() ? at::add(x.view({M, p.K}), p.move) : x;  // as LinearPlan: x2 + move
-    DLTensor du = dl(u.data_ptr(), {kDLFloat, 32, 1}, x_shape, 2), dt = dl(p.threshold);
-    call(*p.quant, {&du, &dt, &da});
-    std::fill(rows_, rows_ + M, p.alpha.data_ptr<float>()[0]);
-  } else if (p.kind == kSignMean) {
-    DLTensor dm = p.move.defined() ? dl(p.move) : DLTensor{};
-    if (p.move.defined()) call(*p.quant, {&dx, &dm, &da, &dr});
-    else call(*p.quant, {&dx, &da, &dr});
+    DLTensor dt = dl(p.threshold);  // x is already x + move here (run_plan)
+    call(*p.quant, {&dx, &dt, &da});
   } else {
     DLTensor dm = p.move.defined() ? dl(p.move) : DLTensor{};
-    if (p.move.defined()) call(*p.quant, {&dx, &dm, &da});
-    else call(*p.quant, {&dx, &da});
-    std::fill(rows_, rows_ + M, p.alpha.data_ptr<float>()[0]);
+    if (p.kind == kSignMean) {
+      if (p.move.defined()) call(*p.quant, {&dx, &dm, &da, &dr});
+      else call(*p.quant, {&dx, &da, &dr});
+    } else {
+      if (p.move.defined()) call(*p.quant, {&dx, &dm, &da});
+      else call(*p.quant, {&dx, &da});
+    }
   }
+  const int64_t row_bytes = p.sign_bits ? p.N / 8 : p.N * 4;
+  run_gemm(p, &da, &dr, r.y + m0 * row_bytes, mt);
+}
+
+// Rows per slice of a call split over the team: a multiple of 16, so every slice's pointers keep the
+// 64-byte alignment of the whole (16 rows of floats, of packed words, of output bytes: multiples of 64 bytes).
+constexpr int64_t kSliceRows = 16;
+
+struct RowsJob {
+  const PlanRows* rows;
+  std::mutex mutex;
+  std::string error;  // the first task's failure
+};
+
+int run_rows_task(int task, TVMParallelGroupEnv* env, void* cdata);
+int pool_launch(FTVMParallelLambda f, void* cdata, int num_task);
+bool pool_installed();
+
+at::Tensor run_plan(const Plan& p, const at::Tensor& x_in) {
+  at::Tensor x = rows(x_in, p.K, "x");  // x itself when float32 and contiguous
+  const int64_t M = x.numel() / std::max<int64_t>(p.K, 1), W = words(p.K);
+  const int64_t planes = p.kind == kAbsmax ? p.bits : 1;
+  WorkHint hint(M * p.N * p.K * planes);
+  if (p.kind == kUnsigned && p.move.defined()) x = at::add(x.view({M, p.K}), p.move);  // as LinearPlan: x2 + move
+  float* rows_ = scratch(t_rows, M);
+  if (p.kind == kUnsigned || p.kind == kSignAlpha) std::fill(rows_, rows_ + M, p.alpha.data_ptr<float>()[0]);
   at::Tensor y = new_output(p, x_in);
-  run_gemm(p, &da, &dr, y, M);
+  const PlanRows r{&p, x.data_ptr<float>(), scratch(t_packed, M * planes * W), rows_,
+                   static_cast<char*>(y.data_ptr()), M, planes, W};
+  // With the team (bitfx's pool) and at least kSliceRows rows for each thread: one launch, each thread
+  // quantizing and multiplying its own rows (the packed rows it multiplies are the ones it just wrote, in
+  // its cache), instead of a launch for the quantizer and another for the GEMM (two team wake-ups and a
+  // barrier between them). Fewer rows (decode): the kernels' own launches, whose GEMM splits the columns.
+  if (pool_installed() && M >= kSliceRows * std::max(at::get_num_threads(), 2)) {
+    RowsJob job{&r, {}, {}};
+    if (pool_launch(&run_rows_task, &job, 0) != 0) TORCH_CHECK(false, job.error);
+  } else {
+    plan_rows(r, 0, M);
+  }
   return x_in.scalar_type() == at::kFloat || p.sign_bits ? y : y.to(x_in.scalar_type());
 }
 
@@ -325,7 +385,7 @@ at::Tensor run_plan_on_bits(const Plan& p, const at::Tensor& bits) {
   c10::SmallVector<int64_t, 5> shape(b.sizes().begin(), b.sizes().end() - 1);
   shape.push_back(p.N);
   at::Tensor y = at::empty(shape, b.options().dtype(at::kFloat));
-  run_gemm(p, &da, &dr, y, M);
+  run_gemm(p, &da, &dr, y.data_ptr(), M);
   return y;
 }
 
@@ -677,19 +737,6 @@ void fused_attention(const c10::OperatorHandle&, c10::DispatchKeySet, Stack* sta
 // compiles to with g++), declared weak. It resolves to the libgomp that libtorch_cpu loaded, which is also
 // the one inductor's -fopenmp glue resolves to (by soname), whatever compiler builds this file. With a
 // torch that has no libgomp the symbols stay null and bitfx_pool_install() refuses: TVM's pool stays.
-extern "C" {
-typedef struct {
-  void* sync_handle;
-  int32_t num_task;
-} TVMParallelGroupEnv;  // as tvm/runtime/c_backend_api.h (TVM 0.27) declares it
-typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
-
-void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) __attribute__((weak));
-void GOMP_barrier() __attribute__((weak));
-int omp_get_thread_num() __attribute__((weak));
-int omp_get_num_threads() __attribute__((weak));
-int omp_in_parallel() __attribute__((weak));
-}
 
 char g_team;  // the sync_handle of every env launched as an OpenMP team (its barrier is an OpenMP barrier)
 std::atomic<int64_t> g_launches{0}, g_team_launches{0};
@@ -746,6 +793,27 @@ int pool_launch(FTVMParallelLambda f, void* cdata, int num_task) {
   return job.rc.load(std::memory_order_relaxed);
 }
 
+std::atomic<bool> g_pool_installed{false};
+bool pool_installed() { return g_pool_installed.load(std::memory_order_relaxed); }
+
+// One task of run_plan's split: rows [task * size, ...) of the call, size a multiple of kSliceRows. The
+// kernels it calls are inside this parallel region, so their own loops run on this thread (pool_launch).
+int run_rows_task(int task, TVMParallelGroupEnv* env, void* cdata) {
+  auto* job = static_cast<RowsJob*>(cdata);
+  const int64_t M = job->rows->M, n = std::max<int32_t>(env->num_task, 1);
+  const int64_t size = (M + n - 1) / n, slice = (size + kSliceRows - 1) / kSliceRows * kSliceRows;
+  const int64_t m0 = std::min<int64_t>(M, task * slice), m1 = std::min<int64_t>(M, m0 + slice);
+  if (m1 <= m0) return 0;
+  try {
+    plan_rows(*job->rows, m0, m1 - m0);
+    return 0;
+  } catch (const std::exception& e) {  // no exception may leave an OpenMP region
+    std::lock_guard<std::mutex> lock(job->mutex);
+    if (job->error.empty()) job->error = e.what();
+    return -1;
+  }
+}
+
 int pool_barrier(int, TVMParallelGroupEnv* env) {
   if (env->sync_handle == &g_team && env->num_task > 1) GOMP_barrier();
   return 0;
@@ -760,6 +828,7 @@ extern "C" int bitfx_pool_install() {
   if (TVMFFIEnvModRegisterContextSymbol("__TVMBackendParallelLaunch", reinterpret_cast<void*>(&pool_launch)) ||
       TVMFFIEnvModRegisterContextSymbol("__TVMBackendParallelBarrier", reinterpret_cast<void*>(&pool_barrier)))
     return 2;
+  g_pool_installed.store(true, std::memory_order_relaxed);
   return 0;
 }
 

@@ -255,6 +255,73 @@ def test_unsigned_activations_run_in_cpp_and_are_exact(wm, monkeypatch):
     np.testing.assert_array_equal(y_int.astype(np.int64), codes @ _np_weight_codes(w.detach().numpy(), wm).T)
 
 
+TO_BITS = torch.ops.bitfx_kernels.bit_linear_to_bits.default
+SPLIT_CASES = {  # name: (mode, with move, with alpha, output)
+    "sign-mean": (("sign_channel", "sign", 1), True, False, "float"),
+    "sign-alpha": (("sign_tensor", "sign", 1), True, True, "float"),
+    "absmax4": (("ternary", "absmax", 4), False, False, "float"),
+    "unsigned": (("sign_tensor", "unsigned", 1), True, True, "float"),
+    "to-bits": (("sign_channel", "sign", 1), True, True, "sign_bits"),
+}
+
+
+@pytest.fixture
+def two_thread_team():
+    """Two torch threads, every op on the team (no work threshold); restored after."""
+    if native.pool_status() != "torch-openmp":
+        pytest.skip(f"the C++ kernels run on TVM's pool here ({native.pool_status()}): no row split")
+    threads, min_work = torch.get_num_threads(), native.pool_min_work()
+    torch.set_num_threads(2)
+    native.set_pool_min_work(0)
+    yield
+    torch.set_num_threads(threads)
+    native.set_pool_min_work(min_work)
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+@pytest.mark.parametrize("M", [32, 33, 67, 150])
+def test_rows_split_over_the_team_in_one_launch_equal_one_thread(case, M, two_thread_team):
+    """With the team and >= 16 rows per thread, a bit_linear call is one launch: each thread quantizes and
+    multiplies its own rows (slices of a multiple of 16 rows; the last one ragged). Bit for bit the one-thread
+    call, for every quantizer kind and both outputs."""
+    mode, with_move, with_alpha, output = SPLIT_CASES[case]
+    g = torch.Generator().manual_seed(M)
+    K, N = 200, 128  # K: four words and a tail; N: two words of output codes
+    x = torch.randn(M, K, generator=g)
+    w = torch.nn.Parameter(torch.randn(N, K, generator=g))
+    b = torch.randn(N, generator=g)
+    move = torch.randn(K, generator=g) * 0.1 if with_move else None
+    alpha = torch.tensor([0.7]) if with_alpha else None
+    op = TO_BITS if output == "sign_bits" else OP
+    with torch.no_grad():
+        op(*_args(x, w, b, mode, move, alpha=alpha))  # (the plan)
+        n0, t0 = native.pool_launches()
+        y = op(*_args(x, w, b, mode, move, alpha=alpha))
+        n1, t1 = native.pool_launches()
+        assert t1 - t0 == 1  # one team: the quantizer's and the GEMM's loops ran inline in it
+        assert n1 - n0 >= 1 + 2 * 2
+        torch.set_num_threads(1)
+        assert torch.equal(y, op(*_args(x, w, b, mode, move, alpha=alpha)))
+        assert native.pool_launches()[1] == t1  # (one thread: no team)
+
+
+def test_rows_split_integers_are_exact(two_thread_team):
+    """The split's integers against the independent NumPy formulation (unit scales, α = 1: y = codes · wᵀ)."""
+    mode = ("sign_channel", "sign", 1)
+    g = torch.Generator().manual_seed(3)
+    K, N, M = 200, 96, 67
+    x, move = torch.randn(M, K, generator=g), torch.randn(K, generator=g) * 0.1
+    w = torch.nn.Parameter(torch.randn(N, K, generator=g))
+    args = _args(x, w, None, mode, move, alpha=torch.ones(1), ws=torch.ones(N))
+    with torch.no_grad():
+        OP(*args)  # (the plan, through Python)
+        t0 = native.pool_launches()[1]
+        y = OP(*args).numpy()
+        assert native.pool_launches()[1] - t0 == 1
+    codes, _ = _np_act(x.numpy(), "sign", 1, move.numpy())
+    np.testing.assert_array_equal(y.astype(np.int64), codes @ _np_weight_codes(w.detach().numpy(), "sign_channel").T)
+
+
 # One thread pool (native.cpp): the TVM kernels' parallel loops on torch's OpenMP pool, or TVM's own
 # (BITFX_POOL=0). Each process calls every parallel kernel once before the library loads (the kernel
 # libraries it loaded then are repointed) and again after, with 2 torch threads and with 1.
@@ -341,7 +408,9 @@ def test_kernels_on_torchs_thread_pool_give_the_same_results(tmp_path):
     assert ns - nw >= 2 and ts == tw
     assert nt - ns >= 2 and tt - ts == nt - ns
     (nmw, tmw), (nm, tm) = on["launches"]["model_warm"], on["launches"]["model"]
-    assert nm - nmw >= 4 and tm - tmw == nm - nmw  # two bit_linear calls, each a pack and a GEMM loop, as teams
+    # two bit_linear calls of 132 rows: each one team launch, its rows split between the threads, each thread
+    # running its rows' pack and GEMM loops inline (at least two loops per thread)
+    assert tm - tmw == 2 and nm - nmw >= 2 + 2 * 2 * 2
     assert n1 - nm >= 4 and t1 == tm
     assert set(on_out) == set(off_out)
     for name in on_out:  # bit for bit: the pool changes who runs a task, never what it computes
