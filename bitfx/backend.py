@@ -469,15 +469,18 @@ class _AddedValues:
 
         (Per call: the identities of the first and the last parameter and one dict lookup, under a µs, also
         for a whole model's hundreds of parameters; a miss compares all of them.)"""
+        hit = self._hit(inputs)
+        return hit if hit is not None else self._look_up(inputs)
+
+    def _hit(self, inputs) -> tuple[torch.Tensor, ...] | None:
+        """The values bound to ``inputs``' module, or None (a miss: ``_look_up``)."""
         if not self.names:
             return ()
         if not self.params:  # (values as constants of the graph: asked once, at compile time)
-            return self._look_up(inputs)
+            return None
         first, last = inputs[self.params[0]], inputs[self.params[-1]]
         hit = self._bound.get((id(first), id(last)))
-        if hit is not None and hit[0]() is first:
-            return hit[1]
-        return self._look_up(inputs)
+        return hit[1] if hit is not None and hit[0]() is first else None
 
     def _look_up(self, inputs) -> tuple[torch.Tensor, ...]:
         ids = tuple(id(inputs[i]) for i in self.params)
@@ -518,10 +521,16 @@ class _AddedValues:
         return list(values) if fake_mode is None else [fake_mode.from_tensor(v, static_shapes=True) for v in values]
 
     def bind(self, compiled):
-        values = self.values
+        hit, look_up = self._hit, self._look_up
 
         def run(*args):
-            return compiled(*args, *values(args))
+            values = hit(args)
+            if values is not None:
+                return compiled(*args, *values)
+            # a module's first call: its calibration key and then its kernels' packed-weight keys hash the same
+            # weights; each is hashed once (nothing edits them in between)
+            with compile_cache.same_tensors():
+                return compiled(*args, *look_up(args))
 
         run.zero_grad, run.named_parameters = compiled.zero_grad, compiled.named_parameters
         run.named_buffers = compiled.named_buffers

@@ -95,6 +95,49 @@ def test_content_key_follows_bitfx_sources(monkeypatch, tmp_path):
     assert digest() != before
 
 
+def test_same_tensors_hashes_each_tensor_once_within_it():
+    w, x = torch.randn(300, 1000), torch.randn(8, 1000)  # (w: 1.2 MB, hashed in the pool; x inline)
+    before = compile_cache.STATS.copy()
+    k_w, k_wx = compile_cache.content_key("a", [w]), compile_cache.content_key("b", [w, x])
+
+    def hashed(since):
+        return (compile_cache.STATS["digest"] - since["digest"], compile_cache.STATS["digest_reused"]
+                - since["digest_reused"])
+
+    assert hashed(before) == (3, 0)  # outside: every tensor of every key
+    with compile_cache.same_tensors():
+        inside = compile_cache.STATS.copy()
+        assert compile_cache.content_key("b", [w, x]) == k_wx and hashed(inside) == (2, 0)
+        # the same bytes again, as the same tensor, a detached alias and an alias with its own version
+        alias = w.detach()
+        alias.data = w.data
+        for t in (w, w.detach(), alias):
+            assert compile_cache.content_key("a", [t]) == k_w
+        assert hashed(inside) == (2, 3)
+        assert compile_cache.content_key("a", [w[:100]]) != k_w and hashed(inside) == (3, 3)  # another view
+    after = compile_cache.STATS.copy()
+    assert compile_cache.content_key("a", [w]) == k_w and hashed(after) == (1, 0)  # dropped on exit
+
+
+def test_first_call_of_a_partition_hashes_each_weight_once(tmp_path, monkeypatch):
+    """A split model's partition calibrates at its first call and then packs its weights there: the packing
+    keys reuse the calibration key's digests (cold and warm alike), one per binarized linear."""
+    import hf_zoo
+
+    import bitfx  # noqa: F401
+
+    monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
+    model, args, kwargs = hf_zoo.bert()
+    layers = len(model.encoder.layer)
+    before = compile_cache.STATS.copy()
+    with torch.no_grad():
+        torch.compile(model, backend="bitfx")(*args, **kwargs)
+    stats = {k: compile_cache.STATS[k] - before[k] for k in ("digest_reused", "store")}
+    # six binarized linears per BERT layer (q, k, v, o, intermediate, output): each packing's digest reused;
+    # stored: those packings and one calibration per layer
+    assert stats == {"digest_reused": 6 * layers, "store": 7 * layers}
+
+
 def test_damaged_entry_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("BITFX_COMPILE_CACHE_DIR", str(tmp_path))
     compile_cache.store("x-1", {"v": torch.ones(3)})
