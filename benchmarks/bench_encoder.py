@@ -88,10 +88,12 @@ def compile_time(layers: int) -> None:
     repeated block compiled once (`bitfx.regions`); "one graph" is bitfx with ``regions=False`` (what the
     whole model was before). "regional" compiles each encoder layer by hand (`layer.compile(...)`, PyTorch's
     recipe for repeated blocks: one graph, compiled once, runs every layer; the embeddings and the head stay
-    eager)."""
-    def run(backend: str, regional: bool, env: dict) -> float:
-        call = (f"    [layer.compile({backend}) for layer in m.layer]\n    m(*inp)\n" if regional
-                else f"    torch.compile(m{', ' if backend else ''}{backend})(*inp)\n")
+    eager). "trace_once" is `bitfx.trace_once(model)` before `torch.compile(model)`: dynamo traces the layer once
+    (`torch.compiler.nested_compile_region`); the compiled model is the whole model's."""
+    def run(backend: str, mode: str, env: dict) -> float:
+        call = {"regional": f"    [layer.compile({backend}) for layer in m.layer]\n    m(*inp)\n",
+                "trace_once": f"    import bitfx; torch.compile(bitfx.trace_once(m), {backend})(*inp)\n",
+                "whole": f"    torch.compile(m{', ' if backend else ''}{backend})(*inp)\n"}[mode]
         code = (
             "import time, torch; from bitfx.models import bert_encoder\n"
             f"m, inp = bert_encoder(layers={layers})\n"
@@ -105,13 +107,13 @@ def compile_time(layers: int) -> None:
     rows = []
     bitfx_, inductor = "backend='bitfx'", ""
     one_graph = "backend='bitfx', options={'regions': False}"
-    for name, backend, regional in (
-            ("bitfx, whole model", bitfx_, False), ("bitfx, one graph (regions=False)", one_graph, False),
-            ("inductor fp32, whole model", inductor, False),
-            ("bitfx, regional (layer.compile)", bitfx_, True), ("inductor fp32, regional", inductor, True)):
+    for name, backend, mode in (
+            ("bitfx, whole model", bitfx_, "whole"), ("bitfx, trace_once + whole model", bitfx_, "trace_once"),
+            ("bitfx, one graph (regions=False)", one_graph, "whole"), ("inductor fp32, whole model", inductor, "whole"),
+            ("bitfx, regional (layer.compile)", bitfx_, "regional"), ("inductor fp32, regional", inductor, "regional")):
         with tempfile.TemporaryDirectory() as bitfx_cache, tempfile.TemporaryDirectory() as inductor_cache:
             env = {**os.environ, "BITFX_CACHE_DIR": bitfx_cache, "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
-            rows.append((name, run(backend, regional, env), run(backend, regional, env)))
+            rows.append((name, run(backend, mode, env), run(backend, mode, env)))
     print(f"\n(c) compile + first call of the {layers}-layer BERT-base-shaped model (fresh process each)")
     print(f"{'':34s} {'cold':>8s} {'warm':>8s}")
     for name, cold, warm in rows:

@@ -13,6 +13,7 @@ _os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 from bitfx import ops as _ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.api import binarize
+from bitfx.blocks import trace_once
 from bitfx.calibrate import calibrate
 from bitfx.config import BinarizeConfig
 from bitfx.distill import distill
@@ -24,4 +25,4 @@ from bitfx.serialize import LoadError, load, save
 __version__ = "0.1.0"
 
 __all__ = ["BinarizeConfig", "CaptureError", "LoadError", "binarize", "calibrate", "diff", "distill", "export",
-           "load", "save", "VerifyError", "__version__"]
+           "load", "save", "trace_once", "VerifyError", "__version__"]

@@ -37,7 +37,7 @@ from bitfx.calibrate import calibrate
 from bitfx.config import CompileOptions
 from bitfx.env import switched_off
 from bitfx.passes import LOWERING, PIPELINE, PassContext, run_passes
-from bitfx.passes.capture import _has_bitfx_ops, capture_dynamo
+from bitfx.passes.capture import _has_bitfx_ops, capture_dynamo, inline_regions
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def bitfx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     opts = CompileOptions.from_dict(options)
     if opts.config.kernels == "tvm" and opts.glue == "inductor":
         _probe_simd_early()  # (child processes, beside the capture and the passes below)
+    gm = inline_regions(gm)  # (blocks marked by bitfx.trace_once: traced once by dynamo, called per use)
     if opts.regions:
         try:
             split = regions.compile_regions(gm, example_inputs, opts.config,

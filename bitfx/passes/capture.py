@@ -81,12 +81,61 @@ def _export_flat(model: torch.nn.Module, call: ExampleCall, dynamic_shapes) -> f
             model.forward = own
         else:
             del model.forward
-    gm = ep.module()
+    gm = inline_regions(ep.module())
     gm.graph._codegen = pytree_codegen(call, gm._out_spec)
     gm.recompile()
     gm.validate_inputs = False  # the Python signature checks names; shapes are symbolic
     gm.bitfx_call = call
     return gm
+
+
+def inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with its ``invoke_subgraph`` calls inlined (nested ones too), or ``gm`` itself when it has none.
+
+    A block whose ``forward`` is a ``torch.compiler.nested_compile_region`` (`bitfx.trace_once` marks a model's
+    repeated blocks) is traced once by dynamo, and its graph called once per block. bitfx's passes work on the
+    flat graph (torch's own pass for compilers that take no higher-order ops), whose repeated blocks
+    `bitfx.regions` then compiles once each, as for an unmarked model: the trace is what the mark saves."""
+    hop = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    if hop is None or not any(n.target is hop for m in gm.modules() if isinstance(m, fx.GraphModule)
+                              for n in m.graph.nodes):
+        return gm
+    from torch._higher_order_ops.passes.inline_invoke_subgraph import (inline_invoke_subgraph,
+                                                                       inline_invoke_subgraph_nodes)
+
+    for name, sub in gm.named_modules():  # (regions inside regions first, as torch's pass does)
+        if name and isinstance(sub, fx.GraphModule):
+            inline_invoke_subgraph(sub)
+    for call in [n for n in gm.graph.nodes if n.target is hop]:
+        before = set(gm.graph.nodes)
+        stack = call.meta.get("nn_module_stack") or {}
+        inline_invoke_subgraph_nodes(gm, [call])
+        if stack:
+            for node in gm.graph.nodes:
+                if node not in before and node.meta.get("nn_module_stack"):
+                    node.meta["nn_module_stack"] = _restacked(node.meta["nn_module_stack"], stack)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _restacked(inner: dict, call: dict) -> dict:
+    """The module stack of a node of an inlined region, for the call it was inlined at: the region was traced
+    in the first block (``encoder.layer.0...``), the call is in its own (``encoder.layer.3``). The call's
+    stack, then the node's entries below the block, their paths moved to the call's block."""
+    block_path, block_type = list(call.values())[-1]
+    entries = list(inner.items())
+    at = next((i for i, (_, (_, t)) in enumerate(entries) if t is block_type), None)
+    if at is None:
+        return inner
+    traced = str(entries[at][1][0])
+    out = dict(call)
+    for key, (path, t) in entries[at + 1:]:
+        path = str(path)
+        moved = str(block_path) + path[len(traced):] if path.startswith(traced) else path
+        out[f"{key}@{block_path}"] = (moved, t)
+    return out
 
 
 def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]):
