@@ -1,7 +1,7 @@
 """``bitfx.trace_once``: dynamo traces a repeated block once; the compiled model is the unmarked one's, bit for bit."""
 import pytest
 import torch
-from hf_zoo import bert
+from hf_zoo import bert, gpt2
 
 import bitfx
 from bitfx import backend, blocks
@@ -54,6 +54,27 @@ def test_marked_model_is_traced_once_and_compiles_to_the_same_results(monkeypatc
     assert sorted(r.module for r in report.rewrites) == plain_modules
     assert {r.module.split(".")[2] for r in report.rewrites} == {"0", "1", "2"}
     assert torch.equal(marked, plain)
+
+
+def test_a_marked_decoder_with_its_cache_compiles_to_the_same_results():
+    """GPT-2 with HF's default use_cache=True: each block updates the KV cache it is handed."""
+    model, args, kwargs = gpt2()
+    rewrites = []
+    with torch.no_grad():
+        plain = torch.compile(model, backend="bitfx")(*args, **kwargs)
+        rewrites.append(sorted((r.kind, r.module) for r in backend.REPORTS[-1].rewrites))
+        torch._dynamo.reset()
+        bitfx.trace_once(model)
+        assert list(blocks.MARKED) == [type(model.transformer.h[0])]
+        marked = torch.compile(model, backend="bitfx")(*args, **kwargs)
+        rewrites.append(sorted((r.kind, r.module) for r in backend.REPORTS[-1].rewrites))
+    # six binary linears per block (c_attn split in q, k, v; c_proj, c_fc, mlp.c_proj), as hf_zoo counts them
+    assert backend.REPORTS[-1].count("linear", "bit_linear") == 6 * len(model.transformer.h)
+    assert rewrites[0] == rewrites[1]
+    assert torch.equal(marked.logits, plain.logits)
+    cached = [[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)] for out in (marked, plain)]
+    assert len(cached[0]) == len(cached[1]) == 2 * len(model.transformer.h)  # (a key and a value per block)
+    assert all(torch.equal(a, b) for a, b in zip(*cached))
 
 
 def test_binarize_of_a_marked_model_equals_the_unmarked_one():
