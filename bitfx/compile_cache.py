@@ -72,7 +72,7 @@ def content_key(kind: str, tensors: Iterable[torch.Tensor], extra: str = "") -> 
             d = _tensor_digest(t)
         if id(t) in known:
             STATS["digest_reused"] += 1
-        if memo is not None:
+        elif memo is not None:
             memo[_memo_key(t)] = (t, d)  # (held: its memory is not reused while the memo lives)
         h.update(d)
     return f"{kind}-{h.hexdigest()[:40]}"

@@ -25,6 +25,7 @@ pytrees, so decoders capture with ``use_cache=True`` (HF's default) and carry th
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -103,17 +104,20 @@ def inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
     from torch._higher_order_ops.passes.inline_invoke_subgraph import (inline_invoke_subgraph,
                                                                        inline_invoke_subgraph_nodes)
 
-    for name, sub in gm.named_modules():  # (regions inside regions first, as torch's pass does)
+    for name, sub in list(gm.named_modules()):  # (regions inside regions first, as torch's pass does)
         if name and isinstance(sub, fx.GraphModule):
             inline_invoke_subgraph(sub)
     for call in [n for n in gm.graph.nodes if n.target is hop]:
-        before = set(gm.graph.nodes)
+        before, after = call.prev, call.next
+        while after.target is operator.getitem and after.args[0] is call:  # (erased with the call)
+            after = after.next
         stack = call.meta.get("nn_module_stack") or {}
-        inline_invoke_subgraph_nodes(gm, [call])
-        if stack:
-            for node in gm.graph.nodes:
-                if node not in before and node.meta.get("nn_module_stack"):
-                    node.meta["nn_module_stack"] = _restacked(node.meta["nn_module_stack"], stack)
+        inline_invoke_subgraph_nodes(gm, [call])  # the region's nodes, where the call was
+        node = before.next
+        while stack and node is not after:
+            if node.meta.get("nn_module_stack"):
+                node.meta["nn_module_stack"] = _restacked(node.meta["nn_module_stack"], stack)
+            node = node.next
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
